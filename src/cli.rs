@@ -1,0 +1,132 @@
+//! Command-line definitions (clap derive) and their defaults.
+//!
+//! Only parsing lives here; `main.rs` turns the parsed arguments into the
+//! roles' config structs and runs them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// A client -> proxy -> server file relay on hand-driven mio poll loops.
+///
+/// The client sends a file to the proxy; the proxy stores it in a spool file
+/// while streaming it to the server; the server stores it and answers
+/// `OK bytes=<n> crc32c=<hex> file=<name>`, and the answer travels back to
+/// the client, which checks it against what it sent.
+#[derive(Debug, Parser)]
+#[command(name = "stopover", version, propagate_version = true)]
+pub struct Cli {
+    /// More logging: -v for debug (connection life cycle), -vv for trace
+    /// (every readiness event and every read and write).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// Less logging: warnings and errors only.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The roles.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Store each upload in its own file and answer with its size and CRC-32C.
+    Server(ServerArgs),
+    /// Relay uploads to a server, keeping a copy of each in a spool directory.
+    Proxy(ProxyArgs),
+    /// Send one file and verify the answer (exit 0 verified, 1 failed, 3 mismatch).
+    Client(ClientArgs),
+}
+
+/// `stopover server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:9000", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Directory to store uploads in (created if missing, mode 0700).
+    #[arg(long, default_value = "received", value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// `stopover proxy`.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8000", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// The server to forward uploads to (host:port).
+    #[arg(long, default_value = "127.0.0.1:9000", value_name = "ADDR")]
+    pub upstream: String,
+
+    /// Directory for spool files (created if missing, mode 0700).
+    #[arg(long, default_value = "spool", value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// `stopover client`.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Where to send the file: the proxy, or a server directly (host:port).
+    #[arg(long, default_value = "127.0.0.1:8000", value_name = "ADDR")]
+    pub to: String,
+
+    /// Bound on connecting, on any single blocked send, and on waiting for
+    /// the answer (e.g. 30s, 2m, 500ms).
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Never show a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+
+    /// The file to send; `-` reads standard input.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h 30m` (humantime's syntax).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (try e.g. 30s, 500ms, 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let cli = Cli::try_parse_from(["stopover", "proxy"]).unwrap();
+        let Command::Proxy(p) = cli.command else {
+            panic!("expected proxy")
+        };
+        assert_eq!(p.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(p.upstream, "127.0.0.1:9000");
+        assert_eq!(p.dir, PathBuf::from("spool"));
+        let cli = Cli::try_parse_from(["stopover", "server"]).unwrap();
+        let Command::Server(s) = cli.command else {
+            panic!("expected server")
+        };
+        assert_eq!(s.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(s.dir, PathBuf::from("received"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,42 @@
+//! # stopover: a file relay on hand-driven readiness loops
+//!
+//! ```text
+//!   client ----upload----> proxy ----upload----> server
+//!   (blocking)             | one mio loop        | one mio loop
+//!                          v                     v
+//!                      spool/<name>          received/<name>
+//!   client <---answer----- proxy <---answer----- server
+//!          "OK bytes=.. crc32c=.. file=.."
+//! ```
+//!
+//! A **client** sends a file's raw bytes and half-closes. The **proxy**
+//! writes them to a spool file and streams them to the **server** at the
+//! same time; the server writes them to its own file and answers one line
+//! with the byte count and CRC-32C of what it stored; the proxy relays the
+//! line back and the client checks it. The proxy and server are each one
+//! thread running one `mio::Poll` loop over a `slab::Slab` of connections.
+//!
+//! ## Map of the modules
+//!
+//! | module | what it is |
+//! |---|---|
+//! | [`answer`] | the wire answer line (`OK ...` / `ERR ...`): format and parse |
+//! | [`store`] | files on disk: unique names, `.part` then rename, O_EXCL, 0600 |
+//! | [`event_loop`] | poll plumbing both loops share: listener, tokens, timers, accept back-off, shutdown |
+//! | [`server`] | the server role |
+//! | [`proxy`] | the proxy role; [`proxy::transfer`] is one transfer's state machine |
+//! | [`client`] | the blocking client, and the verification of an answer |
+//! | [`cli`] | command-line definitions |
+//! | [`error`] | errors that say what was being done, and to what |
+//!
+//! Each role can be started in-process (tests and benches do): `bind` it,
+//! read `local_addr`, keep a `shutdown_handle`, and `run` it on a thread.
+
+pub mod answer;
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod event_loop;
+pub mod proxy;
+pub mod server;
+pub mod store;

@@ -1,0 +1,113 @@
+//! The `stopover` binary: parse the command line, start logging, run a
+//! role, and turn its result into an exit code. All the work is in the
+//! library; see `src/lib.rs` for the map.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+
+use clap::Parser;
+use log::LevelFilter;
+
+use stopover::cli::{Cli, Command};
+use stopover::client::{self, ClientConfig, Verdict};
+use stopover::proxy::{Proxy, ProxyConfig};
+use stopover::server::{Server, ServerConfig};
+
+/// Exit code for any failure.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code when the server answered OK but stored different bytes.
+const EXIT_MISMATCH: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not failures; bad input is exit 1.
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_FAILURE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(&cli);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("stopover: {message}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    // The client's stdout carries the answer and its stderr is for the
+    // user, so it logs only warnings unless asked; the daemons log info.
+    let base = match cli.command {
+        Command::Client(_) => LevelFilter::Warn,
+        _ => LevelFilter::Info,
+    };
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => LevelFilter::Warn,
+        (false, 0) => base,
+        (false, 1) => LevelFilter::Debug,
+        (false, _) => LevelFilter::Trace,
+    };
+    // Logging is a convenience; failing to set it up is not a reason to stop.
+    let _ = simple_logger::SimpleLogger::new()
+        .with_level(level)
+        .with_utc_timestamps()
+        .init();
+}
+
+fn run(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Server(args) => {
+            let server = Server::bind(&ServerConfig {
+                listen: args.listen,
+                dir: args.dir,
+            })
+            .map_err(|e| e.to_string())?;
+            server.run().map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Proxy(args) => {
+            let upstream = resolve(&args.upstream)?;
+            let proxy = Proxy::bind(&ProxyConfig {
+                listen: args.listen,
+                upstream,
+                dir: args.dir,
+            })
+            .map_err(|e| e.to_string())?;
+            proxy.run().map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Client(args) => {
+            let receipt = client::send_file(&ClientConfig {
+                to: args.to,
+                file: args.file,
+                timeout: args.timeout,
+                progress: !args.no_progress,
+            })
+            .map_err(|e| e.to_string())?;
+            println!("{}", receipt.line);
+            match receipt.verdict() {
+                Verdict::Verified => Ok(ExitCode::SUCCESS),
+                Verdict::Refused(_) => Ok(ExitCode::from(EXIT_FAILURE)),
+                mismatch @ Verdict::Mismatch { .. } => {
+                    eprintln!("stopover: {mismatch}");
+                    Ok(ExitCode::from(EXIT_MISMATCH))
+                }
+            }
+        }
+    }
+}
+
+/// Resolves `host:port` once, at startup, so a typo fails now and clearly.
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("resolving upstream {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("upstream {addr:?} resolves to no address"))
+}

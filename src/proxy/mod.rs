@@ -1,0 +1,338 @@
+//! The proxy: accepts clients, stores each upload in a spool file while
+//! streaming it to the upstream server, and relays the server's answer back.
+//!
+//! This is the seed's proxy (accept, read, store, connect, send, wait for
+//! the answer, pass it on, close both, keep listening), done for many
+//! clients at once by one thread. The loop has the same shape as the
+//! server's; what differs is that each transfer has *two* sockets, so
+//! events must be routed to the right side of the right transfer:
+//!
+//! ```text
+//!   loop {
+//!       poll(events, timeout)
+//!       for each event:
+//!           LISTENER      -> accept until WouldBlock; for each client:
+//!                              create the spool file, start connecting upstream
+//!           client_token  -> transfer.on_event(Client) ; transfer.drive()
+//!           upstream_token-> transfer.on_event(Upstream); transfer.drive()
+//!       fire due timers
+//!   }
+//! ```
+//!
+//! A transfer's slab key is its identity; its two tokens are derived from
+//! the key by [`client_token`] and [`upstream_token`]. All the per-transfer
+//! logic (the state machine, back-pressure, half-close) lives in
+//! [`transfer`]; this file is only the loop around it.
+
+pub mod transfer;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::error::{is_interrupted, is_would_block, Context};
+use crate::event_loop::{self, AcceptPause, Shutdown, Timers, LISTENER, SCRATCH_SIZE, WAKER};
+use crate::store::Store;
+
+use transfer::{Next, Outcome, Side, Transfer};
+
+/// Settings for [`Proxy`].
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The server every upload is forwarded to.
+    pub upstream: SocketAddr,
+    /// Directory for spool files (created if missing).
+    pub dir: PathBuf,
+}
+
+/// The client socket of transfer `key`.
+///
+/// Each transfer owns two sockets, so its slab key maps to two tokens:
+/// even for the client, odd for the upstream. The reserved tokens
+/// ([`LISTENER`], [`WAKER`]) sit at the top of the range, out of reach.
+pub fn client_token(key: usize) -> Token {
+    Token(key * 2)
+}
+
+/// The upstream socket of transfer `key`. See [`client_token`].
+pub fn upstream_token(key: usize) -> Token {
+    Token(key * 2 + 1)
+}
+
+/// The transfer and side a (non-reserved) token belongs to.
+pub fn token_owner(token: Token) -> (usize, Side) {
+    let side = if token.0 % 2 == 0 {
+        Side::Client
+    } else {
+        Side::Upstream
+    };
+    (token.0 / 2, side)
+}
+
+/// What the proxy's timers can be for.
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    /// The pause after running out of file descriptors is over.
+    ResumeAccept,
+}
+
+/// Counters reported when the proxy stops.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Transfers whose upload reached the upstream and answer the client.
+    pub relayed: u64,
+    /// Transfers answered `ERR` by the proxy itself.
+    pub refused: u64,
+    /// Transfers the client abandoned.
+    pub aborted: u64,
+}
+
+/// A bound proxy, ready to [`run`](Proxy::run).
+pub struct Proxy {
+    poll: Poll,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    upstream: SocketAddr,
+    transfers: Slab<Transfer>,
+    store: Store,
+    scratch: Box<[u8]>,
+    shutdown: Shutdown,
+    timers: Timers<Timer>,
+    accept_pause: AcceptPause,
+    stats: Stats,
+}
+
+impl Proxy {
+    /// Opens the spool directory, binds the listener and sets up the loop.
+    pub fn bind(config: &ProxyConfig) -> io::Result<Proxy> {
+        let store = Store::open(&config.dir)?;
+        if let Err(e) = event_loop::raise_nofile_limit() {
+            log::warn!("proxy: {e}");
+        }
+        let poll = Poll::new().context("proxy: creating poll")?;
+        let mut listener = event_loop::bind_listener(config.listen, "proxy")?;
+        let local_addr = listener
+            .local_addr()
+            .context("proxy: reading bound address")?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .context("proxy: registering listener")?;
+        let shutdown = Shutdown::new(poll.registry())?;
+        log::info!(
+            "proxy: forwarding to {}, spooling to {}",
+            config.upstream,
+            store.dir().display()
+        );
+        Ok(Proxy {
+            poll,
+            listener,
+            local_addr,
+            upstream: config.upstream,
+            transfers: Slab::with_capacity(1024),
+            store,
+            scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
+            shutdown,
+            timers: Timers::new(),
+            accept_pause: AcceptPause::default(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that stops [`Proxy::run`] from another thread.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Runs the loop until shut down.
+    pub fn run(mut self) -> io::Result<Stats> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.timers.timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if is_interrupted(&e) {
+                    continue;
+                }
+                return Err(e).context("proxy: poll");
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    WAKER => {}
+                    token => {
+                        let (key, side) = token_owner(token);
+                        log::trace!(
+                            "proxy: #{key} {side} event{}{}{}{}",
+                            if event.is_readable() { " READABLE" } else { "" },
+                            if event.is_writable() { " WRITABLE" } else { "" },
+                            if event.is_read_closed() {
+                                " READ_CLOSED"
+                            } else {
+                                ""
+                            },
+                            if event.is_error() { " ERROR" } else { "" },
+                        );
+                        // A stale event (for a transfer closed earlier in
+                        // this batch) finds no transfer, or a new one whose
+                        // flags it merely sets: a wasted read, no harm.
+                        if let Some(t) = self.transfers.get_mut(key) {
+                            t.on_event(side, event);
+                            self.drive(key);
+                        }
+                    }
+                }
+            }
+            if self.shutdown.is_requested() {
+                break;
+            }
+            let now = Instant::now();
+            while let Some((_, timer)) = self.timers.pop_due(now) {
+                match timer {
+                    Timer::ResumeAccept => {
+                        self.accept_pause.resume("proxy");
+                        self.accept_all();
+                    }
+                }
+            }
+        }
+        let open = self.transfers.len();
+        for t in self.transfers.drain() {
+            t.abandon();
+            self.stats.aborted += 1;
+        }
+        log::info!(
+            "proxy: stopped: {} relayed, {} refused, {} aborted ({open} open at shutdown)",
+            self.stats.relayed,
+            self.stats.refused,
+            self.stats.aborted
+        );
+        Ok(self.stats)
+    }
+
+    /// Seed steps 1 and 4: accept every waiting client (until `WouldBlock`:
+    /// edge-triggered readiness will not remind us), and for each, create
+    /// its spool file and start the non-blocking connect upstream.
+    fn accept_all(&mut self) {
+        while !self.accept_pause.is_paused() {
+            let (client, peer) = match self.listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if is_would_block(&e) => return,
+                Err(e) if is_interrupted(&e) => continue,
+                Err(e) if event_loop::is_out_of_descriptors(&e) => {
+                    self.pause_accepting(&e);
+                    return;
+                }
+                Err(e) => {
+                    log::debug!("proxy: accept: {e}");
+                    continue;
+                }
+            };
+            let spool = match self.store.create() {
+                Ok(spool) => spool,
+                Err(e) => {
+                    // Without a spool we could lose the upload: refuse it
+                    // by closing before reading a byte. (Out of descriptors
+                    // shows up here too: pause like the listener does.)
+                    log::warn!("proxy: refusing {peer}: {e}");
+                    self.stats.refused += 1;
+                    if event_loop::is_out_of_descriptors(&e) {
+                        drop(client);
+                        self.pause_accepting(&e);
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let _ = client.set_nodelay(true);
+            // Seed step 4, non-blocking: connect() returns at once with the
+            // handshake in flight; WRITABLE on the upstream token says when
+            // it is over.
+            let upstream = TcpStream::connect(self.upstream);
+            let entry = self.transfers.vacant_entry();
+            let key = entry.key();
+            let mut transfer = Transfer::new(key, client, peer, upstream, self.upstream, spool);
+            let registry = self.poll.registry();
+            let registered = registry
+                .register(
+                    &mut transfer.client.sock,
+                    client_token(key),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .and_then(|()| match transfer.upstream.as_mut() {
+                    Some(up) => registry.register(
+                        &mut up.sock,
+                        upstream_token(key),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ),
+                    None => Ok(()),
+                });
+            if let Err(e) = registered {
+                log::warn!("proxy: registering {peer}: {e}");
+                transfer.abandon();
+                continue;
+            }
+            log::debug!(
+                "proxy: accepted {peer} as #{key}, connecting to {}",
+                self.upstream
+            );
+            entry.insert(transfer);
+            // Bytes may already be waiting; the registration will report
+            // them, but driving now saves a trip through poll.
+            self.drive(key);
+        }
+    }
+
+    fn pause_accepting(&mut self, e: &io::Error) {
+        if self.accept_pause.pause("proxy", e, self.transfers.len()) {
+            self.timers
+                .schedule(Instant::now() + AcceptPause::DELAY, Timer::ResumeAccept);
+        }
+    }
+
+    /// Drives one transfer and closes it if it is finished.
+    fn drive(&mut self, key: usize) {
+        let next = self.transfers[key].drive(&mut self.scratch);
+        if let Next::Close(outcome) = next {
+            let transfer = self.transfers.remove(key);
+            log::trace!("proxy: #{key} closed ({outcome:?})");
+            match outcome {
+                Outcome::Relayed => self.stats.relayed += 1,
+                Outcome::Refused => self.stats.refused += 1,
+                Outcome::Aborted => self.stats.aborted += 1,
+            }
+            // Seed step 8: close both connections (dropping them closes
+            // them and removes them from the poll set); the listener stays.
+            drop(transfer);
+            if self.accept_pause.is_paused() {
+                self.accept_pause.resume("proxy");
+                self.accept_all();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_avoid_reserved() {
+        for key in [0usize, 1, 2, 4999, 1 << 20] {
+            assert_eq!(token_owner(client_token(key)), (key, Side::Client));
+            assert_eq!(token_owner(upstream_token(key)), (key, Side::Upstream));
+            assert_ne!(upstream_token(key), LISTENER);
+            assert_ne!(upstream_token(key), WAKER);
+        }
+    }
+}

@@ -1,0 +1,840 @@
+//! One proxied transfer: a client socket, an upstream socket, a spool file,
+//! and the state machine that moves bytes between them.
+//!
+//! ```text
+//!                 accept: create spool, start connect
+//!                               |
+//!                               v
+//!   +------------------------ Connecting ---- connect fails ---+
+//!   |  client bytes -> spool      |                            |
+//!   |  (up to LAG_LIMIT ahead)    | connect completes          |
+//!   |                             v                            v
+//!   |                         Streaming ---- upstream fails -> Salvaging
+//!   |  client -> spool -> upstream,  |       before answering   client -> spool only;
+//!   |  answer upstream -> client,    |                          on client EOF:
+//!   |  each FIN passed on once       |                          "ERR upstream unavailable"
+//!   |  its direction is drained      |                                  |
+//!   |                                | both directions done            v
+//!   |                                v                             Replying --> (close)
+//!   |                            (close: Relayed)                  our own line to the client
+//!   |
+//!   +-- spool write fails (any state) --> Replying ("ERR proxy cannot store") --> Discarding
+//!   client resets before its FIN (any state): upstream reset, spool kept as .incomplete, close
+//! ```
+//!
+//! **The spool file is the buffer.** Every byte read from the client is
+//! appended to the spool first, then written straight to the upstream from
+//! the same scratch buffer. Whatever the upstream does not take at once is
+//! *not* copied anywhere: it is already in the spool, so when the upstream
+//! drains we read it back from there (`pread` at the forwarded offset, which
+//! the page cache serves from memory). A transfer therefore owns no buffer
+//! at all for the upload direction, however slow its upstream.
+//!
+//! **Back-pressure.** We stop reading the client when the spool is more than
+//! [`LAG_LIMIT`] bytes ahead of what the upstream has taken. The client's
+//! data then waits in the kernel, its TCP window closes, and its `write()`
+//! blocks: the slow upstream has slowed the client, as it should. The
+//! client's `readable` flag stays set while we are not reading, because no
+//! new event will come for bytes that are already waiting; when the upstream
+//! drains, the same `drive` call resumes reading.
+//!
+//! **The answer direction** (upstream -> client) is a plain relay: read into
+//! the loop's scratch buffer, write to the client, and keep only what the
+//! client did not take in a small buffer that exists only while non-empty.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown as Direction, SocketAddr};
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::net::TcpStream;
+
+use crate::answer::Answer;
+use crate::error::{brief, is_interrupted, is_would_block};
+use crate::server::mb_per_s;
+use crate::store::PartFile;
+
+/// How far (in bytes) the spool may run ahead of the upstream before we
+/// stop reading the client.
+pub const LAG_LIMIT: u64 = 256 * 1024;
+
+/// Largest read of answer bytes from the upstream at once; also the bound on
+/// the answer bytes a transfer may hold while its client is slow to take them.
+const ANSWER_CHUNK: usize = 64 * 1024;
+
+/// Which socket of a transfer an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        })
+    }
+}
+
+/// The facts we keep about one socket of a transfer. Client and upstream
+/// use the same struct, so the code for each direction reads the same.
+#[derive(Debug)]
+pub struct Peer {
+    pub sock: TcpStream,
+    /// A read may make progress: set by a READABLE event, cleared when a
+    /// read returns `WouldBlock`. Edge-triggered readiness says it once.
+    readable: bool,
+    /// A write may make progress; same bookkeeping.
+    writable: bool,
+    /// We have read this peer's EOF: it will send nothing more.
+    eof: bool,
+    /// We have shut our write side (sent our FIN).
+    shut: bool,
+    /// A write failed: the peer will take nothing more.
+    broken: bool,
+}
+
+impl Peer {
+    fn new(sock: TcpStream, writable: bool) -> Peer {
+        Peer {
+            sock,
+            readable: false,
+            writable,
+            eof: false,
+            shut: false,
+            broken: false,
+        }
+    }
+
+    fn shutdown_write(&mut self) {
+        if !self.shut {
+            self.shut = true;
+            if let Err(e) = self.sock.shutdown(Direction::Write) {
+                log::debug!("shutdown(Write): {e}");
+            }
+        }
+    }
+
+    /// Closes abortively: with SO_LINGER set to zero, `close` sends a reset
+    /// instead of a FIN, so the other end sees an error rather than an EOF
+    /// that would make a truncated upload look complete.
+    fn reset(self) {
+        if let Err(e) = socket2::SockRef::from(&self.sock).set_linger(Some(Duration::ZERO)) {
+            log::debug!("setting SO_LINGER 0: {e}");
+        }
+        drop(self);
+    }
+}
+
+/// Where a transfer is in its life. See the module docs for the diagram.
+#[derive(Debug)]
+enum State {
+    /// The upstream connect is in flight. Client bytes go to the spool.
+    Connecting,
+    /// Both sockets up: upload to spool and upstream, answer back.
+    Streaming,
+    /// The upstream failed before answering. The rest of the upload goes to
+    /// the spool only; at the client's EOF we answer `ERR` ourselves.
+    Salvaging { reason: String },
+    /// Writing our own answer line to the client (then closing, or first
+    /// discarding the rest of an upload we refused).
+    Replying { line: Vec<u8>, sent: usize },
+    /// Our line is sent and our write side shut; reading the client's
+    /// remaining bytes into the void until its EOF, so that closing does not
+    /// send a reset that would destroy the line in the client's buffer.
+    Discarding,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Connecting => "Connecting",
+            State::Streaming => "Streaming",
+            State::Salvaging { .. } => "Salvaging",
+            State::Replying { .. } => "Replying",
+            State::Discarding => "Discarding",
+        }
+    }
+}
+
+/// How a transfer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upload reached the upstream and its answer reached the client.
+    Relayed,
+    /// We answered `ERR` ourselves (upstream unavailable, spool failure).
+    Refused,
+    /// The client went away; the upload was abandoned or never answered.
+    Aborted,
+}
+
+/// What the loop should do with a transfer after driving it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Keep,
+    Close(Outcome),
+}
+
+/// One client's transfer through the proxy.
+pub struct Transfer {
+    key: usize,
+    client_addr: SocketAddr,
+    upstream_addr: SocketAddr,
+    started: Instant,
+    pub client: Peer,
+    /// `None` once the upstream has failed and been dropped.
+    pub upstream: Option<Peer>,
+    /// The spool file; `None` once handed off (kept incomplete).
+    spool: Option<PartFile>,
+    /// Bytes of the spool the upstream has taken.
+    forwarded: u64,
+    /// Answer bytes read from the upstream but not yet taken by the client.
+    answer: Vec<u8>,
+    /// Answer bytes read from the upstream in total.
+    answer_bytes: u64,
+    state: State,
+    /// Set when the transfer must end now, whatever the state.
+    ending: Option<Outcome>,
+}
+
+impl Transfer {
+    /// A new transfer for an accepted client. `upstream` is the result of
+    /// starting the non-blocking connect: on error we start out salvaging.
+    pub fn new(
+        key: usize,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        upstream: io::Result<TcpStream>,
+        upstream_addr: SocketAddr,
+        spool: PartFile,
+    ) -> Transfer {
+        let (upstream, state) = match upstream {
+            Ok(sock) => (Some(Peer::new(sock, false)), State::Connecting),
+            Err(e) => (
+                None,
+                State::Salvaging {
+                    reason: format!("connecting to {upstream_addr}: {}", brief(&e)),
+                },
+            ),
+        };
+        Transfer {
+            key,
+            client_addr,
+            upstream_addr,
+            started: Instant::now(),
+            client: Peer::new(client, true),
+            upstream,
+            spool: Some(spool),
+            forwarded: 0,
+            answer: Vec::new(),
+            answer_bytes: 0,
+            state,
+            ending: None,
+        }
+    }
+
+    /// Records what an event says about one of our sockets.
+    pub fn on_event(&mut self, side: Side, event: &Event) {
+        let peer = match side {
+            Side::Client => &mut self.client,
+            Side::Upstream => match self.upstream.as_mut() {
+                Some(p) => p,
+                None => return, // stale event for an upstream we dropped
+            },
+        };
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            peer.readable = true;
+        }
+        if event.is_writable() || event.is_write_closed() || event.is_error() {
+            peer.writable = true;
+        }
+    }
+
+    /// Makes all the progress readiness allows, and says whether the
+    /// transfer is over. Each step returns whether it moved anything; we
+    /// go round until nothing moves, because progress on one side can
+    /// unblock the other (the upstream draining lets us read the client).
+    pub fn drive(&mut self, scratch: &mut [u8]) -> Next {
+        loop {
+            let moved = match self.state {
+                State::Connecting => self.check_connect() | self.read_client(scratch),
+                State::Streaming => {
+                    self.pump_spool(scratch)
+                        | self.read_client(scratch)
+                        | self.forward_eof()
+                        | self.relay_answer(scratch)
+                }
+                State::Salvaging { .. } => self.read_client(scratch),
+                State::Replying { .. } => self.write_reply(scratch),
+                State::Discarding => self.discard_client(scratch),
+            };
+            if let Some(outcome) = self.ending {
+                return Next::Close(outcome);
+            }
+            if self.streaming_is_done() {
+                self.log_relayed();
+                return Next::Close(Outcome::Relayed);
+            }
+            if !moved {
+                return Next::Keep;
+            }
+        }
+    }
+
+    fn set_state(&mut self, next: State) {
+        log::trace!(
+            "proxy: #{} state {} -> {}",
+            self.key,
+            self.state.name(),
+            next.name()
+        );
+        self.state = next;
+    }
+
+    /// Bytes in the spool that the upstream has not taken yet.
+    fn lag(&self) -> u64 {
+        self.spool
+            .as_ref()
+            .map_or(0, |s| s.bytes() - self.forwarded)
+    }
+
+    /// True while upload bytes can still go to the upstream.
+    fn forwarding(&self) -> bool {
+        self.upstream.as_ref().is_some_and(|u| !u.broken && !u.shut)
+    }
+
+    // ---- Connecting ----------------------------------------------------
+
+    /// The connect-in-progress dance: a non-blocking `connect` returns at
+    /// once, and the socket becomes WRITABLE when the handshake is over,
+    /// successfully or not. `SO_ERROR` (take_error) says which; a writable
+    /// event with no error and no peer yet was spurious.
+    fn check_connect(&mut self) -> bool {
+        let Some(up) = self.upstream.as_mut() else {
+            return false;
+        };
+        if !up.writable {
+            return false;
+        }
+        let result = match up.sock.take_error() {
+            Ok(Some(e)) | Err(e) => Err(e),
+            Ok(None) => match up.sock.peer_addr() {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected || is_would_block(&e) => {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(true) => {
+                let _ = up.sock.set_nodelay(true);
+                log::debug!(
+                    "proxy: #{} connected to upstream {}",
+                    self.key,
+                    self.upstream_addr
+                );
+                self.set_state(State::Streaming);
+                true
+            }
+            Ok(false) => {
+                up.writable = false;
+                false
+            }
+            Err(e) => {
+                self.upstream_failed(format!(
+                    "connecting to {}: {}",
+                    self.upstream_addr,
+                    brief(&e)
+                ));
+                true
+            }
+        }
+    }
+
+    // ---- The upload direction: client -> spool -> upstream ---------------
+
+    /// Reads the client until `WouldBlock`, EOF, or back-pressure.
+    fn read_client(&mut self, scratch: &mut [u8]) -> bool {
+        let mut moved = false;
+        while self.client.readable && !self.client.eof && self.ending.is_none() {
+            let held_back = match self.state {
+                State::Connecting => self.lag() >= LAG_LIMIT,
+                State::Streaming => self.forwarding() && self.lag() >= LAG_LIMIT,
+                State::Salvaging { .. } => false,
+                State::Replying { .. } | State::Discarding => true,
+            };
+            if held_back {
+                // Back-pressure: leave the bytes in the kernel. `readable`
+                // stays set, so we come back here when the upstream drains.
+                log::trace!(
+                    "proxy: #{} client read paused, lag {}",
+                    self.key,
+                    self.lag()
+                );
+                break;
+            }
+            match self.client.sock.read(scratch) {
+                Ok(0) => {
+                    log::trace!("proxy: #{} client read EOF", self.key);
+                    self.client.eof = true;
+                    self.on_client_eof();
+                    return true;
+                }
+                Ok(n) => {
+                    log::trace!("proxy: #{} client read {n}", self.key);
+                    moved = true;
+                    self.take_upload(&scratch[..n]);
+                }
+                Err(e) if is_would_block(&e) => {
+                    log::trace!("proxy: #{} client read WouldBlock", self.key);
+                    self.client.readable = false;
+                }
+                Err(e) if is_interrupted(&e) => {}
+                Err(e) => {
+                    self.client_lost(e);
+                    return true;
+                }
+            }
+        }
+        moved
+    }
+
+    /// Seed steps 3 and 5 at once: store the bytes, and send them on.
+    fn take_upload(&mut self, data: &[u8]) {
+        let lag_before = self.lag();
+        let Some(spool) = self.spool.as_mut() else {
+            return;
+        };
+        if let Err(e) = spool.write(data) {
+            self.spool_failed(e);
+            return;
+        }
+        // Fast path: if the upstream is caught up, send from the scratch
+        // buffer directly; anything it does not take stays in the spool.
+        if lag_before == 0 && matches!(self.state, State::Streaming) && self.forwarding() {
+            self.write_upstream(data);
+        }
+    }
+
+    /// Writes `data` (which starts at the forwarded offset) to the upstream
+    /// until it is all taken or the upstream would block.
+    fn write_upstream(&mut self, data: &[u8]) -> usize {
+        let Some(up) = self.upstream.as_mut() else {
+            return 0;
+        };
+        let mut off = 0;
+        while off < data.len() && up.writable {
+            match up.sock.write(&data[off..]) {
+                Ok(n) => {
+                    log::trace!("proxy: #{} upstream write {n}", self.key);
+                    off += n;
+                }
+                Err(e) if is_would_block(&e) => {
+                    log::trace!("proxy: #{} upstream write WouldBlock", self.key);
+                    up.writable = false;
+                }
+                Err(e) if is_interrupted(&e) => {}
+                Err(e) => {
+                    // The upstream will take nothing more. It may have said
+                    // why (an early `ERR` answer), so look for an answer
+                    // before deciding it failed.
+                    log::debug!("proxy: #{} upstream write failed: {e}", self.key);
+                    up.broken = true;
+                    up.readable = true;
+                    break;
+                }
+            }
+        }
+        self.forwarded += off as u64;
+        off
+    }
+
+    /// Sends the upstream what it has not taken yet, reading it back from
+    /// the spool file.
+    fn pump_spool(&mut self, scratch: &mut [u8]) -> bool {
+        let mut moved = false;
+        while self.forwarding()
+            && self.lag() > 0
+            && self.upstream.as_ref().is_some_and(|u| u.writable)
+        {
+            let Some(spool) = self.spool.as_ref() else {
+                break;
+            };
+            let want = self.lag().min(scratch.len() as u64) as usize;
+            let got = match spool.file().read_at(&mut scratch[..want], self.forwarded) {
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "spool file shrank",
+                )),
+                Ok(n) => Ok(n),
+                Err(e) if is_interrupted(&e) => continue,
+                Err(e) => Err(e),
+            };
+            match got {
+                Ok(n) => {
+                    if self.write_upstream(&scratch[..n]) > 0 {
+                        moved = true;
+                    }
+                }
+                Err(e) => {
+                    self.spool_failed(e);
+                    return true;
+                }
+            }
+        }
+        moved
+    }
+
+    /// The client's EOF is the end of the upload: the spool is complete.
+    fn on_client_eof(&mut self) {
+        if let Some(spool) = self.spool.as_mut() {
+            if let Err(e) = spool.finish() {
+                self.spool_failed(e);
+                return;
+            }
+        }
+        if let State::Salvaging { reason } = &self.state {
+            let reason = reason.clone();
+            self.reply_upstream_unavailable(&reason);
+        }
+    }
+
+    /// Passes the client's FIN on, once every byte has been forwarded.
+    fn forward_eof(&mut self) -> bool {
+        if self.client.eof && self.lag() == 0 && self.forwarding() {
+            if let Some(up) = self.upstream.as_mut() {
+                log::trace!("proxy: #{} upstream shutdown(Write)", self.key);
+                up.shutdown_write();
+                return true;
+            }
+        }
+        false
+    }
+
+    // ---- The answer direction: upstream -> client ------------------------
+
+    /// Relays answer bytes as they come, and the upstream's FIN after them.
+    fn relay_answer(&mut self, scratch: &mut [u8]) -> bool {
+        let mut moved = false;
+        loop {
+            if !self.answer.is_empty() {
+                if !self.client.writable {
+                    break;
+                }
+                match self.client.sock.write(&self.answer) {
+                    Ok(n) => {
+                        log::trace!("proxy: #{} client write {n}", self.key);
+                        self.answer.drain(..n);
+                        if self.answer.is_empty() {
+                            self.answer = Vec::new(); // give the memory back
+                        }
+                        moved = true;
+                    }
+                    Err(e) if is_would_block(&e) => self.client.writable = false,
+                    Err(e) if is_interrupted(&e) => {}
+                    Err(e) => {
+                        self.client_lost(e);
+                        return true;
+                    }
+                }
+                continue;
+            }
+            let Some(up) = self.upstream.as_mut() else {
+                break;
+            };
+            if !up.readable || up.eof {
+                break;
+            }
+            let chunk_len = ANSWER_CHUNK.min(scratch.len());
+            let chunk = &mut scratch[..chunk_len];
+            match up.sock.read(chunk) {
+                Ok(0) => {
+                    log::trace!("proxy: #{} upstream read EOF", self.key);
+                    up.eof = true;
+                    moved = true;
+                    if self.answer_bytes == 0 {
+                        self.upstream_failed("closed the connection without answering".to_string());
+                        return true;
+                    }
+                }
+                Ok(n) => {
+                    log::trace!("proxy: #{} upstream read {n}", self.key);
+                    self.answer_bytes += n as u64;
+                    moved = true;
+                    // Straight to the client; keep only what it won't take.
+                    let mut off = 0;
+                    while off < n && self.client.writable {
+                        match self.client.sock.write(&chunk[off..n]) {
+                            Ok(w) => {
+                                log::trace!("proxy: #{} client write {w}", self.key);
+                                off += w;
+                            }
+                            Err(e) if is_would_block(&e) => self.client.writable = false,
+                            Err(e) if is_interrupted(&e) => {}
+                            Err(e) => {
+                                self.client_lost(e);
+                                return true;
+                            }
+                        }
+                    }
+                    self.answer.extend_from_slice(&chunk[off..n]);
+                }
+                Err(e) if is_would_block(&e) => {
+                    log::trace!("proxy: #{} upstream read WouldBlock", self.key);
+                    up.readable = false;
+                }
+                Err(e) if is_interrupted(&e) => {}
+                Err(e) => {
+                    up.eof = true;
+                    moved = true;
+                    if self.answer_bytes == 0 {
+                        self.upstream_failed(brief(&e));
+                        return true;
+                    }
+                    log::warn!(
+                        "proxy: #{} upstream {} failed after {} answer bytes: {e}",
+                        self.key,
+                        self.upstream_addr,
+                        self.answer_bytes
+                    );
+                }
+            }
+        }
+        // The answer is over and relayed: pass the upstream's FIN on.
+        let answer_over = self.upstream.as_ref().is_some_and(|u| u.eof);
+        if answer_over && self.answer.is_empty() && !self.client.shut {
+            log::trace!("proxy: #{} client shutdown(Write)", self.key);
+            self.client.shutdown_write();
+            moved = true;
+        }
+        moved
+    }
+
+    /// Streaming is over when both directions are: the whole upload went
+    /// upstream (or the upstream stopped taking it after answering) with our
+    /// FIN after it, and the whole answer went to the client with its FIN.
+    fn streaming_is_done(&self) -> bool {
+        let State::Streaming = self.state else {
+            return false;
+        };
+        let Some(up) = self.upstream.as_ref() else {
+            return false;
+        };
+        self.client.eof && (up.shut || up.broken) && up.eof && self.client.shut
+    }
+
+    // ---- Failures ----------------------------------------------------------
+
+    /// The upstream failed before it answered: drop it and salvage.
+    fn upstream_failed(&mut self, reason: String) {
+        log::debug!(
+            "proxy: #{} upstream {} failed: {reason}",
+            self.key,
+            self.upstream_addr
+        );
+        if let Some(up) = self.upstream.take() {
+            if self.client.eof {
+                drop(up);
+            } else {
+                // It holds part of an upload that will never be finished
+                // through it: a reset keeps it from mistaking it for whole.
+                up.reset();
+            }
+        }
+        self.set_state(State::Salvaging {
+            reason: reason.clone(),
+        });
+        if self.client.eof {
+            self.reply_upstream_unavailable(&reason);
+        }
+    }
+
+    fn reply_upstream_unavailable(&mut self, reason: &str) {
+        let name = self.spool.as_ref().map_or("?", |s| s.name()).to_string();
+        log::warn!(
+            "proxy: {} upload of {} bytes not delivered: upstream unavailable: {reason}; kept as {}",
+            self.client_addr,
+            self.spool.as_ref().map_or(0, |s| s.bytes()),
+            self.spool.as_ref().map_or_else(String::new, |s| s.path().display().to_string())
+        );
+        self.reply(Answer::err(format!(
+            "upstream unavailable: {reason} (kept as {name})"
+        )));
+    }
+
+    /// The spool file could not be written: refuse the upload.
+    fn spool_failed(&mut self, e: io::Error) {
+        log::warn!(
+            "proxy: {} spool write failed: {e}; upload refused",
+            self.client_addr
+        );
+        if let Some(up) = self.upstream.take() {
+            if up.shut {
+                drop(up);
+            } else {
+                up.reset();
+            }
+        }
+        if let Some(spool) = self.spool.take() {
+            match spool.keep_incomplete() {
+                Ok(path) => log::warn!("proxy: partial spool kept as {}", path.display()),
+                Err(e) => log::warn!("proxy: {e}"),
+            }
+        }
+        self.reply(Answer::err(format!(
+            "proxy cannot store upload: {}",
+            brief(&e)
+        )));
+    }
+
+    /// The client's connection failed (reset, or lost while we wrote to it).
+    fn client_lost(&mut self, e: io::Error) {
+        self.ending = Some(Outcome::Aborted);
+        if self.client.eof {
+            // The upload was complete; only the answer could not be given.
+            log::warn!(
+                "proxy: client {} went away before its answer ({e}); upload kept as {}",
+                self.client_addr,
+                self.spool
+                    .as_ref()
+                    .map_or_else(String::new, |s| s.path().display().to_string())
+            );
+            return;
+        }
+        if let Some(up) = self.upstream.take() {
+            up.reset();
+        }
+        let bytes = self.spool.as_ref().map_or(0, |s| s.bytes());
+        let kept = match self.spool.take().map(PartFile::keep_incomplete) {
+            Some(Ok(path)) => path.display().to_string(),
+            Some(Err(e)) => format!("(not kept: {e})"),
+            None => "(no spool)".to_string(),
+        };
+        log::warn!(
+            "proxy: client {} aborted its upload after {bytes} bytes ({e}); kept as {kept}",
+            self.client_addr
+        );
+    }
+
+    // ---- Our own answer ----------------------------------------------------
+
+    fn reply(&mut self, answer: Answer) {
+        self.set_state(State::Replying {
+            line: answer.to_line().into_bytes(),
+            sent: 0,
+        });
+    }
+
+    fn write_reply(&mut self, scratch: &mut [u8]) -> bool {
+        // Keep swallowing upload bytes meanwhile, so a client blocked in
+        // write() cannot wedge before it reads our line.
+        let mut moved = self.discard_some(scratch);
+        let State::Replying { line, sent } = &mut self.state else {
+            return moved;
+        };
+        while *sent < line.len() && self.client.writable {
+            match self.client.sock.write(&line[*sent..]) {
+                Ok(n) => {
+                    *sent += n;
+                    moved = true;
+                }
+                Err(e) if is_would_block(&e) => self.client.writable = false,
+                Err(e) if is_interrupted(&e) => {}
+                Err(e) => {
+                    log::debug!("proxy: #{} sending reply: {e}", self.key);
+                    self.ending = Some(Outcome::Refused);
+                    return true;
+                }
+            }
+        }
+        if *sent == line.len() {
+            if self.client.eof {
+                self.ending = Some(Outcome::Refused);
+            } else {
+                self.client.shutdown_write();
+                self.set_state(State::Discarding);
+            }
+            return true;
+        }
+        moved
+    }
+
+    fn discard_client(&mut self, scratch: &mut [u8]) -> bool {
+        let moved = self.discard_some(scratch);
+        if self.client.eof {
+            self.ending = Some(Outcome::Refused);
+            return true;
+        }
+        moved
+    }
+
+    /// Reads and drops client bytes until `WouldBlock` or EOF.
+    fn discard_some(&mut self, scratch: &mut [u8]) -> bool {
+        let mut moved = false;
+        while self.client.readable && !self.client.eof {
+            match self.client.sock.read(scratch) {
+                Ok(0) => {
+                    self.client.eof = true;
+                    moved = true;
+                }
+                Ok(_) => moved = true,
+                Err(e) if is_would_block(&e) => self.client.readable = false,
+                Err(e) if is_interrupted(&e) => {}
+                Err(_) => {
+                    self.client.eof = true;
+                    moved = true;
+                }
+            }
+        }
+        moved
+    }
+
+    // ---- Reporting ---------------------------------------------------------
+
+    fn log_relayed(&self) {
+        if !log::log_enabled!(log::Level::Info) {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        let (name, bytes, crc) = self
+            .spool
+            .as_ref()
+            .map_or(("?", 0, 0), |s| (s.name(), s.bytes(), s.crc32c()));
+        log::info!(
+            "proxy: relayed {} -> {}: up {bytes} bytes, down {} bytes in {:.3}s ({:.1} MB/s) spool={name} crc32c={crc:08x}",
+            self.client_addr,
+            self.upstream_addr,
+            self.answer_bytes,
+            elapsed.as_secs_f64(),
+            mb_per_s(bytes, elapsed)
+        );
+    }
+
+    /// Called when the proxy shuts down with this transfer unfinished.
+    pub fn abandon(mut self) {
+        if let Some(up) = self.upstream.take() {
+            if up.shut {
+                drop(up);
+            } else {
+                up.reset();
+            }
+        }
+        if let Some(spool) = self.spool.take() {
+            if !spool.is_finished() {
+                match spool.keep_incomplete() {
+                    Ok(path) => log::warn!(
+                        "proxy: unfinished upload from {} kept as {}",
+                        self.client_addr,
+                        path.display()
+                    ),
+                    Err(e) => log::warn!("proxy: {e}"),
+                }
+            }
+        }
+    }
+}

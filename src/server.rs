@@ -1,0 +1,544 @@
+//! The server: stores each upload in its own file and answers with what it
+//! stored.
+//!
+//! This is the seed's server (create a listening socket, accept, read the
+//! data, store it in a file, answer, close, keep listening) turned inside
+//! out for non-blocking sockets. Instead of one blocking call after another
+//! for one client at a time, one thread waits in `poll` for *any* socket to
+//! become ready, does whatever work that readiness allows without blocking,
+//! and goes back to waiting:
+//!
+//! ```text
+//!   loop {
+//!       poll(events, timeout)                         // the only place we block
+//!       for each event:
+//!           LISTENER -> accept until WouldBlock        // seed step 1
+//!           conn key -> drive(conn):
+//!               Receiving: read until WouldBlock,      // seed step 2
+//!                          append to <name>.part       // seed step 3
+//!                          on EOF: rename, queue "OK"
+//!               Answering: write the line              // seed step 4
+//!               done     -> drop the socket            // seed step 5
+//!   }
+//! ```
+//!
+//! Each connection is a [`State`]: `Receiving` (the upload is streaming into
+//! `<name>.part`), `Answering` (the line is being written, possibly over
+//! several WRITABLE events) and `Discarding` (we refused the upload and are
+//! reading the rest of it, so that closing does not turn into a reset that
+//! destroys our `ERR` line in the client's receive buffer).
+//!
+//! Connections live in a [`Slab`]; the slab key is the connection's
+//! [`Token`]. No connection owns a read buffer: the loop owns one large
+//! scratch buffer and lends it to whichever connection is being served,
+//! because between events a server connection has nothing in flight.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown as Direction, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::answer::Answer;
+use crate::error::{brief, is_interrupted, is_would_block, Context};
+use crate::event_loop::{self, AcceptPause, Shutdown, Timers, LISTENER, SCRATCH_SIZE, WAKER};
+use crate::store::{PartFile, Store};
+
+/// Settings for [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Directory uploads are stored in (created if missing).
+    pub dir: PathBuf,
+}
+
+/// What the server's timers can be for.
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    /// The pause after running out of file descriptors is over.
+    ResumeAccept,
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    conns: Slab<Conn>,
+    store: Store,
+    scratch: Box<[u8]>,
+    shutdown: Shutdown,
+    timers: Timers<Timer>,
+    accept_pause: AcceptPause,
+    stats: Stats,
+}
+
+/// Counters reported when the server stops.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Uploads stored and answered `OK`.
+    pub stored: u64,
+    /// Uploads refused with `ERR` (e.g. a write error on the file).
+    pub refused: u64,
+    /// Uploads the client abandoned (reset) before finishing.
+    pub aborted: u64,
+    /// Payload bytes stored.
+    pub bytes: u64,
+}
+
+/// One client connection.
+struct Conn {
+    sock: TcpStream,
+    peer: SocketAddr,
+    started: Instant,
+    /// A read may make progress: set by READABLE events, cleared by
+    /// `WouldBlock`. Edge-triggered readiness tells us once; we remember.
+    readable: bool,
+    /// A write may make progress; same bookkeeping as `readable`.
+    writable: bool,
+    state: State,
+}
+
+/// The life of one server connection.
+enum State {
+    /// The upload is streaming into `<name>.part`.
+    Receiving(PartFile),
+    /// Writing the answer line; `refused` means the upload was not stored,
+    /// so after the line we half-close and discard the rest of the upload.
+    Answering {
+        line: Vec<u8>,
+        sent: usize,
+        refused: bool,
+    },
+    /// `ERR` sent and write side shut: read and drop input until the
+    /// client's EOF, then close.
+    Discarding,
+}
+
+/// What the loop should do with a connection after driving it.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Keep,
+    Close,
+}
+
+impl Server {
+    /// Opens the storage directory, binds the listener and sets up the poll
+    /// loop. Errors name what failed ("binding 127.0.0.1:9000: Address in
+    /// use").
+    pub fn bind(config: &ServerConfig) -> io::Result<Server> {
+        let store = Store::open(&config.dir)?;
+        if let Err(e) = event_loop::raise_nofile_limit() {
+            log::warn!("server: {e}");
+        }
+        let poll = Poll::new().context("server: creating poll")?;
+        let mut listener = event_loop::bind_listener(config.listen, "server")?;
+        let local_addr = listener
+            .local_addr()
+            .context("server: reading bound address")?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .context("server: registering listener")?;
+        let shutdown = Shutdown::new(poll.registry())?;
+        Ok(Server {
+            poll,
+            listener,
+            local_addr,
+            conns: Slab::with_capacity(1024),
+            store,
+            scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
+            shutdown,
+            timers: Timers::new(),
+            accept_pause: AcceptPause::default(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that stops [`Server::run`] from another thread.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Runs the loop until shut down. Connections still open at that point
+    /// are closed, and their partial files removed.
+    pub fn run(mut self) -> io::Result<Stats> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.timers.timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if is_interrupted(&e) {
+                    continue;
+                }
+                return Err(e).context("server: poll");
+            }
+            for event in events.iter() {
+                log::trace!(
+                    "server: event token={} readable={} writable={} read_closed={} error={}",
+                    event.token().0,
+                    event.is_readable(),
+                    event.is_writable(),
+                    event.is_read_closed(),
+                    event.is_error()
+                );
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    WAKER => {}
+                    Token(key) => {
+                        let Some(conn) = self.conns.get_mut(key) else {
+                            continue; // an event for a connection closed earlier in this batch
+                        };
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            conn.readable = true;
+                        }
+                        if event.is_writable() || event.is_write_closed() || event.is_error() {
+                            conn.writable = true;
+                        }
+                        self.drive(key);
+                    }
+                }
+            }
+            if self.shutdown.is_requested() {
+                break;
+            }
+            let now = Instant::now();
+            while let Some((_, timer)) = self.timers.pop_due(now) {
+                match timer {
+                    Timer::ResumeAccept => {
+                        self.accept_pause.resume("server");
+                        self.accept_all();
+                    }
+                }
+            }
+        }
+        let open = self.conns.len();
+        for conn in self.conns.drain() {
+            if let State::Receiving(part) = conn.state {
+                part.discard();
+                self.stats.aborted += 1;
+            }
+        }
+        log::info!(
+            "server: stopped: {} stored ({} bytes), {} refused, {} aborted ({open} open at shutdown)",
+            self.stats.stored,
+            self.stats.bytes,
+            self.stats.refused,
+            self.stats.aborted
+        );
+        Ok(self.stats)
+    }
+
+    /// Seed step 1: accept every connection that is waiting. Readiness is
+    /// edge-triggered, so we must accept until `WouldBlock`: a connection
+    /// left in the queue would produce no second event.
+    fn accept_all(&mut self) {
+        while !self.accept_pause.is_paused() {
+            let (mut sock, peer) = match self.listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if is_would_block(&e) => return,
+                Err(e) if is_interrupted(&e) => continue,
+                Err(e) if event_loop::is_out_of_descriptors(&e) => {
+                    if self.accept_pause.pause("server", &e, self.conns.len()) {
+                        let at = Instant::now() + AcceptPause::DELAY;
+                        self.timers.schedule(at, Timer::ResumeAccept);
+                    }
+                    return;
+                }
+                // ECONNABORTED and friends: that one connection is gone,
+                // the listener is fine.
+                Err(e) => {
+                    log::debug!("server: accept: {e}");
+                    continue;
+                }
+            };
+            let part = match self.store.create() {
+                Ok(part) => part,
+                Err(e) => {
+                    // Cannot store: refuse this upload with a reason.
+                    log::warn!("server: refusing upload from {peer}: {e}");
+                    self.stats.refused += 1;
+                    let entry = self.conns.vacant_entry();
+                    let key = entry.key();
+                    if self
+                        .poll
+                        .registry()
+                        .register(
+                            &mut sock,
+                            Token(key),
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
+                        .is_ok()
+                    {
+                        entry.insert(Conn::new(
+                            sock,
+                            peer,
+                            refusal(&format!("cannot store upload: {}", brief(&e))),
+                        ));
+                        self.drive(key);
+                    }
+                    continue;
+                }
+            };
+            let entry = self.conns.vacant_entry();
+            let key = entry.key();
+            // Both interests, once: with edge-triggered readiness there is
+            // no cost to being told about writability we do not need, and
+            // it saves a `reregister` syscall on every change of plan.
+            if let Err(e) = self.poll.registry().register(
+                &mut sock,
+                Token(key),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                log::warn!("server: registering connection from {peer}: {e}");
+                part.discard();
+                continue;
+            }
+            let _ = sock.set_nodelay(true);
+            log::debug!(
+                "server: accepted {peer} as token {key}, storing to {}",
+                part.path().display()
+            );
+            entry.insert(Conn::new(sock, peer, State::Receiving(part)));
+        }
+    }
+
+    /// Runs one connection as far as it can go without blocking, and closes
+    /// it if it is finished.
+    fn drive(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        let next = conn.drive(&mut self.scratch, &mut self.stats);
+        if next == Next::Close {
+            let conn = self.conns.remove(key);
+            log::trace!("server: closing token {key} ({})", conn.peer);
+            // Dropping the socket closes it, which also removes it from
+            // the poll set. A descriptor just freed may be what a paused
+            // listener was waiting for.
+            drop(conn);
+            if self.accept_pause.is_paused() {
+                self.accept_pause.resume("server");
+                self.accept_all();
+            }
+        }
+    }
+}
+
+/// The state for refusing an upload with `reason`.
+fn refusal(reason: &str) -> State {
+    State::Answering {
+        line: Answer::err(reason).to_line().into_bytes(),
+        sent: 0,
+        refused: true,
+    }
+}
+
+impl Conn {
+    fn new(sock: TcpStream, peer: SocketAddr, state: State) -> Conn {
+        Conn {
+            sock,
+            peer,
+            started: Instant::now(),
+            // Optimistic: a fresh socket can usually take a write, and a
+            // read that finds nothing just returns WouldBlock.
+            readable: true,
+            writable: true,
+            state,
+        }
+    }
+
+    /// Makes all the progress the socket's readiness allows.
+    fn drive(&mut self, scratch: &mut [u8], stats: &mut Stats) -> Next {
+        loop {
+            match &mut self.state {
+                State::Receiving(part) => {
+                    if !self.readable {
+                        return Next::Keep;
+                    }
+                    // Seed step 2: read the data. Drain until WouldBlock:
+                    // edge-triggered readiness will not tell us again about
+                    // bytes we leave behind.
+                    match self.sock.read(scratch) {
+                        Ok(0) => {
+                            // The client's half-close: the upload is complete.
+                            self.state = self.finish_upload(stats);
+                        }
+                        Ok(n) => {
+                            log::trace!("server: {} read {n}", self.peer);
+                            // Seed step 3: store the data.
+                            if let Err(e) = part.write(&scratch[..n]) {
+                                log::warn!(
+                                    "server: writing {} for {}: {e}; upload refused",
+                                    part.path().display(),
+                                    self.peer
+                                );
+                                stats.refused += 1;
+                                let reason = format!("storing upload failed: {}", brief(&e));
+                                let State::Receiving(part) =
+                                    std::mem::replace(&mut self.state, refusal(&reason))
+                                else {
+                                    unreachable!()
+                                };
+                                part.discard();
+                            }
+                        }
+                        Err(e) if is_would_block(&e) => {
+                            self.readable = false;
+                            return Next::Keep;
+                        }
+                        Err(e) if is_interrupted(&e) => {}
+                        Err(e) => {
+                            // A reset (or any error) before EOF: the upload
+                            // is not complete, so it must not get a final
+                            // name. Nobody is left to answer.
+                            log::warn!(
+                                "server: upload from {} aborted after {} bytes ({e}); removed {}",
+                                self.peer,
+                                part.bytes(),
+                                part.path().display()
+                            );
+                            stats.aborted += 1;
+                            let State::Receiving(part) =
+                                std::mem::replace(&mut self.state, State::Discarding)
+                            else {
+                                unreachable!()
+                            };
+                            part.discard();
+                            return Next::Close;
+                        }
+                    }
+                }
+                State::Answering {
+                    line,
+                    sent,
+                    refused,
+                } => {
+                    if *refused && self.readable {
+                        // Keep the client's bytes flowing into the void so
+                        // its blocking write() cannot wedge before it reads
+                        // our answer.
+                        if discard_input(&mut self.sock, scratch, &mut self.readable).is_err() {
+                            return Next::Close;
+                        }
+                    }
+                    if !self.writable {
+                        return Next::Keep;
+                    }
+                    // Seed step 4: send the answer. A short write means the
+                    // socket buffer is full; the rest goes on WRITABLE.
+                    match self.sock.write(&line[*sent..]) {
+                        Ok(n) => {
+                            *sent += n;
+                            if *sent < line.len() {
+                                continue;
+                            }
+                            if !*refused {
+                                // Seed step 5: close. The client half-closed
+                                // long ago, so nothing is left unread.
+                                return Next::Close;
+                            }
+                            let _ = self.sock.shutdown(Direction::Write);
+                            self.state = State::Discarding;
+                        }
+                        Err(e) if is_would_block(&e) => {
+                            self.writable = false;
+                            return Next::Keep;
+                        }
+                        Err(e) if is_interrupted(&e) => {}
+                        Err(e) => {
+                            log::warn!("server: sending answer to {}: {e}", self.peer);
+                            return Next::Close;
+                        }
+                    }
+                }
+                State::Discarding => {
+                    return match discard_input(&mut self.sock, scratch, &mut self.readable) {
+                        Ok(true) | Err(_) => Next::Close,
+                        Ok(false) => Next::Keep,
+                    };
+                }
+            }
+        }
+    }
+
+    /// On the client's EOF: give the file its final name and prepare the
+    /// `OK` line; on failure, an `ERR` line.
+    fn finish_upload(&mut self, stats: &mut Stats) -> State {
+        let State::Receiving(mut part) = std::mem::replace(&mut self.state, State::Discarding)
+        else {
+            unreachable!("finish_upload outside Receiving")
+        };
+        if let Err(e) = part.finish() {
+            log::warn!("server: {e}; upload from {} refused", self.peer);
+            stats.refused += 1;
+            part.discard();
+            return State::Answering {
+                line: Answer::err(format!("storing upload failed: {}", brief(&e)))
+                    .to_line()
+                    .into_bytes(),
+                sent: 0,
+                // The client has half-closed already: nothing to discard.
+                refused: false,
+            };
+        }
+        stats.stored += 1;
+        stats.bytes += part.bytes();
+        let elapsed = self.started.elapsed();
+        log::info!(
+            "server: stored {} from {}: {} bytes in {:.3}s ({:.1} MB/s) crc32c={:08x}",
+            part.name(),
+            self.peer,
+            part.bytes(),
+            elapsed.as_secs_f64(),
+            mb_per_s(part.bytes(), elapsed),
+            part.crc32c()
+        );
+        let answer = Answer::Ok {
+            bytes: part.bytes(),
+            crc32c: part.crc32c(),
+            file: part.name().to_string(),
+        };
+        State::Answering {
+            line: answer.to_line().into_bytes(),
+            sent: 0,
+            refused: false,
+        }
+    }
+}
+
+/// Reads and drops input until `WouldBlock` (returns `Ok(false)`) or EOF
+/// (returns `Ok(true)`).
+fn discard_input(
+    sock: &mut TcpStream,
+    scratch: &mut [u8],
+    readable: &mut bool,
+) -> io::Result<bool> {
+    loop {
+        match sock.read(scratch) {
+            Ok(0) => return Ok(true),
+            Ok(_) => {}
+            Err(e) if is_would_block(&e) => {
+                *readable = false;
+                return Ok(false);
+            }
+            Err(e) if is_interrupted(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Megabytes (10^6 bytes) per second, for log lines.
+pub(crate) fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 {
+        bytes as f64 / 1e6 / secs
+    } else {
+        0.0
+    }
+}

@@ -1,0 +1,372 @@
+//! Files on disk: where uploads land, and how they get their names.
+//!
+//! Both the server and the proxy store every upload. They share one
+//! discipline, so that a file's name always tells the truth about it:
+//!
+//! 1. **A unique, generated name.** `20261125T124445.123456Z-4242-000017`:
+//!    the UTC arrival time (so `ls` sorts by arrival), the process id and a
+//!    per-process counter (so two servers sharing a directory, or one server
+//!    restarted within a microsecond, never pick the same name). Nothing a
+//!    peer sends ever becomes part of a path.
+//! 2. **Written as `<name>.part`,** created with `O_EXCL` (`create_new`), so
+//!    we never open a file someone else is writing, and with mode 0600.
+//! 3. **Renamed to `<name>` only when complete.** `rename` is atomic: a
+//!    reader sees either no final name or a finished file, never half of one.
+//!    We use `renameat2(RENAME_NOREPLACE)` so a rename can never clobber an
+//!    existing file either.
+//! 4. **Incomplete uploads** are either removed (the server: the client will
+//!    be told the transfer failed, and must send again) or kept as
+//!    `<name>.incomplete` (the proxy: its copy is the last one, so a person
+//!    may still want the bytes).
+//!
+//! The CRC-32C of the bytes is computed as they are written, so finishing a
+//! file never needs to read it back.
+
+use std::ffi::CString;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::error::Context;
+
+/// Suffix of a file still being written.
+pub const PART_SUFFIX: &str = ".part";
+/// Suffix the proxy gives an upload whose client went away before finishing.
+pub const INCOMPLETE_SUFFIX: &str = ".incomplete";
+
+/// A directory that uploads are stored in, and the name generator for it.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    pid: u32,
+    seq: u64,
+}
+
+impl Store {
+    /// Opens (creating with mode 0700 if needed) the directory `dir` and
+    /// checks that we can create files in it, so that a bad `--dir` fails at
+    /// startup with a clear message rather than at the first upload.
+    ///
+    /// Leftover `.part` files (from a crash) are counted and reported in one
+    /// warning; they are never touched, and new names never collide with them.
+    pub fn open(dir: &Path) -> io::Result<Store> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating directory {}", dir.display()))?;
+        let meta =
+            fs::metadata(dir).with_context(|| format!("reading directory {}", dir.display()))?;
+        if !meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        let mut store = Store {
+            dir: dir.to_path_buf(),
+            pid: std::process::id(),
+            seq: 0,
+        };
+        // Probe: the cheapest honest test of "can we create files here" is to
+        // create one. Permission bits alone lie (root, ACLs, read-only mounts).
+        let probe = store.dir.join(format!(".stopover-probe-{}", store.pid));
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&probe)
+            .with_context(|| format!("directory {} is not writable", dir.display()))?;
+        let _ = fs::remove_file(&probe);
+        store.report_leftovers();
+        Ok(store)
+    }
+
+    /// The directory this store writes into.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn report_leftovers(&mut self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut count = 0usize;
+        let mut example = None;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.as_bytes().ends_with(PART_SUFFIX.as_bytes()) {
+                count += 1;
+                example.get_or_insert_with(|| name.to_string_lossy().into_owned());
+            }
+        }
+        if let Some(example) = example {
+            log::warn!(
+                "{} leftover {PART_SUFFIX} file(s) in {} (e.g. {example}): unfinished uploads from an earlier run; left untouched",
+                count,
+                self.dir.display()
+            );
+        }
+    }
+
+    /// Creates a new `<name>.part` file for an incoming upload.
+    pub fn create(&mut self) -> io::Result<PartFile> {
+        // humantime gives "2026-11-25T12:44:45.123456Z"; drop the separators
+        // so the name is compact and free of ':' (awkward on some tools).
+        let stamp: String = humantime::format_rfc3339_micros(SystemTime::now())
+            .to_string()
+            .chars()
+            .filter(|c| *c != '-' && *c != ':')
+            .collect();
+        // O_EXCL makes collisions impossible to miss; retrying with the next
+        // counter value makes them harmless.
+        for _ in 0..1000 {
+            self.seq += 1;
+            let name = format!("{stamp}-{}-{:06}", self.pid, self.seq);
+            let part_path = self.dir.join(format!("{name}{PART_SUFFIX}"));
+            match OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&part_path)
+            {
+                Ok(file) => {
+                    return Ok(PartFile {
+                        file,
+                        final_path: self.dir.join(&name),
+                        part_path,
+                        name,
+                        bytes: 0,
+                        crc: 0,
+                        finished: false,
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating {}", part_path.display()))
+                }
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("no free file name in {}", self.dir.display()),
+        ))
+    }
+}
+
+/// One upload being written: `<name>.part` until [`PartFile::finish`].
+#[derive(Debug)]
+pub struct PartFile {
+    file: File,
+    name: String,
+    part_path: PathBuf,
+    final_path: PathBuf,
+    bytes: u64,
+    crc: u32,
+    finished: bool,
+}
+
+impl PartFile {
+    /// Appends `data`, updating the byte count and running CRC-32C.
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)?;
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// The stored name (final name, without directory or suffix).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// CRC-32C of the bytes written so far.
+    pub fn crc32c(&self) -> u32 {
+        self.crc
+    }
+
+    /// The open file, for reading back what was written (the proxy forwards
+    /// from it). Renaming does not disturb an open descriptor.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Where the file is now: the `.part` path, or the final path once finished.
+    pub fn path(&self) -> &Path {
+        if self.finished {
+            &self.final_path
+        } else {
+            &self.part_path
+        }
+    }
+
+    /// True once [`PartFile::finish`] has renamed the file to its final name.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Flushes to disk with `fsync` (the file, then its directory entry after
+    /// the rename), for callers that promise durability.
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.file
+            .sync_all()
+            .with_context(|| format!("syncing {}", self.part_path.display()))
+    }
+
+    /// Gives the complete file its final name. After this, the name is a
+    /// promise: the file holds the whole upload.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if self.finished {
+            return Ok(());
+        }
+        rename_noreplace(&self.part_path, &self.final_path)
+            .with_context(|| format!("renaming {} to its final name", self.part_path.display()))?;
+        self.finished = true;
+        Ok(())
+    }
+
+    /// Removes an unfinished file (the server's way with aborted uploads).
+    pub fn discard(self) {
+        if !self.finished {
+            if let Err(e) = fs::remove_file(&self.part_path) {
+                log::warn!("removing {}: {e}", self.part_path.display());
+            }
+        }
+    }
+
+    /// Renames an unfinished file to `<name>.incomplete` and returns the new
+    /// path (the proxy's way with aborted uploads: the bytes stay recoverable,
+    /// and the name says they are not the whole upload).
+    pub fn keep_incomplete(self) -> io::Result<PathBuf> {
+        if self.finished {
+            return Ok(self.final_path);
+        }
+        let to = self
+            .final_path
+            .with_file_name(format!("{}{INCOMPLETE_SUFFIX}", self.name));
+        rename_noreplace(&self.part_path, &to).with_context(|| {
+            format!("renaming {} to {}", self.part_path.display(), to.display())
+        })?;
+        Ok(to)
+    }
+}
+
+/// `rename` that fails with `AlreadyExists` instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let cstr = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+    };
+    let (c_from, c_to) = (cstr(from)?, cstr(to)?);
+    // SAFETY: both arguments are valid NUL-terminated strings that outlive
+    // the call; renameat2 does not keep the pointers.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c_from.as_ptr(),
+            libc::AT_FDCWD,
+            c_to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        // Old kernel or a filesystem without RENAME_NOREPLACE: link + unlink
+        // gives the same no-clobber guarantee (link fails if `to` exists).
+        Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+            fs::hard_link(from, to)?;
+            fs::remove_file(from)
+        }
+        _ => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_file_life_cycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut part = store.create().unwrap();
+        assert!(part.path().to_string_lossy().ends_with(PART_SUFFIX));
+        part.write(b"hello ").unwrap();
+        part.write(b"world").unwrap();
+        assert_eq!(part.bytes(), 11);
+        assert_eq!(part.crc32c(), crc32c::crc32c(b"hello world"));
+        part.finish().unwrap();
+        assert_eq!(
+            fs::read(dir.path().join(part.name())).unwrap(),
+            b"hello world"
+        );
+        assert!(!dir
+            .path()
+            .join(format!("{}{PART_SUFFIX}", part.name()))
+            .exists());
+    }
+
+    #[test]
+    fn names_are_unique_and_sort_by_arrival() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let names: Vec<String> = (0..50)
+            .map(|_| store.create().unwrap().name().to_string())
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(
+            sorted, names,
+            "names must be unique and already in arrival order"
+        );
+    }
+
+    #[test]
+    fn discard_and_keep_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut a = store.create().unwrap();
+        a.write(b"x").unwrap();
+        let a_path = a.path().to_path_buf();
+        a.discard();
+        assert!(!a_path.exists());
+        let mut b = store.create().unwrap();
+        b.write(b"y").unwrap();
+        let kept = b.keep_incomplete().unwrap();
+        assert!(kept.to_string_lossy().ends_with(INCOMPLETE_SUFFIX));
+        assert_eq!(fs::read(kept).unwrap(), b"y");
+    }
+
+    #[test]
+    fn finish_never_clobbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut part = store.create().unwrap();
+        fs::write(dir.path().join(part.name()), b"someone else's").unwrap();
+        let err = part.finish().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+    }
+
+    #[test]
+    fn unusable_directory_fails_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        fs::write(&file, b"").unwrap();
+        assert!(Store::open(&file).is_err());
+        assert!(Store::open(&file.join("sub")).is_err());
+    }
+}
