@@ -53,6 +53,15 @@ impl Store {
     /// Leftover `.part` files (from a crash) are counted and reported in one
     /// warning; they are never touched, and new names never collide with them.
     pub fn open(dir: &Path) -> io::Result<Store> {
+        let not_a_dir = || {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} exists and is not a directory", dir.display()),
+            )
+        };
+        if fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
+            return Err(not_a_dir());
+        }
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -61,10 +70,7 @@ impl Store {
         let meta =
             fs::metadata(dir).with_context(|| format!("reading directory {}", dir.display()))?;
         if !meta.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} is not a directory", dir.display()),
-            ));
+            return Err(not_a_dir());
         }
         let mut store = Store {
             dir: dir.to_path_buf(),

@@ -133,7 +133,7 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(timers.cancel(a), Some(1));
         assert_eq!(timers.cancel(a), None, "a cancelled timer is gone");
-        assert_eq!(timers.pop_due(t0).map(|(id, v)| (id, v)), Some((b, 2)));
+        assert_eq!(timers.pop_due(t0), Some((b, 2)));
         assert!(timers.is_empty());
         assert_eq!(timers.timeout(t0), None);
     }

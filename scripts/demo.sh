@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs the whole system once: a server and a proxy on free loopback ports,
+# a sample file sent through them by the client, then the answer and the
+# stored files in both directories. Both daemons are stopped by PID on exit,
+# whatever happens.
+set -euo pipefail
+
+bin=${1:-target/release/stopover}
+work=$(mktemp -d "${TMPDIR:-/tmp}/stopover-demo.XXXXXX")
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# Waits (bounded) for a daemon's "listening on ADDR" log line; prints ADDR.
+listening_addr() {
+    local log=$1 pid=$2
+    for _ in $(seq 1 200); do
+        if addr=$(grep -o 'listening on [^ ]*' "$log" 2>/dev/null | head -n1); then
+            [ -n "$addr" ] && { echo "${addr#listening on }"; return 0; }
+        fi
+        kill -0 "$pid" 2>/dev/null || { echo "daemon exited:" >&2; cat "$log" >&2; return 1; }
+        sleep 0.05
+    done
+    echo "timed out waiting for $log" >&2
+    return 1
+}
+
+echo "== working in $work"
+"$bin" server --listen 127.0.0.1:0 --dir "$work/received" 2>"$work/server.log" &
+pids+=($!)
+server=$(listening_addr "$work/server.log" "${pids[-1]}")
+echo "== server listening on $server"
+
+"$bin" proxy --listen 127.0.0.1:0 --upstream "$server" --dir "$work/spool" 2>"$work/proxy.log" &
+pids+=($!)
+proxy=$(listening_addr "$work/proxy.log" "${pids[-1]}")
+echo "== proxy listening on $proxy, forwarding to $server"
+
+sample="$work/sample.bin"
+{ echo "stopover demo file, made $(date -u +%FT%TZ)"; head -c $((4 * 1024 * 1024)) /dev/urandom; } >"$sample"
+echo "== sending $sample ($(stat -c %s "$sample") bytes, crc32c computed by the client as it sends)"
+echo "\$ stopover client --to $proxy $sample"
+status=0
+"$bin" client --to "$proxy" "$sample" || status=$?
+echo "== client exit code: $status (0 = the server stored exactly the bytes sent)"
+
+echo "== server stored (received/):"
+ls -l "$work/received"
+echo "== proxy kept (spool/):"
+ls -l "$work/spool"
+echo "== logs:"
+sed 's/^/server| /' "$work/server.log"
+sed 's/^/proxy | /' "$work/proxy.log"
+exit "$status"

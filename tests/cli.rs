@@ -1,0 +1,265 @@
+//! The binary's command line: the whole system through real processes,
+//! exit codes, and clear one-line errors for bad input.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run stopover")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn whole_system_through_processes_prints_the_answer_and_exits_0() {
+    let dirs = tempfile::tempdir().unwrap();
+    let recv = dirs.path().join("received");
+    let spool = dirs.path().join("spool");
+    let server = spawn(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        recv.to_str().unwrap(),
+    ]);
+    let proxy = spawn(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &server.addr.to_string(),
+        "--dir",
+        spool.to_str().unwrap(),
+    ]);
+    let file = dirs.path().join("payload");
+    std::fs::write(&file, random_bytes(1_000_000, 31)).unwrap();
+    let out = run(&[
+        "client",
+        "--to",
+        &proxy.addr.to_string(),
+        file.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout {stdout} stderr {}",
+        stderr(&out)
+    );
+    assert!(stdout.starts_with("OK bytes=1000000 crc32c="), "{stdout}");
+    assert_eq!(stdout.lines().count(), 1, "stdout is just the answer");
+    assert!(
+        stderr(&out).is_empty(),
+        "client is quiet on success: {}",
+        stderr(&out)
+    );
+    proxy.wait_for_log("relayed");
+    server.wait_for_log("stored");
+}
+
+#[test]
+fn client_exits_3_when_the_server_stored_different_bytes() {
+    let fake = TcpListener::bind(loopback0()).unwrap();
+    let addr = fake.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut sock, _) = fake.accept().unwrap();
+        let data = read_all(&mut sock).unwrap();
+        // Right length, wrong checksum.
+        let line = format!("OK bytes={} crc32c=deadbeef file=lies\n", data.len());
+        answer_and_close(&mut sock, &line);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    std::fs::write(&file, b"the real bytes").unwrap();
+    let out = run(&["client", "--to", &addr.to_string(), file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("server stored different bytes than were sent"),
+        "{err}"
+    );
+    assert!(
+        err.contains("deadbeef") && err.contains("sent 14 bytes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn client_exits_1_on_an_err_answer_and_on_a_garbled_one() {
+    for line in ["ERR nope\n", "HTTP/1.1 400 Bad Request\r\n"] {
+        let fake = TcpListener::bind(loopback0()).unwrap();
+        let addr = fake.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut sock, _) = fake.accept().unwrap();
+            let _ = read_all(&mut sock);
+            answer_and_close(&mut sock, line);
+        });
+        let out = Command::new(bin())
+            .args(["client", "--to", &addr.to_string(), "-"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "answer {line:?}: stderr {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain_file = dir.path().join("plain");
+    std::fs::write(&plain_file, b"").unwrap();
+    let taken = TcpListener::bind(loopback0()).unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["server".into(), "--listen".into(), "not-an-address".into()],
+            "invalid socket address",
+        ),
+        (
+            vec![
+                "server".into(),
+                "--listen".into(),
+                taken_addr.clone(),
+                "--dir".into(),
+                dir.path().join("a").to_string_lossy().into(),
+            ],
+            "Address already in use",
+        ),
+        (
+            vec![
+                "server".into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--dir".into(),
+                plain_file.join("sub").to_string_lossy().into(),
+            ],
+            "creating directory",
+        ),
+        (
+            vec![
+                "proxy".into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--dir".into(),
+                plain_file.to_string_lossy().into(),
+            ],
+            "not a directory",
+        ),
+        (
+            vec![
+                "proxy".into(),
+                "--upstream".into(),
+                "no-such-host.invalid:9".into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+            ],
+            "resolving upstream",
+        ),
+        (
+            vec![
+                "client".into(),
+                dir.path().join("missing").to_string_lossy().into(),
+            ],
+            "No such file",
+        ),
+        (
+            vec![
+                "client".into(),
+                "--to".into(),
+                dead_port().to_string(),
+                plain_file.to_string_lossy().into(),
+            ],
+            "Connection refused",
+        ),
+        (
+            vec![
+                "client".into(),
+                "--timeout".into(),
+                "soon".into(),
+                "f".into(),
+            ],
+            "invalid value",
+        ),
+        (vec!["teleport".into()], "unrecognized subcommand"),
+    ];
+    for (args, needle) in cases {
+        let out = Command::new(bin())
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: stderr {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        assert!(
+            first.contains(needle) || first.starts_with("error:"),
+            "{args:?}: first line should say it: {err}"
+        );
+    }
+    drop(taken);
+}
+
+#[test]
+fn unwritable_directory_is_refused_at_startup() {
+    use std::os::unix::fs::PermissionsExt;
+    if unsafe { libc::geteuid() } == 0 {
+        // root ignores permission bits; use a read-only bind instead: a
+        // directory in /proc cannot be created in by anyone.
+        let out = run(&[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            "/proc/stopover-test",
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            stderr(&out).contains("creating directory"),
+            "{}",
+            stderr(&out)
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o500)).unwrap();
+    let out = run(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not writable"), "{}", stderr(&out));
+}
+
+#[test]
+fn help_is_available_for_every_subcommand() {
+    for sub in ["server", "proxy", "client"] {
+        let out = run(&[sub, "--help"]);
+        assert_eq!(out.status.code(), Some(0));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage: stopover"),
+            "{sub} --help"
+        );
+    }
+}

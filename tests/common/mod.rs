@@ -1,0 +1,271 @@
+//! Helpers shared by the integration tests: start roles in-process or as
+//! real processes on ephemeral loopback ports, make random payloads, wait
+//! on conditions with a deadline (never a bare sleep).
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use stopover::client::{self, Receipt};
+use stopover::event_loop::Shutdown;
+use stopover::proxy::{Proxy, ProxyConfig};
+use stopover::server::{Server, ServerConfig};
+
+/// How long any wait in a test may take before the test fails. Generous:
+/// a busy 2-core CI machine must never turn a pass into a fail.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub fn loopback0() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A role running on a thread of the test process; stops when dropped.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    shutdown: Shutdown,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn start_server(dir: &Path) -> InProcess {
+    let server = Server::bind(&ServerConfig {
+        listen: loopback0(),
+        dir: dir.to_path_buf(),
+    })
+    .expect("server binds");
+    let addr = server.local_addr();
+    let shutdown = server.shutdown_handle();
+    let thread = std::thread::spawn(move || {
+        server.run().expect("server runs");
+    });
+    InProcess {
+        addr,
+        shutdown,
+        thread: Some(thread),
+    }
+}
+
+pub fn start_proxy(upstream: SocketAddr, dir: &Path) -> InProcess {
+    let proxy = Proxy::bind(&ProxyConfig {
+        listen: loopback0(),
+        upstream,
+        dir: dir.to_path_buf(),
+    })
+    .expect("proxy binds");
+    let addr = proxy.local_addr();
+    let shutdown = proxy.shutdown_handle();
+    let thread = std::thread::spawn(move || {
+        proxy.run().expect("proxy runs");
+    });
+    InProcess {
+        addr,
+        shutdown,
+        thread: Some(thread),
+    }
+}
+
+/// Server and proxy in-process, each with its own temp dir.
+pub struct System {
+    pub server_dir: tempfile::TempDir,
+    pub proxy_dir: tempfile::TempDir,
+    pub server: InProcess,
+    pub proxy: InProcess,
+}
+
+pub fn start_system() -> System {
+    let server_dir = tempfile::tempdir().unwrap();
+    let proxy_dir = tempfile::tempdir().unwrap();
+    let server = start_server(server_dir.path());
+    let proxy = start_proxy(server.addr, proxy_dir.path());
+    System {
+        server_dir,
+        proxy_dir,
+        server,
+        proxy,
+    }
+}
+
+/// The `stopover` binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_stopover"))
+}
+
+/// A role running as a real process; killed (by PID) when dropped.
+pub struct Spawned {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Spawned {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every stderr line so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until a log line contains `needle`; returns that line.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(line) = self.log_lines().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?}; log:\n{}",
+                self.log_lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10)); // polling a condition, not synchronising
+        }
+    }
+
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc status")
+}
+
+/// Starts `stopover <args>` and waits for its `listening on <addr>` line.
+pub fn spawn(args: &[&str]) -> Spawned {
+    spawn_with(Command::new(bin()).args(args))
+}
+
+pub fn spawn_with(cmd: &mut Command) -> Spawned {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn stopover");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(at) = line.find("listening on ") {
+                let addr = line[at + "listening on ".len()..].trim().to_string();
+                let _ = tx.send(addr);
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let addr = match rx.recv_timeout(PATIENCE) {
+        Ok(a) => a.parse().expect("listening address parses"),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("no 'listening on' line; stderr: {:?}", log.lock().unwrap());
+        }
+    };
+    Spawned { child, addr, log }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so a failing test can
+/// be rerun with the same data.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Uploads `data` to `to` with the library client.
+pub fn send(to: SocketAddr, data: &[u8]) -> Result<Receipt, client::ClientError> {
+    client::upload(&to.to_string(), data, "test data", PATIENCE, &mut |_| {})
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after [`PATIENCE`].
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10)); // polling a condition, not synchronising
+    }
+}
+
+/// Names of the files in `dir`, sorted.
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Final-named files (no `.part` / `.incomplete` suffix) in `dir`.
+pub fn final_files(dir: &Path) -> Vec<String> {
+    file_names(dir)
+        .into_iter()
+        .filter(|n| !n.ends_with(".part") && !n.ends_with(".incomplete"))
+        .collect()
+}
+
+/// A port on which nothing listens (bound, then released).
+pub fn dead_port() -> SocketAddr {
+    let l = TcpListener::bind(loopback0()).unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Reads a stream to EOF and returns the bytes (for fake peers).
+pub fn read_all(sock: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    sock.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+/// The answer a correct server would give for `data`.
+pub fn ok_line(data: &[u8], file: &str) -> String {
+    format!(
+        "OK bytes={} crc32c={:08x} file={file}\n",
+        data.len(),
+        crc32c::crc32c(data)
+    )
+}
+
+/// Writes all of `line` and half-closes (for fake peers).
+pub fn answer_and_close(sock: &mut TcpStream, line: &str) {
+    let _ = sock.write_all(line.as_bytes());
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+}

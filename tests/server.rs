@@ -1,0 +1,126 @@
+//! The server on its own: storage discipline and failure handling.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use stopover::answer::Answer;
+use stopover::client::Verdict;
+
+#[test]
+fn direct_upload_is_stored_under_a_final_name_with_mode_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("nested/received");
+    let server = start_server(&store);
+    let data = random_bytes(200_000, 21);
+    let receipt = send(server.addr, &data).unwrap();
+    assert_eq!(receipt.verdict(), Verdict::Verified);
+    let Answer::Ok { file, .. } = receipt.answer else {
+        unreachable!()
+    };
+    let path = store.join(&file);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&store).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+}
+
+#[test]
+fn reset_before_eof_removes_the_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let mut sock = TcpStream::connect(server.addr).unwrap();
+    sock.write_all(&random_bytes(100_000, 22)).unwrap();
+    wait_until("a .part file appears", || {
+        !file_names(dir.path()).is_empty()
+    });
+    socket2::SockRef::from(&sock)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(sock);
+    wait_until("the partial file is removed", || {
+        file_names(dir.path()).is_empty()
+    });
+    // Still serving.
+    assert_eq!(
+        send(server.addr, b"next").unwrap().verdict(),
+        Verdict::Verified
+    );
+}
+
+#[test]
+fn slow_client_does_not_delay_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    // One client connects, sends a little, and goes quiet (never closes).
+    let mut idle = TcpStream::connect(server.addr).unwrap();
+    idle.write_all(b"partial").unwrap();
+    // Others are served meanwhile.
+    for i in 0..20 {
+        let data = random_bytes(5000, 100 + i);
+        assert_eq!(
+            send(server.addr, &data).unwrap().verdict(),
+            Verdict::Verified
+        );
+    }
+    drop(idle);
+}
+
+#[test]
+fn write_error_on_the_file_gets_err_removes_the_partial_and_keeps_serving() {
+    // A real write failure: the server process may not write files larger
+    // than 1 MiB (RLIMIT_FSIZE), and ignores SIGXFSZ so the write returns
+    // EFBIG instead of killing it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1024 * 1024,
+                rlim_max: 1024 * 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let server = spawn_with(&mut cmd);
+    let receipt =
+        send(server.addr, &random_bytes(4 * 1024 * 1024, 23)).expect("an answer comes back");
+    assert!(
+        receipt
+            .line
+            .starts_with("ERR storing upload failed: File too large"),
+        "{}",
+        receipt.line
+    );
+    assert!(
+        file_names(dir.path()).is_empty(),
+        "partial removed: {:?}",
+        file_names(dir.path())
+    );
+    let small = send(server.addr, b"small enough").unwrap();
+    assert_eq!(small.verdict(), Verdict::Verified, "server keeps serving");
+    server.wait_for_log("upload refused");
+}
