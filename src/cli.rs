@@ -40,6 +40,8 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Send one file and verify the answer (exit 0 verified, 1 failed, 3 mismatch).
     Client(ClientArgs),
+    /// Run many concurrent verifying clients and summarize throughput and latency.
+    Load(LoadArgs),
 }
 
 /// `stopover server`.
@@ -89,6 +91,52 @@ pub struct ClientArgs {
     /// The file to send; `-` reads standard input.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
+}
+
+/// `stopover load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Where to send: the proxy, or a server directly (host:port).
+    #[arg(long, default_value = "127.0.0.1:8000", value_name = "ADDR")]
+    pub to: String,
+
+    /// Concurrent clients (threads, each one blocking client).
+    #[arg(long, short = 'c', default_value_t = 16, value_name = "C")]
+    pub clients: usize,
+
+    /// Total transfers to run (default 1000 unless --duration is given).
+    #[arg(long, short = 'n', value_name = "N", conflicts_with = "duration")]
+    pub transfers: Option<u64>,
+
+    /// Run for this long instead of a fixed number of transfers (e.g. 30s).
+    #[arg(long, short = 'd', value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Payload size, or a range to draw sizes from (64KiB, 1MB, 1KiB..1MiB).
+    #[arg(
+        long,
+        short = 's',
+        default_value = "64KiB",
+        value_name = "SIZE|MIN..MAX"
+    )]
+    pub size: crate::load::SizeRange,
+
+    /// Per-transfer bound on connecting, any blocked send, and the answer.
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// One transfer per client, all held open half-way until every client
+    /// has got that far: C transfers in flight at the same moment.
+    #[arg(long)]
+    pub all_at_once: bool,
+
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Never show a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// Parses `10s`, `500ms`, `2m`, `1h 30m` (humantime's syntax).

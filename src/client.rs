@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crate::answer::{Answer, MAX_LINE};
 
 /// Size of each read from the file and write to the socket.
-const CHUNK: usize = 256 * 1024;
+pub const CHUNK: usize = 256 * 1024;
 
 /// Settings for [`send_file`].
 #[derive(Debug, Clone)]
@@ -177,9 +177,22 @@ pub fn send_file(config: &ClientConfig) -> Result<Receipt, ClientError> {
 /// parses the answer. `on_sent` is told the byte count of each chunk sent.
 pub fn upload(
     to: &str,
+    source: impl Read,
+    what: &str,
+    timeout: Duration,
+    on_sent: &mut dyn FnMut(u64),
+) -> Result<Receipt, ClientError> {
+    upload_with(to, source, what, timeout, &mut vec![0u8; CHUNK], on_sent)
+}
+
+/// [`upload`] with a caller-owned chunk buffer, for callers that upload
+/// many times (the load generator) and should not allocate each time.
+pub fn upload_with(
+    to: &str,
     mut source: impl Read,
     what: &str,
     timeout: Duration,
+    buf: &mut [u8],
     on_sent: &mut dyn FnMut(u64),
 ) -> Result<Receipt, ClientError> {
     let started = Instant::now();
@@ -191,11 +204,10 @@ pub fn upload(
         .map_err(|e| ClientError::Connect(to.to_string(), e))?;
 
     // Seed step 3: send the data, chunk by chunk.
-    let mut buf = vec![0u8; CHUNK];
     let mut sent_bytes = 0u64;
     let mut sent_crc32c = 0u32;
     loop {
-        let n = match source.read(&mut buf) {
+        let n = match source.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -26,6 +26,7 @@
 //! | [`server`] | the server role |
 //! | [`proxy`] | the proxy role; [`proxy::transfer`] is one transfer's state machine |
 //! | [`client`] | the blocking client, and the verification of an answer |
+//! | [`load`] | the load generator: many concurrent verified clients, a summary |
 //! | [`cli`] | command-line definitions |
 //! | [`error`] | errors that say what was being done, and to what |
 //!
@@ -37,6 +38,7 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod event_loop;
+pub mod load;
 pub mod proxy;
 pub mod server;
 pub mod store;

@@ -10,6 +10,7 @@ use log::LevelFilter;
 
 use stopover::cli::{Cli, Command};
 use stopover::client::{self, ClientConfig, Verdict};
+use stopover::load::{self, LoadConfig, Stop};
 use stopover::proxy::{Proxy, ProxyConfig};
 use stopover::server::{Server, ServerConfig};
 
@@ -45,7 +46,7 @@ fn init_logging(cli: &Cli) {
     // The client's stdout carries the answer and its stderr is for the
     // user, so it logs only warnings unless asked; the daemons log info.
     let base = match cli.command {
-        Command::Client(_) => LevelFilter::Warn,
+        Command::Client(_) | Command::Load(_) => LevelFilter::Warn,
         _ => LevelFilter::Info,
     };
     let level = match (cli.quiet, cli.verbose) {
@@ -100,6 +101,34 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     Ok(ExitCode::from(EXIT_MISMATCH))
                 }
             }
+        }
+        Command::Load(args) => {
+            let stop = match (args.transfers, args.duration) {
+                (_, Some(d)) => Stop::Duration(d),
+                (Some(n), None) => Stop::Transfers(n),
+                (None, None) => Stop::Transfers(1000),
+            };
+            let summary = load::run(&LoadConfig {
+                to: args.to,
+                clients: args.clients,
+                stop,
+                size: args.size,
+                timeout: args.timeout,
+                all_at_once: args.all_at_once,
+                progress: !args.no_progress,
+            })?;
+            if args.json {
+                let json = serde_json::to_string(&summary).map_err(|e| e.to_string())?;
+                println!("{json}");
+            } else {
+                println!("{summary}");
+            }
+            // Exit 0 only when every transfer was verified.
+            Ok(if summary.all_verified() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            })
         }
     }
 }

@@ -38,13 +38,14 @@ use std::net::{Shutdown as Direction, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Interest, Poll, Registry, Token};
 use slab::Slab;
 
 use crate::answer::Answer;
 use crate::error::{brief, is_interrupted, is_would_block, Context};
-use crate::event_loop::{self, AcceptPause, Shutdown, Timers, LISTENER, SCRATCH_SIZE, WAKER};
+use crate::event_loop::{self, AcceptGate, Shutdown, Timers, LISTENER, SCRATCH_SIZE};
 use crate::store::{PartFile, Store};
 
 /// Settings for [`Server`].
@@ -66,6 +67,13 @@ enum Timer {
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
     poll: Poll,
+    core: Core,
+}
+
+/// Everything the loop works on (the poll instance itself stays outside,
+/// so [`event_loop::run`] can borrow both).
+struct Core {
+    registry: Registry,
     listener: TcpListener,
     local_addr: SocketAddr,
     conns: Slab<Conn>,
@@ -73,7 +81,7 @@ pub struct Server {
     scratch: Box<[u8]>,
     shutdown: Shutdown,
     timers: Timers<Timer>,
-    accept_pause: AcceptPause,
+    gate: AcceptGate,
     stats: Stats,
 }
 
@@ -132,122 +140,135 @@ impl Server {
     /// use").
     pub fn bind(config: &ServerConfig) -> io::Result<Server> {
         let store = Store::open(&config.dir)?;
-        if let Err(e) = event_loop::raise_nofile_limit() {
-            log::warn!("server: {e}");
-        }
         let poll = Poll::new().context("server: creating poll")?;
         let mut listener = event_loop::bind_listener(config.listen, "server")?;
         let local_addr = listener
             .local_addr()
             .context("server: reading bound address")?;
-        poll.registry()
+        let registry = poll
+            .registry()
+            .try_clone()
+            .context("server: cloning registry")?;
+        registry
             .register(&mut listener, LISTENER, Interest::READABLE)
             .context("server: registering listener")?;
-        let shutdown = Shutdown::new(poll.registry())?;
+        let shutdown = Shutdown::new(&registry)?;
+        // Two descriptors per connection: its socket and its file.
+        let gate = AcceptGate::new("server", 2, None);
         Ok(Server {
             poll,
-            listener,
-            local_addr,
-            conns: Slab::with_capacity(1024),
-            store,
-            scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
-            shutdown,
-            timers: Timers::new(),
-            accept_pause: AcceptPause::default(),
-            stats: Stats::default(),
+            core: Core {
+                registry,
+                listener,
+                local_addr,
+                conns: Slab::with_capacity(1024),
+                store,
+                scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
+                shutdown,
+                timers: Timers::new(),
+                gate,
+                stats: Stats::default(),
+            },
         })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.core.local_addr
     }
 
     /// A handle that stops [`Server::run`] from another thread.
     pub fn shutdown_handle(&self) -> Shutdown {
-        self.shutdown.clone()
+        self.core.shutdown.clone()
     }
 
     /// Runs the loop until shut down. Connections still open at that point
     /// are closed, and their partial files removed.
     pub fn run(mut self) -> io::Result<Stats> {
-        let mut events = Events::with_capacity(1024);
-        loop {
-            let timeout = self.timers.timeout(Instant::now());
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if is_interrupted(&e) {
-                    continue;
-                }
-                return Err(e).context("server: poll");
-            }
-            for event in events.iter() {
-                log::trace!(
-                    "server: event token={} readable={} writable={} read_closed={} error={}",
-                    event.token().0,
-                    event.is_readable(),
-                    event.is_writable(),
-                    event.is_read_closed(),
-                    event.is_error()
-                );
-                match event.token() {
-                    LISTENER => self.accept_all(),
-                    WAKER => {}
-                    Token(key) => {
-                        let Some(conn) = self.conns.get_mut(key) else {
-                            continue; // an event for a connection closed earlier in this batch
-                        };
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            conn.readable = true;
-                        }
-                        if event.is_writable() || event.is_write_closed() || event.is_error() {
-                            conn.writable = true;
-                        }
-                        self.drive(key);
-                    }
-                }
-            }
-            if self.shutdown.is_requested() {
-                break;
-            }
-            let now = Instant::now();
-            while let Some((_, timer)) = self.timers.pop_due(now) {
-                match timer {
-                    Timer::ResumeAccept => {
-                        self.accept_pause.resume("server");
-                        self.accept_all();
-                    }
-                }
-            }
-        }
-        let open = self.conns.len();
-        for conn in self.conns.drain() {
+        event_loop::run(&mut self.poll, &mut self.core).context("server")?;
+        let core = &mut self.core;
+        let open = core.conns.len();
+        for conn in core.conns.drain() {
             if let State::Receiving(part) = conn.state {
                 part.discard();
-                self.stats.aborted += 1;
+                core.stats.aborted += 1;
             }
         }
         log::info!(
             "server: stopped: {} stored ({} bytes), {} refused, {} aborted ({open} open at shutdown)",
-            self.stats.stored,
-            self.stats.bytes,
-            self.stats.refused,
-            self.stats.aborted
+            core.stats.stored,
+            core.stats.bytes,
+            core.stats.refused,
+            core.stats.aborted
         );
-        Ok(self.stats)
+        Ok(core.stats)
+    }
+}
+
+impl event_loop::Handler for Core {
+    type Timer = Timer;
+
+    fn timers(&mut self) -> &mut Timers<Timer> {
+        &mut self.timers
     }
 
+    fn accept_ready(&mut self) {
+        self.accept_all();
+    }
+
+    fn connection_event(&mut self, event: &Event) {
+        let key = event.token().0;
+        log::trace!(
+            "server: #{key} event{}{}{}{}",
+            if event.is_readable() { " READABLE" } else { "" },
+            if event.is_writable() { " WRITABLE" } else { "" },
+            if event.is_read_closed() {
+                " READ_CLOSED"
+            } else {
+                ""
+            },
+            if event.is_error() { " ERROR" } else { "" },
+        );
+        let Some(conn) = self.conns.get_mut(key) else {
+            return; // an event for a connection closed earlier in this batch
+        };
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            conn.readable = true;
+        }
+        if event.is_writable() || event.is_write_closed() || event.is_error() {
+            conn.writable = true;
+        }
+        self.drive(key);
+    }
+
+    fn timer_fired(&mut self, timer: Timer) {
+        match timer {
+            Timer::ResumeAccept => {
+                self.gate.backoff_over();
+                self.accept_all();
+            }
+        }
+    }
+
+    fn should_stop(&mut self) -> bool {
+        self.shutdown.is_requested()
+    }
+}
+
+impl Core {
     /// Seed step 1: accept every connection that is waiting. Readiness is
     /// edge-triggered, so we must accept until `WouldBlock`: a connection
-    /// left in the queue would produce no second event.
+    /// left in the queue would produce no second event. (The gate may stop
+    /// us earlier, at capacity; closing a connection brings us back.)
     fn accept_all(&mut self) {
-        while !self.accept_pause.is_paused() {
+        while self.gate.admits(self.conns.len()) {
             let (mut sock, peer) = match self.listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if is_would_block(&e) => return,
                 Err(e) if is_interrupted(&e) => continue,
                 Err(e) if event_loop::is_out_of_descriptors(&e) => {
-                    if self.accept_pause.pause("server", &e, self.conns.len()) {
-                        let at = Instant::now() + AcceptPause::DELAY;
+                    if self.gate.out_of_descriptors(&e, self.conns.len()) {
+                        let at = Instant::now() + AcceptGate::BACKOFF;
                         self.timers.schedule(at, Timer::ResumeAccept);
                     }
                     return;
@@ -259,32 +280,13 @@ impl Server {
                     continue;
                 }
             };
-            let part = match self.store.create() {
-                Ok(part) => part,
+            let state = match self.store.create() {
+                Ok(part) => State::Receiving(part),
                 Err(e) => {
-                    // Cannot store: refuse this upload with a reason.
+                    // Cannot store: refuse this upload, saying why.
                     log::warn!("server: refusing upload from {peer}: {e}");
                     self.stats.refused += 1;
-                    let entry = self.conns.vacant_entry();
-                    let key = entry.key();
-                    if self
-                        .poll
-                        .registry()
-                        .register(
-                            &mut sock,
-                            Token(key),
-                            Interest::READABLE | Interest::WRITABLE,
-                        )
-                        .is_ok()
-                    {
-                        entry.insert(Conn::new(
-                            sock,
-                            peer,
-                            refusal(&format!("cannot store upload: {}", brief(&e))),
-                        ));
-                        self.drive(key);
-                    }
-                    continue;
+                    refusal(&format!("cannot store upload: {}", brief(&e)))
                 }
             };
             let entry = self.conns.vacant_entry();
@@ -292,21 +294,23 @@ impl Server {
             // Both interests, once: with edge-triggered readiness there is
             // no cost to being told about writability we do not need, and
             // it saves a `reregister` syscall on every change of plan.
-            if let Err(e) = self.poll.registry().register(
+            if let Err(e) = self.registry.register(
                 &mut sock,
                 Token(key),
                 Interest::READABLE | Interest::WRITABLE,
             ) {
                 log::warn!("server: registering connection from {peer}: {e}");
-                part.discard();
+                if let State::Receiving(part) = state {
+                    part.discard();
+                }
                 continue;
             }
             let _ = sock.set_nodelay(true);
-            log::debug!(
-                "server: accepted {peer} as token {key}, storing to {}",
-                part.path().display()
-            );
-            entry.insert(Conn::new(sock, peer, State::Receiving(part)));
+            log::debug!("server: accepted {peer} as #{key}");
+            entry.insert(Conn::new(sock, peer, state));
+            // Data may have arrived with the connection; the registration
+            // reports it too, but reading now saves a trip through poll.
+            self.drive(key);
         }
     }
 
@@ -317,13 +321,11 @@ impl Server {
         let next = conn.drive(&mut self.scratch, &mut self.stats);
         if next == Next::Close {
             let conn = self.conns.remove(key);
-            log::trace!("server: closing token {key} ({})", conn.peer);
-            // Dropping the socket closes it, which also removes it from
-            // the poll set. A descriptor just freed may be what a paused
-            // listener was waiting for.
+            log::trace!("server: #{key} closed ({})", conn.peer);
+            // Seed step 5: close. Dropping the socket closes it, which also
+            // removes it from the poll set.
             drop(conn);
-            if self.accept_pause.is_paused() {
-                self.accept_pause.resume("server");
+            if self.gate.connection_closed() {
                 self.accept_all();
             }
         }

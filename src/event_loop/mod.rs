@@ -7,8 +7,9 @@
 //! - [`Shutdown`]: a handle another thread can use to stop a loop (a
 //!   `mio::Waker` plus a flag), used by tests, benches and signals;
 //! - [`Timers`](timer::Timers): deadlines the loop waits on instead of sleeping;
-//! - [`AcceptPause`]: what to do when `accept` fails for lack of file
-//!   descriptors;
+//! - [`run`] and [`Handler`]: the loop itself, which both roles plug into;
+//! - [`AcceptGate`]: when to accept, so that a loop never runs out of file
+//!   descriptors half-way through setting up a connection;
 //! - [`raise_nofile_limit`]: lift the soft open-files limit to the hard one.
 //!
 //! Reserved tokens live here too. Connection tokens are derived from slab
@@ -23,8 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mio::event::Event;
 use mio::net::TcpListener;
-use mio::{Registry, Token, Waker};
+use mio::{Events, Poll, Registry, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::error::Context;
@@ -131,72 +133,183 @@ impl Shutdown {
 ///
 /// The pending connection stays in the kernel's queue, so the listener stays
 /// readable: a loop that simply retries would spin at 100% CPU. The remedy
-/// is to stop accepting for a moment ([`AcceptPause`]).
+/// is to stop accepting for a moment ([`AcceptGate::out_of_descriptors`]).
 pub fn is_out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
-/// Back-off state for a listener that ran out of file descriptors.
+/// Decides when the listener may accept, so that a loop never runs out of
+/// file descriptors in the middle of setting up a connection.
 ///
-/// When `accept` fails with `EMFILE`/`ENFILE`, the loop stops accepting for
-/// [`AcceptPause::DELAY`] (a timer), logs one warning for the whole episode,
-/// and tries again when the timer fires or when a connection closes (which
-/// frees a descriptor). Because readiness is edge-triggered, resuming means
-/// *calling accept again*: the connections that queued up while we paused
-/// will not produce a fresh event.
-#[derive(Debug, Default)]
-pub struct AcceptPause {
-    paused_since: Option<Instant>,
+/// Each connection costs a known number of descriptors (the server: socket
+/// and file; the proxy: two sockets and a spool file). At startup the gate
+/// raises the soft open-files limit to the hard one and works out how many
+/// connections fit; with `--max-conns`, the smaller of the two is the
+/// *capacity*. At capacity the loop simply stops calling `accept`: new
+/// clients wait in the kernel's listen backlog (their connect succeeds, and
+/// their first bytes sit in socket buffers) until a connection closes.
+///
+/// If `accept` fails with `EMFILE`/`ENFILE` anyway (something else took
+/// descriptors), the gate backs off for [`AcceptGate::BACKOFF`] (the caller
+/// arms a timer) instead of retrying in a hot loop.
+///
+/// Both situations are logged at most once a minute as a warning, so a
+/// sustained overload cannot flood the log.
+#[derive(Debug)]
+pub struct AcceptGate {
+    role: &'static str,
+    capacity: usize,
+    at_capacity: bool,
+    backing_off: bool,
     last_warning: Option<Instant>,
-    refused: u64,
 }
 
-impl AcceptPause {
+impl AcceptGate {
     /// How long to stop accepting after running out of descriptors.
-    pub const DELAY: Duration = Duration::from_millis(50);
+    pub const BACKOFF: Duration = Duration::from_millis(50);
+    /// Descriptors kept free for everything that is not a connection
+    /// (stdio, the poll instance, the waker, the listener, log files...).
+    const RESERVED: u64 = 16;
 
-    /// Records an out-of-descriptors failure. Returns true if this starts a
-    /// new pause (the caller then arms a timer for [`AcceptPause::DELAY`]).
-    pub fn pause(&mut self, role: &str, err: &io::Error, open: usize) -> bool {
-        self.refused += 1;
-        if self.paused_since.is_some() {
+    /// A gate for connections costing `per_conn` descriptors each, with an
+    /// optional explicit limit.
+    pub fn new(role: &'static str, per_conn: u64, max_conns: Option<usize>) -> AcceptGate {
+        let limit = match raise_nofile_limit() {
+            Ok(limit) => limit,
+            Err(e) => {
+                log::warn!("{role}: {e}");
+                1024
+            }
+        };
+        let in_use =
+            std::fs::read_dir("/proc/self/fd").map_or(Self::RESERVED, |d| d.count() as u64);
+        let budget =
+            (limit.saturating_sub(in_use + Self::RESERVED) / per_conn.max(1)).max(1) as usize;
+        let capacity = max_conns.map_or(budget, |m| m.min(budget));
+        log::info!(
+            "{role}: up to {capacity} concurrent connections (open-files limit {limit}, {per_conn} descriptors per connection{})",
+            max_conns.map_or(String::new(), |m| format!(", --max-conns {m}"))
+        );
+        AcceptGate {
+            role,
+            capacity,
+            at_capacity: false,
+            backing_off: false,
+            last_warning: None,
+        }
+    }
+
+    /// The most connections the loop will hold at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// May the loop accept another connection while `open` are open?
+    pub fn admits(&mut self, open: usize) -> bool {
+        if self.backing_off {
             return false;
         }
+        if open >= self.capacity {
+            if !self.at_capacity {
+                self.at_capacity = true;
+                self.warn(format!(
+                    "at capacity ({open} connections): new clients wait in the listen backlog until one finishes"
+                ));
+            }
+            return false;
+        }
+        true
+    }
+
+    /// `accept` failed for lack of descriptors. Returns true if this starts
+    /// a back-off, in which case the caller arms a timer for
+    /// [`AcceptGate::BACKOFF`] and calls [`AcceptGate::backoff_over`] then.
+    pub fn out_of_descriptors(&mut self, err: &io::Error, open: usize) -> bool {
+        if self.backing_off {
+            return false;
+        }
+        self.backing_off = true;
+        self.warn(format!(
+            "accept failed ({err}) with {open} connections open: pausing accepts until descriptors free up"
+        ));
+        true
+    }
+
+    /// The back-off timer fired: the caller should try to accept again.
+    pub fn backoff_over(&mut self) {
+        self.backing_off = false;
+    }
+
+    /// A connection closed, freeing descriptors. Returns true if the loop
+    /// had stopped accepting and should look at the listener again: since
+    /// readiness is edge-triggered, the clients that queued up meanwhile
+    /// will not produce a fresh event.
+    pub fn connection_closed(&mut self) -> bool {
+        let was_stopped = self.at_capacity || self.backing_off;
+        self.at_capacity = false;
+        self.backing_off = false;
+        was_stopped
+    }
+
+    fn warn(&mut self, message: String) {
         let now = Instant::now();
-        self.paused_since = Some(now);
-        // One warning per minute at most: under sustained overload a pause
-        // starts every few milliseconds, and the log must stay readable.
         if self
             .last_warning
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
         {
             self.last_warning = Some(now);
-            log::warn!(
-                "{role}: accept failed ({err}) with {open} connections open: pausing accepts until descriptors free up"
-            );
+            log::warn!("{}: {message}", self.role);
         } else {
-            log::debug!(
-                "{role}: accept failed ({err}) with {open} connections open: pausing accepts"
-            );
-        }
-        true
-    }
-
-    /// True while accepting is paused.
-    pub fn is_paused(&self) -> bool {
-        self.paused_since.is_some()
-    }
-
-    /// Ends a pause (the caller then tries to accept again). Logs once when
-    /// the episode is over.
-    pub fn resume(&mut self, role: &str) {
-        if let Some(since) = self.paused_since.take() {
-            log::debug!("{role}: resuming accepts after {:?}", since.elapsed());
+            log::debug!("{}: {message}", self.role);
         }
     }
+}
 
-    /// Total out-of-descriptor failures seen.
-    pub fn refusals(&self) -> u64 {
-        self.refused
+/// What a role plugs into [`run`]: the shared shape of both loops.
+pub trait Handler {
+    /// What the role's timers carry.
+    type Timer;
+
+    /// The role's timers; [`run`] waits no longer than the earliest.
+    fn timers(&mut self) -> &mut Timers<Self::Timer>;
+    /// The listener is readable: accept what the gate allows.
+    fn accept_ready(&mut self);
+    /// An event for one of the role's connection tokens.
+    fn connection_event(&mut self, event: &Event);
+    /// A timer is due.
+    fn timer_fired(&mut self, timer: Self::Timer);
+    /// Checked after each round of events: true ends [`run`].
+    fn should_stop(&mut self) -> bool;
+}
+
+/// The loop both daemons run: wait for readiness or the next deadline,
+/// dispatch each event by token, fire due timers, repeat.
+///
+/// `poll` is the only place the thread blocks. Everything a handler does
+/// must return promptly, or every other connection waits.
+pub fn run<H: Handler>(poll: &mut Poll, handler: &mut H) -> io::Result<()> {
+    let mut events = Events::with_capacity(1024);
+    loop {
+        let timeout = handler.timers().timeout(Instant::now());
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue; // a signal arrived; just wait again
+            }
+            return Err(e).context("poll");
+        }
+        for event in events.iter() {
+            match event.token() {
+                LISTENER => handler.accept_ready(),
+                WAKER => {}
+                _ => handler.connection_event(event),
+            }
+        }
+        if handler.should_stop() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        while let Some((_, timer)) = handler.timers().pop_due(now) {
+            handler.timer_fired(timer);
+        }
     }
 }

@@ -31,12 +31,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Interest, Poll, Registry, Token};
 use slab::Slab;
 
 use crate::error::{is_interrupted, is_would_block, Context};
-use crate::event_loop::{self, AcceptPause, Shutdown, Timers, LISTENER, SCRATCH_SIZE, WAKER};
+use crate::event_loop::{self, AcceptGate, Shutdown, Timers, LISTENER, SCRATCH_SIZE};
 use crate::store::Store;
 
 use transfer::{Next, Outcome, Side, Transfer};
@@ -97,6 +98,13 @@ pub struct Stats {
 /// A bound proxy, ready to [`run`](Proxy::run).
 pub struct Proxy {
     poll: Poll,
+    core: Core,
+}
+
+/// Everything the loop works on (the poll instance itself stays outside,
+/// so [`event_loop::run`] can borrow both).
+struct Core {
+    registry: Registry,
     listener: TcpListener,
     local_addr: SocketAddr,
     upstream: SocketAddr,
@@ -105,7 +113,7 @@ pub struct Proxy {
     scratch: Box<[u8]>,
     shutdown: Shutdown,
     timers: Timers<Timer>,
-    accept_pause: AcceptPause,
+    gate: AcceptGate,
     stats: Stats,
 }
 
@@ -113,18 +121,21 @@ impl Proxy {
     /// Opens the spool directory, binds the listener and sets up the loop.
     pub fn bind(config: &ProxyConfig) -> io::Result<Proxy> {
         let store = Store::open(&config.dir)?;
-        if let Err(e) = event_loop::raise_nofile_limit() {
-            log::warn!("proxy: {e}");
-        }
         let poll = Poll::new().context("proxy: creating poll")?;
         let mut listener = event_loop::bind_listener(config.listen, "proxy")?;
         let local_addr = listener
             .local_addr()
             .context("proxy: reading bound address")?;
-        poll.registry()
+        let registry = poll
+            .registry()
+            .try_clone()
+            .context("proxy: cloning registry")?;
+        registry
             .register(&mut listener, LISTENER, Interest::READABLE)
             .context("proxy: registering listener")?;
-        let shutdown = Shutdown::new(poll.registry())?;
+        let shutdown = Shutdown::new(&registry)?;
+        // Three descriptors per transfer: client, upstream, spool file.
+        let gate = AcceptGate::new("proxy", 3, None);
         log::info!(
             "proxy: forwarding to {}, spooling to {}",
             config.upstream,
@@ -132,105 +143,111 @@ impl Proxy {
         );
         Ok(Proxy {
             poll,
-            listener,
-            local_addr,
-            upstream: config.upstream,
-            transfers: Slab::with_capacity(1024),
-            store,
-            scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
-            shutdown,
-            timers: Timers::new(),
-            accept_pause: AcceptPause::default(),
-            stats: Stats::default(),
+            core: Core {
+                registry,
+                listener,
+                local_addr,
+                upstream: config.upstream,
+                transfers: Slab::with_capacity(1024),
+                store,
+                scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
+                shutdown,
+                timers: Timers::new(),
+                gate,
+                stats: Stats::default(),
+            },
         })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.core.local_addr
     }
 
     /// A handle that stops [`Proxy::run`] from another thread.
     pub fn shutdown_handle(&self) -> Shutdown {
-        self.shutdown.clone()
+        self.core.shutdown.clone()
     }
 
     /// Runs the loop until shut down.
     pub fn run(mut self) -> io::Result<Stats> {
-        let mut events = Events::with_capacity(1024);
-        loop {
-            let timeout = self.timers.timeout(Instant::now());
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if is_interrupted(&e) {
-                    continue;
-                }
-                return Err(e).context("proxy: poll");
-            }
-            for event in events.iter() {
-                match event.token() {
-                    LISTENER => self.accept_all(),
-                    WAKER => {}
-                    token => {
-                        let (key, side) = token_owner(token);
-                        log::trace!(
-                            "proxy: #{key} {side} event{}{}{}{}",
-                            if event.is_readable() { " READABLE" } else { "" },
-                            if event.is_writable() { " WRITABLE" } else { "" },
-                            if event.is_read_closed() {
-                                " READ_CLOSED"
-                            } else {
-                                ""
-                            },
-                            if event.is_error() { " ERROR" } else { "" },
-                        );
-                        // A stale event (for a transfer closed earlier in
-                        // this batch) finds no transfer, or a new one whose
-                        // flags it merely sets: a wasted read, no harm.
-                        if let Some(t) = self.transfers.get_mut(key) {
-                            t.on_event(side, event);
-                            self.drive(key);
-                        }
-                    }
-                }
-            }
-            if self.shutdown.is_requested() {
-                break;
-            }
-            let now = Instant::now();
-            while let Some((_, timer)) = self.timers.pop_due(now) {
-                match timer {
-                    Timer::ResumeAccept => {
-                        self.accept_pause.resume("proxy");
-                        self.accept_all();
-                    }
-                }
-            }
-        }
-        let open = self.transfers.len();
-        for t in self.transfers.drain() {
+        event_loop::run(&mut self.poll, &mut self.core).context("proxy")?;
+        let core = &mut self.core;
+        let open = core.transfers.len();
+        for t in core.transfers.drain() {
             t.abandon();
-            self.stats.aborted += 1;
+            core.stats.aborted += 1;
         }
         log::info!(
             "proxy: stopped: {} relayed, {} refused, {} aborted ({open} open at shutdown)",
-            self.stats.relayed,
-            self.stats.refused,
-            self.stats.aborted
+            core.stats.relayed,
+            core.stats.refused,
+            core.stats.aborted
         );
-        Ok(self.stats)
+        Ok(core.stats)
+    }
+}
+
+impl event_loop::Handler for Core {
+    type Timer = Timer;
+
+    fn timers(&mut self) -> &mut Timers<Timer> {
+        &mut self.timers
     }
 
+    fn accept_ready(&mut self) {
+        self.accept_all();
+    }
+
+    fn connection_event(&mut self, event: &Event) {
+        let (key, side) = token_owner(event.token());
+        log::trace!(
+            "proxy: #{key} {side} event{}{}{}{}",
+            if event.is_readable() { " READABLE" } else { "" },
+            if event.is_writable() { " WRITABLE" } else { "" },
+            if event.is_read_closed() {
+                " READ_CLOSED"
+            } else {
+                ""
+            },
+            if event.is_error() { " ERROR" } else { "" },
+        );
+        // A stale event (for a transfer closed earlier in this batch) finds
+        // no transfer, or a new one whose flags it merely sets: at worst a
+        // read that returns WouldBlock.
+        if let Some(t) = self.transfers.get_mut(key) {
+            t.on_event(side, event);
+            self.drive(key);
+        }
+    }
+
+    fn timer_fired(&mut self, timer: Timer) {
+        match timer {
+            Timer::ResumeAccept => {
+                self.gate.backoff_over();
+                self.accept_all();
+            }
+        }
+    }
+
+    fn should_stop(&mut self) -> bool {
+        self.shutdown.is_requested()
+    }
+}
+
+impl Core {
     /// Seed steps 1 and 4: accept every waiting client (until `WouldBlock`:
-    /// edge-triggered readiness will not remind us), and for each, create
-    /// its spool file and start the non-blocking connect upstream.
+    /// edge-triggered readiness will not remind us, or until the gate says
+    /// we are at capacity), and for each, create its spool file and start
+    /// the non-blocking connect upstream.
     fn accept_all(&mut self) {
-        while !self.accept_pause.is_paused() {
+        while self.gate.admits(self.transfers.len()) {
             let (client, peer) = match self.listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if is_would_block(&e) => return,
                 Err(e) if is_interrupted(&e) => continue,
                 Err(e) if event_loop::is_out_of_descriptors(&e) => {
-                    self.pause_accepting(&e);
+                    self.back_off(&e);
                     return;
                 }
                 Err(e) => {
@@ -242,13 +259,11 @@ impl Proxy {
                 Ok(spool) => spool,
                 Err(e) => {
                     // Without a spool we could lose the upload: refuse it
-                    // by closing before reading a byte. (Out of descriptors
-                    // shows up here too: pause like the listener does.)
+                    // by closing before reading a byte.
                     log::warn!("proxy: refusing {peer}: {e}");
                     self.stats.refused += 1;
                     if event_loop::is_out_of_descriptors(&e) {
-                        drop(client);
-                        self.pause_accepting(&e);
+                        self.back_off(&e);
                         return;
                     }
                     continue;
@@ -262,15 +277,15 @@ impl Proxy {
             let entry = self.transfers.vacant_entry();
             let key = entry.key();
             let mut transfer = Transfer::new(key, client, peer, upstream, self.upstream, spool);
-            let registry = self.poll.registry();
-            let registered = registry
+            let registered = self
+                .registry
                 .register(
                     &mut transfer.client.sock,
                     client_token(key),
                     Interest::READABLE | Interest::WRITABLE,
                 )
                 .and_then(|()| match transfer.upstream.as_mut() {
-                    Some(up) => registry.register(
+                    Some(up) => self.registry.register(
                         &mut up.sock,
                         upstream_token(key),
                         Interest::READABLE | Interest::WRITABLE,
@@ -293,10 +308,10 @@ impl Proxy {
         }
     }
 
-    fn pause_accepting(&mut self, e: &io::Error) {
-        if self.accept_pause.pause("proxy", e, self.transfers.len()) {
+    fn back_off(&mut self, e: &io::Error) {
+        if self.gate.out_of_descriptors(e, self.transfers.len()) {
             self.timers
-                .schedule(Instant::now() + AcceptPause::DELAY, Timer::ResumeAccept);
+                .schedule(Instant::now() + AcceptGate::BACKOFF, Timer::ResumeAccept);
         }
     }
 
@@ -314,8 +329,7 @@ impl Proxy {
             // Seed step 8: close both connections (dropping them closes
             // them and removes them from the poll set); the listener stays.
             drop(transfer);
-            if self.accept_pause.is_paused() {
-                self.accept_pause.resume("proxy");
+            if self.gate.connection_closed() {
                 self.accept_all();
             }
         }
@@ -325,6 +339,7 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event_loop::WAKER;
 
     #[test]
     fn tokens_round_trip_and_avoid_reserved() {

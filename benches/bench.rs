@@ -1,0 +1,702 @@
+//! `make bench`: direct (client -> server) against proxied (client -> proxy
+//! -> server) throughput, latency, memory and CPU, on loopback.
+//!
+//! The server and the proxy run as separate processes (the release build of
+//! `stopover`), writing every byte to temp dirs on disk under
+//! `target/bench/`. The load comes from `stopover load --json`, the same
+//! tool users run. For each scenario, direct and proxied runs are
+//! *interleaved* (never all of one first) after a warm-up pass, and the
+//! table reports medians. Peak RSS per run is `VmHWM`, reset before each
+//! run by writing `5` to `/proc/<pid>/clear_refs`; CPU is `utime + stime`
+//! from `/proc/<pid>/stat`.
+//!
+//! Two traps of this machine are avoided on purpose: files are never
+//! deleted between runs (after deleting thousands of files, creating new
+//! ones is 20-30x slower for a minute), large ones are truncated instead to
+//! free the disk; and every scenario is warmed up first, because memory the
+//! host took back is several times slower on first touch.
+//!
+//! Sizes: the full run (default), `BENCH_QUICK=1` (under a minute) and
+//! `BENCH_SMOKE=1` (seconds; `make test` runs it so the bench never rots).
+//! Outputs: the table on stdout, `target/bench/results.json` and
+//! `target/bench/report.svg` (smoke runs write under `target/bench/smoke/`).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Preset {
+    Full,
+    Quick,
+    Smoke,
+}
+
+#[derive(Clone, Debug)]
+struct Scenario {
+    name: &'static str,
+    what: String,
+    clients: usize,
+    transfers: u64,
+    size: u64,
+    all_at_once: bool,
+    reps: usize,
+}
+
+fn scenarios(preset: Preset) -> Vec<Scenario> {
+    let s = |name, clients: usize, transfers: u64, size: u64, all_at_once, reps| Scenario {
+        name,
+        what: if all_at_once {
+            format!("{clients} clients x {} at once", human(size))
+        } else {
+            format!("{clients} clients, {transfers} x {}", human(size))
+        },
+        clients,
+        transfers,
+        size,
+        all_at_once,
+        reps,
+    };
+    const K: u64 = 1024;
+    match preset {
+        Preset::Full => vec![
+            s("bulk", 1, 1, K * K * K, false, 5),
+            s("small", 64, 20_000, K, false, 3),
+            s("medium", 32, 2_000, K * K, false, 3),
+            s("concurrency", 5_000, 5_000, 64 * K, true, 3),
+        ],
+        Preset::Quick => vec![
+            s("bulk", 1, 1, 256 * K * K, false, 3),
+            s("small", 64, 4_000, K, false, 3),
+            s("medium", 32, 300, K * K, false, 3),
+            s("concurrency", 2_000, 2_000, 64 * K, true, 1),
+        ],
+        Preset::Smoke => vec![
+            s("bulk", 1, 1, 16 * K * K, false, 1),
+            s("small", 8, 200, K, false, 1),
+            s("medium", 4, 20, K * K, false, 1),
+            s("concurrency", 100, 100, 64 * K, true, 1),
+        ],
+    }
+}
+
+/// Warm-up version of a scenario: same shape, a fraction of the work.
+fn warm_up(s: &Scenario) -> Scenario {
+    let mut w = s.clone();
+    if s.all_at_once {
+        w.clients = (s.clients / 4).max(1);
+        w.transfers = w.clients as u64;
+    } else if s.transfers == 1 {
+        w.size = (s.size / 4).max(1);
+    } else {
+        w.transfers = (s.transfers / 5).max(1);
+    }
+    w
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+/// A daemon under test, killed by PID when dropped.
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Daemon {
+    fn start(bin: &Path, args: &[&str], log: &Path) -> Daemon {
+        let log_file = fs::File::create(log).expect("create daemon log");
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start daemon");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = fs::read_to_string(log).unwrap_or_default();
+            if let Some(at) = text.find("listening on ") {
+                let rest = &text[at + "listening on ".len()..];
+                let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                return Daemon { child, addr };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("daemon {args:?} exited with {status}: {text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon {args:?} did not start: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(20)); // polling its log
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resets the peak-RSS counter (VmHWM) to the current RSS.
+    fn reset_peak(&self) {
+        let _ = fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    fn cpu_s(&self) -> f64 {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the ")" that ends the command name; utime and stime
+        // are fields 14 and 15 of the whole line.
+        let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (ticks(11) + ticks(12)) / hz
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One measured run.
+#[derive(Clone, Debug)]
+struct Run {
+    load: Value,
+    proxy_rss_kib: Option<u64>,
+    proxy_cpu_s: Option<f64>,
+    server_rss_kib: u64,
+    server_cpu_s: f64,
+}
+
+impl Run {
+    fn f(&self, key: &str) -> f64 {
+        self.load[key].as_f64().unwrap_or(0.0)
+    }
+    fn latency(&self, key: &str) -> f64 {
+        self.load["latency_ms"][key].as_f64().unwrap_or(0.0)
+    }
+    fn failed(&self) -> u64 {
+        self.load["transfers_failed"].as_u64().unwrap_or(u64::MAX)
+    }
+}
+
+struct Bench {
+    bin: PathBuf,
+    work: PathBuf,
+    server: Daemon,
+    proxy: Daemon,
+}
+
+impl Bench {
+    fn run(&self, s: &Scenario, proxied: bool) -> Run {
+        let to = if proxied {
+            &self.proxy.addr
+        } else {
+            &self.server.addr
+        };
+        self.server.reset_peak();
+        self.proxy.reset_peak();
+        let (s_cpu, p_cpu) = (self.server.cpu_s(), self.proxy.cpu_s());
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "-q",
+            "load",
+            "--json",
+            "--no-progress",
+            "--timeout",
+            "120s",
+            "--to",
+            to,
+        ])
+        .args([
+            "--clients",
+            &s.clients.to_string(),
+            "--size",
+            &s.size.to_string(),
+        ]);
+        if s.all_at_once {
+            cmd.arg("--all-at-once");
+        } else {
+            cmd.args(["--transfers", &s.transfers.to_string()]);
+        }
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run stopover load");
+        let load: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "load output is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        let run = Run {
+            load,
+            proxy_rss_kib: proxied.then(|| self.proxy.peak_rss_kib()),
+            proxy_cpu_s: proxied.then(|| self.proxy.cpu_s() - p_cpu),
+            server_rss_kib: self.server.peak_rss_kib(),
+            server_cpu_s: self.server.cpu_s() - s_cpu,
+        };
+        self.free_disk();
+        run
+    }
+
+    /// Truncates large stored files (never deletes: see the module docs).
+    fn free_disk(&self) {
+        for dir in ["received", "spool"] {
+            let Ok(entries) = fs::read_dir(self.work.join(dir)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if e.metadata()
+                    .is_ok_and(|m| m.is_file() && m.len() > 256 * 1024)
+                {
+                    if let Ok(f) = fs::OpenOptions::new().write(true).open(e.path()) {
+                        let _ = f.set_len(0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn machine() -> Value {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kib = proc_meminfo_kib("MemTotal:");
+    json!({ "cpu": cpu, "cores": cores, "kernel": kernel, "mem_gib": (mem_kib as f64 / 1048576.0 * 10.0).round() / 10.0 })
+}
+
+fn proc_meminfo_kib(key: &str) -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    let preset = if std::env::var_os("BENCH_SMOKE").is_some() {
+        Preset::Smoke
+    } else if std::env::var_os("BENCH_QUICK").is_some() {
+        Preset::Quick
+    } else {
+        Preset::Full
+    };
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_stopover"));
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let out_dir = if preset == Preset::Smoke {
+        target.join("smoke")
+    } else {
+        target.clone()
+    };
+    let work = target.join(format!("work-{}", std::process::id()));
+    fs::create_dir_all(&out_dir).expect("create target/bench");
+    fs::create_dir_all(&work).expect("create bench work dir");
+    let started = Instant::now();
+    let m = machine();
+    println!(
+        "stopover bench ({preset:?}) on {} cores, {}, kernel {}",
+        m["cores"],
+        m["cpu"].as_str().unwrap_or("?"),
+        m["kernel"].as_str().unwrap_or("?")
+    );
+    println!("binary {}", bin.display());
+
+    let server = Daemon::start(
+        &bin,
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            work.join("received").to_str().unwrap(),
+        ],
+        &work.join("server.log"),
+    );
+    let proxy = Daemon::start(
+        &bin,
+        &[
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &server.addr,
+            "--dir",
+            work.join("spool").to_str().unwrap(),
+        ],
+        &work.join("proxy.log"),
+    );
+    let bench = Bench {
+        bin,
+        work: work.clone(),
+        server,
+        proxy,
+    };
+    let scenarios = scenarios(preset);
+
+    // Warm up every scenario on both paths before measuring anything.
+    if preset != Preset::Smoke {
+        for s in &scenarios {
+            let w = warm_up(s);
+            bench.run(&w, false);
+            bench.run(&w, true);
+        }
+    }
+
+    let mut results: BTreeMap<&str, (Vec<Run>, Vec<Run>)> = BTreeMap::new();
+    for s in &scenarios {
+        let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+        for rep in 0..s.reps {
+            // Interleave, alternating which path goes first.
+            let order = if rep % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for p in order {
+                let r = bench.run(s, p);
+                if p {
+                    proxied.push(r);
+                } else {
+                    direct.push(r);
+                }
+            }
+        }
+        results.insert(s.name, (direct, proxied));
+    }
+    drop(bench);
+
+    // ---- The table ----
+    let mut rows = Vec::new();
+    let mut errors = 0u64;
+    println!();
+    println!(
+        "{:<12} {:<9} {:>9} {:>11} {:>9} {:>9} {:>10} {:>9} {:>10} {:>9} {:>6}",
+        "scenario",
+        "path",
+        "MB/s",
+        "transfers/s",
+        "p50 ms",
+        "p99 ms",
+        "proxy MiB",
+        "proxy s",
+        "server MiB",
+        "server s",
+        "errors"
+    );
+    for s in &scenarios {
+        let (direct, proxied) = &results[s.name];
+        let mut summary = BTreeMap::new();
+        for (path, runs) in [("direct", direct), ("proxied", proxied)] {
+            let med = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+            let errs: u64 = runs.iter().map(Run::failed).sum();
+            errors += errs;
+            let row = json!({
+                "mb_per_s": med(&|r| r.f("mb_per_s")),
+                "transfers_per_s": med(&|r| r.f("transfers_per_s")),
+                "p50_ms": med(&|r| r.latency("p50")),
+                "p99_ms": med(&|r| r.latency("p99")),
+                "proxy_peak_rss_mib": runs.iter().filter_map(|r| r.proxy_rss_kib).max().map(|k| k as f64 / 1024.0),
+                "proxy_cpu_s": runs.iter().any(|r| r.proxy_cpu_s.is_some()).then(|| med(&|r| r.proxy_cpu_s.unwrap_or(0.0))),
+                "server_peak_rss_mib": runs.iter().map(|r| r.server_rss_kib).max().unwrap_or(0) as f64 / 1024.0,
+                "server_cpu_s": med(&|r| r.server_cpu_s),
+                "errors": errs,
+                "runs": runs.len(),
+            });
+            let opt = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
+            println!(
+                "{:<12} {:<9} {:>9.1} {:>11.0} {:>9.2} {:>9.2} {:>10} {:>9} {:>10.1} {:>9.2} {:>6}",
+                s.name,
+                path,
+                row["mb_per_s"].as_f64().unwrap_or(0.0),
+                row["transfers_per_s"].as_f64().unwrap_or(0.0),
+                row["p50_ms"].as_f64().unwrap_or(0.0),
+                row["p99_ms"].as_f64().unwrap_or(0.0),
+                opt(&row["proxy_peak_rss_mib"]),
+                row["proxy_cpu_s"]
+                    .as_f64()
+                    .map_or("-".to_string(), |x| format!("{x:.2}")),
+                row["server_peak_rss_mib"].as_f64().unwrap_or(0.0),
+                row["server_cpu_s"].as_f64().unwrap_or(0.0),
+                errs
+            );
+            summary.insert(path, row);
+        }
+        let ratio = |k: &str| {
+            let d = summary["direct"][k].as_f64().unwrap_or(0.0);
+            let p = summary["proxied"][k].as_f64().unwrap_or(0.0);
+            if d > 0.0 {
+                p / d
+            } else {
+                0.0
+            }
+        };
+        let (r_mb, r_tps) = (ratio("mb_per_s"), ratio("transfers_per_s"));
+        println!("{:<12} {:<9} {:>8.2}x {:>10.2}x", "", "ratio", r_mb, r_tps);
+        rows.push(json!({
+            "scenario": s.name,
+            "what": s.what,
+            "direct": summary["direct"],
+            "proxied": summary["proxied"],
+            "ratio_mb_per_s": r_mb,
+            "ratio_transfers_per_s": r_tps,
+            "raw": {
+                "direct": direct.iter().map(|r| r.load.clone()).collect::<Vec<_>>(),
+                "proxied": proxied.iter().map(|r| r.load.clone()).collect::<Vec<_>>(),
+            },
+        }));
+    }
+
+    // ---- Targets (reported, not enforced: speed is not a test) ----
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["scenario"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let conc = row("concurrency");
+    let conc_clients = scenarios
+        .iter()
+        .find(|s| s.name == "concurrency")
+        .map_or(1, |s| s.clients) as f64;
+    let proxy_mib = conc["proxied"]["proxy_peak_rss_mib"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    let targets = vec![
+        (
+            "bulk: proxied MB/s >= 0.5x direct",
+            row("bulk")["ratio_mb_per_s"].as_f64().unwrap_or(0.0) >= 0.5,
+        ),
+        (
+            "small: proxied transfers/s >= 0.5x direct",
+            row("small")["ratio_transfers_per_s"]
+                .as_f64()
+                .unwrap_or(0.0)
+                >= 0.5,
+        ),
+        (
+            "concurrency: proxy peak RSS <= 16 KiB per transfer",
+            proxy_mib * 1024.0 / conc_clients <= 16.0,
+        ),
+        ("no scenario shows errors", errors == 0),
+    ];
+    println!();
+    println!(
+        "proxy peak RSS in the concurrency scenario: {proxy_mib:.1} MiB = {:.1} KiB per concurrent transfer",
+        proxy_mib * 1024.0 / conc_clients
+    );
+    for (what, met) in &targets {
+        println!("target {}: {what}", if *met { "met   " } else { "MISSED" });
+    }
+    let wall = started.elapsed().as_secs_f64();
+    println!(
+        "bench wall time {wall:.0} s; reproduce with: {}",
+        match preset {
+            Preset::Full => "make bench",
+            Preset::Quick => "BENCH_QUICK=1 make bench",
+            Preset::Smoke => "BENCH_SMOKE=1 make bench",
+        }
+    );
+
+    let results = json!({
+        "preset": format!("{preset:?}"),
+        "machine": m,
+        "wall_s": wall,
+        "scenarios": rows,
+        "targets": targets.iter().map(|(w, met)| json!({"target": w, "met": met})).collect::<Vec<_>>(),
+    });
+    let json_path = out_dir.join("results.json");
+    fs::write(&json_path, serde_json::to_string_pretty(&results).unwrap())
+        .expect("write results.json");
+    let svg_path = out_dir.join("report.svg");
+    fs::write(&svg_path, svg_report(&rows, &m, preset)).expect("write report.svg");
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
+
+    // Deleting is safe now: nothing in this run creates files after it.
+    let _ = fs::remove_dir_all(&work);
+    if errors > 0 {
+        eprintln!("bench: {errors} transfers failed");
+        std::process::exit(1);
+    }
+}
+
+/// A self-contained SVG: for each scenario, throughput and latency bars,
+/// direct against proxied, each panel on its own scale.
+fn svg_report(rows: &[Value], machine: &Value, preset: Preset) -> String {
+    const W: f64 = 220.0;
+    const H: f64 = 190.0;
+    let (cols, panel_rows) = (rows.len().max(1) as f64, 2.0);
+    let width = 40.0 + cols * W;
+    let height = 80.0 + panel_rows * H;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"20\" y=\"24\" font-size=\"16\">stopover bench ({preset:?}): direct vs proxied</text>\n\
+         <text x=\"20\" y=\"42\" fill=\"#555\">{} cores, {}, kernel {}</text>\n\
+         <rect x=\"{}\" y=\"14\" width=\"10\" height=\"10\" fill=\"#4c78a8\"/><text x=\"{}\" y=\"23\">direct</text>\n\
+         <rect x=\"{}\" y=\"14\" width=\"10\" height=\"10\" fill=\"#f58518\"/><text x=\"{}\" y=\"23\">proxied</text>\n",
+        machine["cores"],
+        xml_escape(machine["cpu"].as_str().unwrap_or("?")),
+        xml_escape(machine["kernel"].as_str().unwrap_or("?")),
+        width - 150.0,
+        width - 136.0,
+        width - 80.0,
+        width - 66.0,
+    );
+    for (i, row) in rows.iter().enumerate() {
+        let x0 = 30.0 + i as f64 * W;
+        let name = row["scenario"].as_str().unwrap_or("?");
+        let what = row["what"].as_str().unwrap_or("");
+        // Throughput: MB/s for bulk and medium, transfers/s where small
+        // payloads make MB/s meaningless.
+        let (key, unit) = if name == "small" || name == "concurrency" {
+            ("transfers_per_s", "transfers/s")
+        } else {
+            ("mb_per_s", "MB/s")
+        };
+        let d = row["direct"][key].as_f64().unwrap_or(0.0);
+        let p = row["proxied"][key].as_f64().unwrap_or(0.0);
+        svg += &bar_panel(
+            x0,
+            60.0,
+            &format!("{name}: {unit}"),
+            what,
+            &[("", d, p)],
+            |v| format!("{v:.0}"),
+        );
+        let lat = [
+            (
+                "p50",
+                row["direct"]["p50_ms"].as_f64().unwrap_or(0.0),
+                row["proxied"]["p50_ms"].as_f64().unwrap_or(0.0),
+            ),
+            (
+                "p99",
+                row["direct"]["p99_ms"].as_f64().unwrap_or(0.0),
+                row["proxied"]["p99_ms"].as_f64().unwrap_or(0.0),
+            ),
+        ];
+        svg += &bar_panel(
+            x0,
+            60.0 + H,
+            &format!("{name}: latency ms"),
+            "",
+            &lat,
+            |v| format!("{v:.1}"),
+        );
+    }
+    svg += "</svg>\n";
+    svg
+}
+
+/// One panel: groups of (label, direct, proxied) bars on a shared scale.
+fn bar_panel(
+    x0: f64,
+    y0: f64,
+    title: &str,
+    subtitle: &str,
+    groups: &[(&str, f64, f64)],
+    fmt: impl Fn(f64) -> String,
+) -> String {
+    let plot_h = 120.0;
+    let base = y0 + 30.0 + plot_h;
+    let max = groups
+        .iter()
+        .flat_map(|g| [g.1, g.2])
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let mut s = format!(
+        "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{}</text>\n<text x=\"{x0}\" y=\"{}\" fill=\"#555\">{}</text>\n\
+         <line x1=\"{x0}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\" stroke=\"#999\"/>\n",
+        y0 + 4.0,
+        xml_escape(title),
+        y0 + 18.0,
+        xml_escape(subtitle),
+        x0 + 190.0
+    );
+    let group_w = 180.0 / groups.len() as f64;
+    for (gi, (label, d, p)) in groups.iter().enumerate() {
+        let gx = x0 + 10.0 + gi as f64 * group_w;
+        let bw = (group_w - 20.0) / 2.0;
+        for (j, (v, color)) in [(*d, "#4c78a8"), (*p, "#f58518")].into_iter().enumerate() {
+            let h = v / max * plot_h;
+            let x = gx + j as f64 * bw;
+            s += &format!(
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{color}\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+                base - h,
+                bw - 4.0,
+                x + (bw - 4.0) / 2.0,
+                base - h - 3.0,
+                fmt(v)
+            );
+        }
+        if !label.is_empty() {
+            s += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>\n",
+                gx + bw,
+                base + 14.0
+            );
+        }
+    }
+    s
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
