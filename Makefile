@@ -3,15 +3,21 @@
 CARGO ?= cargo
 BIN   := target/release/stopover
 
-.PHONY: build test lint demo run-server run-proxy clean
+.PHONY: build test lint bench demo run-server run-proxy clean
 
 ## build: release build of the `stopover` binary
 build:
 	$(CARGO) build --release
 
-## test: every unit and integration test (real sockets on loopback)
+## test: every unit and integration test (real sockets on loopback), and a
+## smoke run of the bench so it never rots
 test:
 	$(CARGO) test --all-targets
+	BENCH_SMOKE=1 $(CARGO) bench --bench bench
+
+## bench: direct vs proxied throughput, latency, RSS, CPU (BENCH_QUICK=1: under a minute)
+bench:
+	$(CARGO) bench --bench bench
 
 ## lint: formatting and clippy, warnings are errors
 lint:

@@ -175,6 +175,10 @@ impl Drop for Daemon {
     }
 }
 
+fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
 fn proc_status_kib(pid: u32, key: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -192,6 +196,8 @@ struct Run {
     proxy_cpu_s: Option<f64>,
     server_rss_kib: u64,
     server_cpu_s: f64,
+    server_peak_conns: usize,
+    proxy_peak_conns: Option<usize>,
 }
 
 impl Run {
@@ -241,14 +247,33 @@ impl Bench {
             &s.size.to_string(),
         ]);
         if s.all_at_once {
-            cmd.arg("--all-at-once");
+            cmd.args(["--all-at-once", "--hold-open", "1s"]);
         } else {
             cmd.args(["--transfers", &s.transfers.to_string()]);
         }
+        // Sample the receiving daemons' open descriptors while the load runs,
+        // to report the concurrency they really reached.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            let pids = (self.server.pid(), self.proxy.pid());
+            std::thread::spawn(move || {
+                let mut peak = (0usize, 0usize);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak.0 = peak.0.max(open_fds(pids.0));
+                    peak.1 = peak.1.max(open_fds(pids.1));
+                    std::thread::sleep(Duration::from_millis(10)); // sampling interval
+                }
+                peak
+            })
+        };
+        let (s_fds0, p_fds0) = (open_fds(self.server.pid()), open_fds(self.proxy.pid()));
         let out = cmd
             .stderr(Stdio::inherit())
             .output()
             .expect("run stopover load");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (s_fds, p_fds) = sampler.join().unwrap_or((0, 0));
         let load: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "load output is not JSON ({e}): {}",
@@ -261,6 +286,9 @@ impl Bench {
             proxy_cpu_s: proxied.then(|| self.proxy.cpu_s() - p_cpu),
             server_rss_kib: self.server.peak_rss_kib(),
             server_cpu_s: self.server.cpu_s() - s_cpu,
+            // Two descriptors per server connection, three per proxy transfer.
+            server_peak_conns: s_fds.saturating_sub(s_fds0) / 2,
+            proxy_peak_conns: proxied.then_some(p_fds.saturating_sub(p_fds0) / 3),
         };
         self.free_disk();
         run
@@ -452,6 +480,8 @@ fn main() {
                 "proxy_cpu_s": runs.iter().any(|r| r.proxy_cpu_s.is_some()).then(|| med(&|r| r.proxy_cpu_s.unwrap_or(0.0))),
                 "server_peak_rss_mib": runs.iter().map(|r| r.server_rss_kib).max().unwrap_or(0) as f64 / 1024.0,
                 "server_cpu_s": med(&|r| r.server_cpu_s),
+                "server_peak_conns": runs.iter().map(|r| r.server_peak_conns).max(),
+                "proxy_peak_conns": runs.iter().filter_map(|r| r.proxy_peak_conns).max(),
                 "errors": errs,
                 "runs": runs.len(),
             });
@@ -536,6 +566,12 @@ fn main() {
     println!(
         "proxy peak RSS in the concurrency scenario: {proxy_mib:.1} MiB = {:.1} KiB per concurrent transfer",
         proxy_mib * 1024.0 / conc_clients
+    );
+    println!(
+        "concurrency reached (from open descriptors): proxy {} transfers, server {} connections (proxied run), server {} (direct run)",
+        conc["proxied"]["proxy_peak_conns"],
+        conc["proxied"]["server_peak_conns"],
+        conc["direct"]["server_peak_conns"]
     );
     for (what, met) in &targets {
         println!("target {}: {what}", if *met { "met   " } else { "MISSED" });

@@ -130,6 +130,12 @@ pub struct LoadArgs {
     #[arg(long)]
     pub all_at_once: bool,
 
+    /// With --all-at-once: once every client is half-way, keep all the
+    /// connections open this much longer (gives the receiver time to
+    /// accept them all).
+    #[arg(long, default_value = "0s", value_name = "DURATION", value_parser = parse_duration, requires = "all_at_once")]
+    pub hold_open: Duration,
+
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,

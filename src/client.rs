@@ -144,11 +144,57 @@ impl fmt::Display for Verdict {
     }
 }
 
+/// Where the bytes of an upload come from, one chunk at a time.
+///
+/// A chunk is borrowed, so a source that already has the bytes in memory
+/// (the load generator's payload pool) hands them over without a copy.
+pub trait Source {
+    /// The next chunk of the upload; an empty slice means the end.
+    fn next_chunk(&mut self) -> io::Result<&[u8]>;
+}
+
+/// Any reader (a file, stdin) as a [`Source`], through a chunk buffer.
+pub struct ReadSource<R> {
+    reader: R,
+    buf: Vec<u8>,
+}
+
+impl<R: Read> ReadSource<R> {
+    /// Reads `reader` in chunks of [`CHUNK`] bytes.
+    pub fn new(reader: R) -> Self {
+        ReadSource {
+            reader,
+            buf: vec![0; CHUNK],
+        }
+    }
+}
+
+impl<R: Read> Source for ReadSource<R> {
+    fn next_chunk(&mut self) -> io::Result<&[u8]> {
+        loop {
+            match self.reader.read(&mut self.buf) {
+                Ok(n) => return Ok(&self.buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A byte slice as a [`Source`] (tests, small in-memory payloads).
+impl Source for &[u8] {
+    fn next_chunk(&mut self) -> io::Result<&[u8]> {
+        let (chunk, rest) = self.split_at(self.len().min(CHUNK));
+        *self = rest;
+        Ok(chunk)
+    }
+}
+
 /// Sends the file named in `config` and returns the receipt.
 pub fn send_file(config: &ClientConfig) -> Result<Receipt, ClientError> {
     // Seed step 1: the file to send. Opened before connecting, so a missing
     // file costs the proxy nothing.
-    let (source, len, what): (Box<dyn Read>, Option<u64>, String) = if config.file == Path::new("-")
+    let (reader, len, what): (Box<dyn Read>, Option<u64>, String) = if config.file == Path::new("-")
     {
         (Box::new(io::stdin().lock()), None, "stdin".to_string())
     } else {
@@ -166,7 +212,8 @@ pub fn send_file(config: &ClientConfig) -> Result<Receipt, ClientError> {
         (Box::new(file), Some(meta.len()), what)
     };
     let mut progress = Progress::new(config.progress, len);
-    let receipt = upload(&config.to, source, &what, config.timeout, &mut |n| {
+    let mut source = ReadSource::new(reader);
+    let receipt = upload(&config.to, &mut source, &what, config.timeout, &mut |n| {
         progress.advance(n)
     });
     progress.finish();
@@ -174,25 +221,13 @@ pub fn send_file(config: &ClientConfig) -> Result<Receipt, ClientError> {
 }
 
 /// Connects to `to` and uploads everything `source` yields, then reads and
-/// parses the answer. `on_sent` is told the byte count of each chunk sent.
+/// parses the answer. `what` names the source in error messages; `on_sent`
+/// is told the byte count of each chunk sent.
 pub fn upload(
     to: &str,
-    source: impl Read,
+    source: &mut dyn Source,
     what: &str,
     timeout: Duration,
-    on_sent: &mut dyn FnMut(u64),
-) -> Result<Receipt, ClientError> {
-    upload_with(to, source, what, timeout, &mut vec![0u8; CHUNK], on_sent)
-}
-
-/// [`upload`] with a caller-owned chunk buffer, for callers that upload
-/// many times (the load generator) and should not allocate each time.
-pub fn upload_with(
-    to: &str,
-    mut source: impl Read,
-    what: &str,
-    timeout: Duration,
-    buf: &mut [u8],
     on_sent: &mut dyn FnMut(u64),
 ) -> Result<Receipt, ClientError> {
     let started = Instant::now();
@@ -207,13 +242,13 @@ pub fn upload_with(
     let mut sent_bytes = 0u64;
     let mut sent_crc32c = 0u32;
     loop {
-        let n = match source.read(buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(ClientError::Source(what.to_string(), e)),
-        };
-        if let Err(e) = sock.write_all(&buf[..n]) {
+        let chunk = source
+            .next_chunk()
+            .map_err(|e| ClientError::Source(what.to_string(), e))?;
+        if chunk.is_empty() {
+            break;
+        }
+        if let Err(e) = sock.write_all(chunk) {
             if is_timeout(&e) {
                 return Err(ClientError::Timeout("sending", timeout));
             }
@@ -224,9 +259,9 @@ pub fn upload_with(
                 Err(_) => Err(ClientError::Lost("sending", e)),
             };
         }
-        sent_crc32c = crc32c::crc32c_append(sent_crc32c, &buf[..n]);
-        sent_bytes += n as u64;
-        on_sent(n as u64);
+        sent_crc32c = crc32c::crc32c_append(sent_crc32c, chunk);
+        sent_bytes += chunk.len() as u64;
+        on_sent(chunk.len() as u64);
     }
 
     // The half-close: "that is all". Without it the receiver cannot tell

@@ -13,14 +13,17 @@
 //! and no transfer sends the same bytes as the one before it.
 //!
 //! `--all-at-once` makes every client hold its connection open half-way
-//! through its upload until all clients have got that far, so the server
-//! (or proxy) really holds `--clients` transfers at the same moment. A
+//! through its upload until all clients have got that far (and then for
+//! `--hold-open` longer), so the server or proxy holds `--clients`
+//! transfers at the same moment. Note that a client "got there" once the
+//! kernel took its bytes, which can be before the receiver has accepted its
+//! connection; `--hold-open` gives a slow receiver time to catch up. A
 //! client that fails before the half-way point still counts as arrived, so
 //! one failure cannot hang the rest; the wait is also bounded by
 //! `--timeout`.
 
 use std::collections::BTreeMap;
-use std::io::{self, IsTerminal, Read};
+use std::io::{self, IsTerminal};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -28,7 +31,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::client::{self, ClientError, Verdict, CHUNK};
+use crate::client::{self, ClientError, Source, Verdict, CHUNK};
 use crate::event_loop;
 
 /// Settings for [`run`].
@@ -46,6 +49,9 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// Hold every transfer open half-way until all clients got there.
     pub all_at_once: bool,
+    /// With `all_at_once`: keep holding this long after the last client
+    /// got there, so the receiver has time to accept them all.
+    pub hold_open: Duration,
     /// Progress bar on stderr when it is a terminal.
     pub progress: bool,
 }
@@ -407,7 +413,6 @@ impl ClientCtx {
     fn run(self) -> Tally {
         let mut tally = Tally::new();
         let mut rng = SplitMix(self.seed);
-        let mut buf = vec![0u8; self.chunk];
         loop {
             if let Some(total) = self.total {
                 if self.claimed.fetch_add(1, Ordering::SeqCst) >= total {
@@ -419,23 +424,24 @@ impl ClientCtx {
             }
             let size =
                 self.config.size.min + rng.below(self.config.size.max - self.config.size.min + 1);
-            let mut payload = PoolReader {
+            let mut payload = PoolSource {
                 pool: &self.pool,
                 pos: rng.below(self.pool.len() as u64) as usize,
                 remaining: size,
+                chunk: self.chunk,
                 pause_at: self.config.all_at_once.then_some(size / 2),
                 sent: 0,
                 gate: &self.gate,
                 arrived: false,
                 wait_limit: self.config.timeout,
+                hold_open: self.config.hold_open,
             };
             let started = Instant::now();
-            let result = client::upload_with(
+            let result = client::upload(
                 &self.config.to,
                 &mut payload,
                 "payload",
                 self.config.timeout,
-                &mut buf,
                 &mut |_| {},
             );
             if !payload.arrived && self.config.all_at_once {
@@ -470,38 +476,44 @@ impl ClientCtx {
     }
 }
 
-/// A payload: `remaining` bytes of the pool from `pos`, wrapping around.
-/// With `pause_at`, stops there once and waits at the gate.
-struct PoolReader<'a> {
+/// A payload: `remaining` bytes of the pool from `pos`, wrapping around,
+/// handed to the client as slices of the pool (no copy). With `pause_at`,
+/// stops there once and waits at the gate.
+struct PoolSource<'a> {
     pool: &'a [u8],
     pos: usize,
     remaining: u64,
+    chunk: usize,
     pause_at: Option<u64>,
     sent: u64,
     gate: &'a Gate,
     arrived: bool,
     wait_limit: Duration,
+    hold_open: Duration,
 }
 
-impl Read for PoolReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl Source for PoolSource<'_> {
+    fn next_chunk(&mut self) -> io::Result<&[u8]> {
         if let Some(at) = self.pause_at {
             if self.sent == at && !self.arrived {
                 self.arrived = true;
                 self.gate.arrive();
                 self.gate.wait(self.wait_limit);
+                // Shaping the load, not synchronising: every connection
+                // stays open half-way for this long, all together.
+                std::thread::sleep(self.hold_open);
             }
         }
-        let mut want = (buf.len() as u64).min(self.remaining);
+        let mut want = (self.chunk as u64).min(self.remaining);
         if let Some(at) = self.pause_at.filter(|_| !self.arrived) {
             want = want.min(at - self.sent);
         }
-        let n = (want as usize).min(self.pool.len() - self.pos);
-        buf[..n].copy_from_slice(&self.pool[self.pos..self.pos + n]);
-        self.pos = (self.pos + n) % self.pool.len();
+        let start = self.pos;
+        let n = (want as usize).min(self.pool.len() - start);
+        self.pos = (start + n) % self.pool.len();
         self.remaining -= n as u64;
         self.sent += n as u64;
-        Ok(n)
+        Ok(&self.pool[start..start + n])
     }
 }
 
@@ -599,27 +611,28 @@ mod tests {
     }
 
     #[test]
-    fn pool_reader_wraps_and_pauses_once() {
+    fn pool_source_wraps_and_pauses_once() {
         let pool: Vec<u8> = (0..10u8).collect();
         let gate = Gate::new(1);
-        let mut r = PoolReader {
+        let mut r = PoolSource {
             pool: &pool,
             pos: 7,
             remaining: 8,
+            chunk: 64,
             pause_at: Some(4),
             sent: 0,
             gate: &gate,
             arrived: false,
             wait_limit: Duration::from_secs(5),
+            hold_open: Duration::ZERO,
         };
         let mut out = Vec::new();
-        let mut buf = [0u8; 64];
         loop {
-            let n = r.read(&mut buf).unwrap();
-            if n == 0 {
+            let chunk = r.next_chunk().unwrap();
+            if chunk.is_empty() {
                 break;
             }
-            out.extend_from_slice(&buf[..n]);
+            out.extend_from_slice(chunk);
             if out.len() == 3 {
                 assert!(!r.arrived);
             }

@@ -115,6 +115,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 size: args.size,
                 timeout: args.timeout,
                 all_at_once: args.all_at_once,
+                hold_open: args.hold_open,
                 progress: !args.no_progress,
             })?;
             if args.json {

@@ -47,7 +47,7 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 
 /// Size of the read buffer each loop owns and lends to whichever connection
 /// is being served. Large reads mean few syscalls per megabyte.
-pub const SCRATCH_SIZE: usize = 256 * 1024;
+pub const SCRATCH_SIZE: usize = 1024 * 1024;
 
 /// Binds a non-blocking TCP listener on `addr` (port 0 picks a free port)
 /// and logs `listening on <addr>` with the address actually bound.

@@ -212,7 +212,13 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// Uploads `data` to `to` with the library client.
 pub fn send(to: SocketAddr, data: &[u8]) -> Result<Receipt, client::ClientError> {
-    client::upload(&to.to_string(), data, "test data", PATIENCE, &mut |_| {})
+    client::upload(
+        &to.to_string(),
+        &mut &data[..],
+        "test data",
+        PATIENCE,
+        &mut |_| {},
+    )
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after [`PATIENCE`].

@@ -1,0 +1,278 @@
+//! The load generator, and how the daemons hold up under many connections.
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn load(args: &[&str]) -> (Output, Value) {
+    let out = Command::new(bin())
+        .args(["load", "--json", "--no-progress"])
+        .args(args)
+        .output()
+        .expect("run stopover load");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "load prints JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (out, json)
+}
+
+#[test]
+fn load_smoke_verifies_every_transfer_and_reports_json() {
+    let sys = start_system();
+    let (out, json) = load(&[
+        "--to",
+        &sys.proxy.addr.to_string(),
+        "-c",
+        "4",
+        "-n",
+        "40",
+        "--size",
+        "1KiB..64KiB",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for key in [
+        "transfers_ok",
+        "transfers_failed",
+        "failures",
+        "bytes",
+        "wall_s",
+        "mb_per_s",
+        "transfers_per_s",
+        "latency_ms",
+    ] {
+        assert!(json.get(key).is_some(), "JSON lacks {key}: {json}");
+    }
+    for key in ["p50", "p90", "p99", "max"] {
+        assert!(
+            json["latency_ms"][key].as_f64().is_some_and(|v| v > 0.0),
+            "latency_ms.{key}: {json}"
+        );
+    }
+    assert_eq!(json["transfers_ok"], 40);
+    assert_eq!(json["transfers_failed"], 0);
+    assert!(json["bytes"].as_u64().unwrap() >= 40 * 1024);
+    assert_eq!(final_files(sys.server_dir.path()).len(), 40);
+}
+
+#[test]
+fn load_counts_failures_by_kind_and_exits_nonzero() {
+    // A fake server that misbehaves in turn: wrong checksum, silent close,
+    // ERR, reset.
+    let fake = TcpListener::bind(loopback0()).unwrap();
+    let addr = fake.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for (i, conn) in fake.incoming().enumerate() {
+            let Ok(mut sock) = conn else { continue };
+            let data = read_all(&mut sock).unwrap_or_default();
+            match i % 4 {
+                0 => answer_and_close(
+                    &mut sock,
+                    &format!("OK bytes={} crc32c=00000001 file=x\n", data.len()),
+                ),
+                1 => drop(sock),
+                2 => answer_and_close(&mut sock, "ERR not today\n"),
+                _ => {
+                    socket2::SockRef::from(&sock)
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap();
+                    drop(sock);
+                }
+            }
+        }
+    });
+    let (out, json) = load(&[
+        "--to",
+        &addr.to_string(),
+        "-c",
+        "1",
+        "-n",
+        "8",
+        "--size",
+        "10KiB",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code says not every transfer was verified"
+    );
+    assert_eq!(json["transfers_ok"], 0);
+    assert_eq!(json["transfers_failed"], 8);
+    let failures = &json["failures"];
+    assert_eq!(failures["mismatch"], 2, "{json}");
+    assert_eq!(failures["lost"], 2, "{json}");
+    assert_eq!(failures["err_answer"], 2, "{json}");
+    assert_eq!(failures["reset"], 2, "{json}");
+
+    let (out, json) = load(&["--to", &dead_port().to_string(), "-c", "2", "-n", "4"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json["failures"]["connect_refused"], 4, "{json}");
+}
+
+#[test]
+fn load_says_which_limit_stops_it() {
+    let out = Command::new(bin())
+        .args(["load", "--to", "127.0.0.1:1", "--clients", "1000000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("open-files limit"), "{err}");
+}
+
+/// Starts a server whose open-files limit is `limit` (soft and hard).
+fn server_with_nofile(dir: &std::path::Path, limit: u64) -> Spawned {
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    spawn_with(&mut cmd)
+}
+
+#[test]
+fn server_with_few_descriptors_backs_off_and_serves_everyone() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_nofile(dir.path(), 64);
+    // 60 uploads held open half-way: far more than 64 descriptors allow
+    // (two each). The server takes what fits; the rest wait in the backlog.
+    let payloads: Vec<Vec<u8>> = (0..60).map(|i| random_bytes(20_000, 500 + i)).collect();
+    let mut socks: Vec<TcpStream> = payloads
+        .iter()
+        .map(|p| {
+            let mut s = TcpStream::connect(server.addr).unwrap();
+            s.write_all(&p[..10_000]).unwrap();
+            s
+        })
+        .collect();
+    let warnings = || -> Vec<String> {
+        server
+            .log_lines()
+            .into_iter()
+            .filter(|l| {
+                l.contains("WARN") && (l.contains("at capacity") || l.contains("pausing accepts"))
+            })
+            .collect()
+    };
+    wait_until("the server logs that it backs off", || {
+        !warnings().is_empty()
+    });
+    // Finish every upload; answers come as slots free up.
+    for (sock, p) in socks.iter_mut().zip(&payloads) {
+        sock.write_all(&p[10_000..]).unwrap();
+        sock.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    for (i, (sock, p)) in socks.iter_mut().zip(&payloads).enumerate() {
+        let mut answer = String::new();
+        sock.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with(&ok_line(p, "")[..30]),
+            "upload {i}: {answer}"
+        );
+    }
+    assert_eq!(final_files(dir.path()).len(), 60);
+    // Still serving, and one warning for the whole episode.
+    let (out, json) = load(&["--to", &server.addr.to_string(), "-c", "4", "-n", "20"]);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(
+        warnings().len(),
+        1,
+        "logs the back-off once: {:#?}",
+        warnings()
+    );
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn idle_connections_cost_no_buffers() {
+    const IDLE: usize = 2000;
+    let dirs = tempfile::tempdir().unwrap();
+    let server = spawn(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        dirs.path().join("r").to_str().unwrap(),
+    ]);
+    let proxy = spawn(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &server.addr.to_string(),
+        "--dir",
+        dirs.path().join("s").to_str().unwrap(),
+    ]);
+    // Descriptors before any traffic (a finished transfer may take a moment
+    // to release its own after its answer is out).
+    let base_fds = open_fds(proxy.pid());
+    // Warm the proxy up with real traffic first, so its baseline includes
+    // the scratch buffer and allocator arenas.
+    assert_eq!(
+        send(proxy.addr, &random_bytes(4 << 20, 1))
+            .unwrap()
+            .line
+            .get(..2),
+        Some("OK")
+    );
+    let (proxy_before, server_before) = (proxy.rss_kib(), server.rss_kib());
+    let idle: Vec<TcpStream> = (0..IDLE)
+        .map(|_| TcpStream::connect(proxy.addr).unwrap())
+        .collect();
+    // Each idle transfer holds three descriptors in the proxy once set up.
+    wait_until("the proxy has set up every idle transfer", || {
+        open_fds(proxy.pid()) >= base_fds + 3 * IDLE
+    });
+    let (proxy_after, server_after) = (proxy.rss_kib(), server.rss_kib());
+    let per_conn =
+        |before: u64, after: u64| after.saturating_sub(before) as f64 * 1024.0 / IDLE as f64;
+    eprintln!(
+        "RSS with {IDLE} idle connections: proxy {proxy_before} -> {proxy_after} KiB ({:.0} B each), server {server_before} -> {server_after} KiB ({:.0} B each)",
+        per_conn(proxy_before, proxy_after),
+        per_conn(server_before, server_after)
+    );
+    // A buffer per connection would be 64 KiB or more each; we allow 4 KiB
+    // for the slab entry, sockets' user-space state and file names.
+    assert!(
+        per_conn(proxy_before, proxy_after) < 4096.0,
+        "proxy memory grows with idle connections"
+    );
+    assert!(
+        per_conn(server_before, server_after) < 4096.0,
+        "server memory grows with idle connections"
+    );
+    drop(idle);
+}
