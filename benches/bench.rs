@@ -612,7 +612,7 @@ fn main() {
 /// direct against proxied, each panel on its own scale.
 fn svg_report(rows: &[Value], machine: &Value, preset: Preset) -> String {
     const W: f64 = 220.0;
-    const H: f64 = 190.0;
+    const H: f64 = 205.0;
     let (cols, panel_rows) = (rows.len().max(1) as f64, 2.0);
     let width = 40.0 + cols * W;
     let height = 80.0 + panel_rows * H;
@@ -687,7 +687,7 @@ fn bar_panel(
     fmt: impl Fn(f64) -> String,
 ) -> String {
     let plot_h = 120.0;
-    let base = y0 + 30.0 + plot_h;
+    let base = y0 + 44.0 + plot_h;
     let max = groups
         .iter()
         .flat_map(|g| [g.1, g.2])
