@@ -70,6 +70,12 @@ pub struct ProxyArgs {
     /// Directory for spool files (created if missing, mode 0700).
     #[arg(long, default_value = "spool", value_name = "DIR")]
     pub dir: PathBuf,
+
+    /// Store-and-forward: receive each whole upload, hold it this long
+    /// (e.g. 30s; 0s = no wait) so the spool file can be edited, then send
+    /// the file as it is on disk. Without --hold the proxy streams.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub hold: Option<Duration>,
 }
 
 /// `stopover client`.

@@ -79,6 +79,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 listen: args.listen,
                 upstream,
                 dir: args.dir,
+                hold: args.hold,
             })
             .map_err(|e| e.to_string())?;
             proxy.run().map_err(|e| e.to_string())?;

@@ -155,6 +155,8 @@ impl Server {
         let shutdown = Shutdown::new(&registry)?;
         // Two descriptors per connection: its socket and its file.
         let gate = AcceptGate::new("server", 2, None);
+        // Last: this line tells tests and scripts that we are ready.
+        log::info!("server listening on {local_addr}");
         Ok(Server {
             poll,
             core: Core {

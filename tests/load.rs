@@ -236,8 +236,8 @@ fn idle_connections_cost_no_buffers() {
         "--dir",
         dirs.path().join("s").to_str().unwrap(),
     ]);
-    // Descriptors before any traffic (a finished transfer may take a moment
-    // to release its own after its answer is out).
+    // Descriptors once ready and before any traffic (a finished transfer
+    // may take a moment to release its own after its answer is out).
     let base_fds = open_fds(proxy.pid());
     // Warm the proxy up with real traffic first, so its baseline includes
     // the scratch buffer and allocator arenas.

@@ -49,8 +49,9 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// is being served. Large reads mean few syscalls per megabyte.
 pub const SCRATCH_SIZE: usize = 1024 * 1024;
 
-/// Binds a non-blocking TCP listener on `addr` (port 0 picks a free port)
-/// and logs `listening on <addr>` with the address actually bound.
+/// Binds a non-blocking TCP listener on `addr` (port 0 picks a free port).
+/// The role logs `listening on <addr>` once it is completely ready, since
+/// tests and scripts take that line as the signal to connect.
 pub fn bind_listener(addr: SocketAddr, role: &str) -> io::Result<TcpListener> {
     let what = || format!("{role}: binding {addr}");
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
@@ -68,7 +69,6 @@ pub fn bind_listener(addr: SocketAddr, role: &str) -> io::Result<TcpListener> {
             "{role} listening on non-loopback address {local}: anyone who can reach it can write files to this disk"
         );
     }
-    log::info!("{role} listening on {local}");
     Ok(listener)
 }
 

@@ -29,7 +29,7 @@ pub mod transfer;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
@@ -40,7 +40,7 @@ use crate::error::{is_interrupted, is_would_block, Context};
 use crate::event_loop::{self, AcceptGate, Shutdown, Timers, LISTENER, SCRATCH_SIZE};
 use crate::store::Store;
 
-use transfer::{Next, Outcome, Side, Transfer};
+use transfer::{Ctx, Next, Outcome, Side, Transfer};
 
 /// Settings for [`Proxy`].
 #[derive(Debug, Clone)]
@@ -51,6 +51,9 @@ pub struct ProxyConfig {
     pub upstream: SocketAddr,
     /// Directory for spool files (created if missing).
     pub dir: PathBuf,
+    /// Hold mode: store each whole upload, wait this long, then forward the
+    /// file as it is on disk. `None` streams.
+    pub hold: Option<Duration>,
 }
 
 /// The client socket of transfer `key`.
@@ -79,9 +82,11 @@ pub fn token_owner(token: Token) -> (usize, Side) {
 
 /// What the proxy's timers can be for.
 #[derive(Debug, Clone, Copy)]
-enum Timer {
+pub enum Timer {
     /// The pause after running out of file descriptors is over.
     ResumeAccept,
+    /// Hold mode: transfer `key` has been held long enough.
+    HoldOver(usize),
 }
 
 /// Counters reported when the proxy stops.
@@ -115,6 +120,7 @@ struct Core {
     timers: Timers<Timer>,
     gate: AcceptGate,
     stats: Stats,
+    hold: Option<Duration>,
 }
 
 impl Proxy {
@@ -136,11 +142,19 @@ impl Proxy {
         let shutdown = Shutdown::new(&registry)?;
         // Three descriptors per transfer: client, upstream, spool file.
         let gate = AcceptGate::new("proxy", 3, None);
+        if let Some(hold) = config.hold {
+            log::info!(
+                "proxy: hold mode: each upload is stored whole, held {} for editing, then forwarded",
+                humantime::format_duration(hold)
+            );
+        }
         log::info!(
             "proxy: forwarding to {}, spooling to {}",
             config.upstream,
             store.dir().display()
         );
+        // Last: this line tells tests and scripts that we are ready.
+        log::info!("proxy listening on {local_addr}");
         Ok(Proxy {
             poll,
             core: Core {
@@ -155,6 +169,7 @@ impl Proxy {
                 timers: Timers::new(),
                 gate,
                 stats: Stats::default(),
+                hold: config.hold,
             },
         })
     }
@@ -227,6 +242,17 @@ impl event_loop::Handler for Core {
                 self.gate.backoff_over();
                 self.accept_all();
             }
+            Timer::HoldOver(key) => {
+                if let Some(t) = self.transfers.get_mut(key) {
+                    let mut ctx = Ctx {
+                        scratch: &mut self.scratch,
+                        timers: &mut self.timers,
+                        registry: &self.registry,
+                    };
+                    t.hold_over(&mut ctx);
+                    self.drive(key);
+                }
+            }
         }
     }
 
@@ -270,13 +296,20 @@ impl Core {
                 }
             };
             let _ = client.set_nodelay(true);
-            // Seed step 4, non-blocking: connect() returns at once with the
-            // handshake in flight; WRITABLE on the upstream token says when
-            // it is over.
-            let upstream = TcpStream::connect(self.upstream);
             let entry = self.transfers.vacant_entry();
             let key = entry.key();
-            let mut transfer = Transfer::new(key, client, peer, upstream, self.upstream, spool);
+            let mut transfer = match self.hold {
+                // Hold mode: the upstream waits until the upload is whole
+                // and the hold is over.
+                Some(hold) => Transfer::new_held(key, client, peer, self.upstream, spool, hold),
+                None => {
+                    // Seed step 4, non-blocking: connect() returns at once
+                    // with the handshake in flight; WRITABLE on the upstream
+                    // token says when it is over.
+                    let upstream = TcpStream::connect(self.upstream);
+                    Transfer::new(key, client, peer, upstream, self.upstream, spool)
+                }
+            };
             let registered = self
                 .registry
                 .register(
@@ -317,9 +350,19 @@ impl Core {
 
     /// Drives one transfer and closes it if it is finished.
     fn drive(&mut self, key: usize) {
-        let next = self.transfers[key].drive(&mut self.scratch);
+        let mut ctx = Ctx {
+            scratch: &mut self.scratch,
+            timers: &mut self.timers,
+            registry: &self.registry,
+        };
+        let next = self.transfers[key].drive(&mut ctx);
         if let Next::Close(outcome) = next {
             let transfer = self.transfers.remove(key);
+            // A transfer that ends early takes its pending timer with it, so
+            // no deadline fires for a slab key that a new transfer may reuse.
+            if let Some(id) = transfer.timer() {
+                self.timers.cancel(id);
+            }
             log::trace!("proxy: #{key} closed ({outcome:?})");
             match outcome {
                 Outcome::Relayed => self.stats.relayed += 1,

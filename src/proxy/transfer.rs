@@ -2,24 +2,31 @@
 //! and the state machine that moves bytes between them.
 //!
 //! ```text
-//!                 accept: create spool, start connect
-//!                               |
-//!                               v
-//!   +------------------------ Connecting ---- connect fails ---+
-//!   |  client bytes -> spool      |                            |
-//!   |  (up to LAG_LIMIT ahead)    | connect completes          |
-//!   |                             v                            v
-//!   |                         Streaming ---- upstream fails -> Salvaging
-//!   |  client -> spool -> upstream,  |       before answering   client -> spool only;
-//!   |  answer upstream -> client,    |                          on client EOF:
-//!   |  each FIN passed on once       |                          "ERR upstream unavailable"
-//!   |  its direction is drained      |                                  |
-//!   |                                | both directions done            v
-//!   |                                v                             Replying --> (close)
-//!   |                            (close: Relayed)                  our own line to the client
+//!        accept: create spool           accept (--hold): create spool
+//!        start non-blocking connect        |
+//!                 |                        v
+//!                 |                    Receiving  client -> spool only
+//!                 |                        | client EOF: rename spool, arm timer
+//!                 |                        v
+//!                 |                    Holding    a person may edit the file
+//!                 |                        | timer fires: reopen file by name,
+//!                 v                        v        start non-blocking connect
+//!   +------- Connecting <------------------+
+//!   |   client bytes -> spool (up to LAG_LIMIT ahead)
+//!   |             | connect completes              connect fails
+//!   |             v                                    |
+//!   |         Streaming ---- upstream fails ------> Salvaging
+//!   |   client -> upstream + spool;   before       client -> spool only;
+//!   |   answer upstream -> client;    answering    on client EOF:
+//!   |   each FIN passed on once its                "ERR upstream unavailable"
+//!   |   direction is drained                             |
+//!   |             | both directions done                 v
+//!   |             v                                  Replying --> (close)
+//!   |      (close: Relayed)                      our own line to the client
 //!   |
-//!   +-- spool write fails (any state) --> Replying ("ERR proxy cannot store") --> Discarding
-//!   client resets before its FIN (any state): upstream reset, spool kept as .incomplete, close
+//!   +-- spool write fails, held file gone --> Replying ("ERR ...") --> Discarding
+//!   client resets before its FIN: upstream reset, spool kept as .incomplete, close
+//!   client resets while Holding: timer cancelled, nothing sent upstream, close
 //! ```
 //!
 //! **The spool file is the buffer.** Each chunk read from the client (into
@@ -53,15 +60,20 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown as Direction, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::net::TcpStream;
+use mio::{Interest, Registry};
 
 use crate::answer::Answer;
 use crate::error::{brief, is_interrupted, is_would_block};
+use crate::event_loop::{TimerId, Timers};
 use crate::server::mb_per_s;
 use crate::store::PartFile;
+
+use super::{upstream_token, Timer};
 
 /// How far (in bytes) the spool may run ahead of the upstream before we
 /// stop reading the client.
@@ -143,6 +155,16 @@ impl Peer {
 /// Where a transfer is in its life. See the module docs for the diagram.
 #[derive(Debug)]
 enum State {
+    /// Hold mode: the upload goes to the spool only; the upstream is not
+    /// contacted until the hold is over.
+    Receiving,
+    /// Hold mode: the upload is complete and final in the spool; waiting for
+    /// the deadline (a timer in the loop, never a sleep) while a person may
+    /// edit the file. `timer` is set once the loop has scheduled it.
+    Holding {
+        until: Instant,
+        timer: Option<TimerId>,
+    },
     /// The upstream connect is in flight. Client bytes go to the spool.
     Connecting,
     /// Both sockets up: upload to spool and upstream, answer back.
@@ -162,6 +184,8 @@ enum State {
 impl State {
     fn name(&self) -> &'static str {
         match self {
+            State::Receiving => "Receiving",
+            State::Holding { .. } => "Holding",
             State::Connecting => "Connecting",
             State::Streaming => "Streaming",
             State::Salvaging { .. } => "Salvaging",
@@ -189,6 +213,27 @@ pub enum Next {
     Close(Outcome),
 }
 
+/// What a transfer borrows from the loop while it is driven.
+pub struct Ctx<'a> {
+    /// The loop's one read buffer.
+    pub scratch: &'a mut [u8],
+    /// The loop's timers (hold deadlines).
+    pub timers: &'a mut Timers<Timer>,
+    /// For registering an upstream socket created after accept (hold mode).
+    pub registry: &'a Registry,
+}
+
+/// In hold mode, the file being forwarded once the hold is over: the spool
+/// reopened by name, as it is on disk at that moment.
+#[derive(Debug)]
+struct Held {
+    file: File,
+    /// Its length when reopened: exactly this much is sent.
+    len: u64,
+    /// CRC-32C of what has been sent so far.
+    crc: u32,
+}
+
 /// One client's transfer through the proxy.
 pub struct Transfer {
     key: usize,
@@ -209,11 +254,16 @@ pub struct Transfer {
     state: State,
     /// Set when the transfer must end now, whatever the state.
     ending: Option<Outcome>,
+    /// Hold mode: how long to hold a complete upload before forwarding.
+    hold: Option<Duration>,
+    /// Hold mode: the reopened file being forwarded.
+    held: Option<Held>,
 }
 
 impl Transfer {
-    /// A new transfer for an accepted client. `upstream` is the result of
-    /// starting the non-blocking connect: on error we start out salvaging.
+    /// A new streaming transfer for an accepted client. `upstream` is the
+    /// result of starting the non-blocking connect: on error we start out
+    /// salvaging.
     pub fn new(
         key: usize,
         client: TcpStream,
@@ -231,6 +281,51 @@ impl Transfer {
                 },
             ),
         };
+        Self::with_state(
+            key,
+            client,
+            client_addr,
+            upstream,
+            upstream_addr,
+            spool,
+            state,
+            None,
+        )
+    }
+
+    /// A new hold-mode transfer: the upstream is contacted only after the
+    /// whole upload is in the spool and `hold` has passed.
+    pub fn new_held(
+        key: usize,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        upstream_addr: SocketAddr,
+        spool: PartFile,
+        hold: Duration,
+    ) -> Transfer {
+        Self::with_state(
+            key,
+            client,
+            client_addr,
+            None,
+            upstream_addr,
+            spool,
+            State::Receiving,
+            Some(hold),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_state(
+        key: usize,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        upstream: Option<Peer>,
+        upstream_addr: SocketAddr,
+        spool: PartFile,
+        state: State,
+        hold: Option<Duration>,
+    ) -> Transfer {
         Transfer {
             key,
             client_addr,
@@ -244,6 +339,8 @@ impl Transfer {
             answer_bytes: 0,
             state,
             ending: None,
+            hold,
+            held: None,
         }
     }
 
@@ -268,12 +365,16 @@ impl Transfer {
     /// transfer is over. Each step returns whether it moved anything; we
     /// go round until nothing moves, because progress on one side can
     /// unblock the other (the upstream draining lets us read the client).
-    pub fn drive(&mut self, scratch: &mut [u8]) -> Next {
+    pub fn drive(&mut self, ctx: &mut Ctx) -> Next {
+        let scratch = &mut *ctx.scratch;
         loop {
             let moved = match self.state {
+                State::Receiving => self.read_client(scratch),
+                State::Holding { .. } => self.watch_client(scratch),
                 State::Connecting => self.check_connect() | self.read_client(scratch),
                 State::Streaming => {
-                    self.forward_spool()
+                    self.forward_held(scratch)
+                        | self.forward_spool()
                         | self.read_client(scratch)
                         | self.forward_eof()
                         | self.relay_answer(scratch)
@@ -284,6 +385,14 @@ impl Transfer {
             };
             if let Some(outcome) = self.ending {
                 return Next::Close(outcome);
+            }
+            // A hold that just began needs its deadline in the loop's timers.
+            if let State::Holding {
+                until,
+                timer: timer @ None,
+            } = &mut self.state
+            {
+                *timer = Some(ctx.timers.schedule(*until, Timer::HoldOver(self.key)));
             }
             if self.streaming_is_done() {
                 self.log_relayed();
@@ -305,11 +414,112 @@ impl Transfer {
         self.state = next;
     }
 
-    /// Bytes in the spool that the upstream has not taken yet.
+    /// Bytes to forward that the upstream has not taken yet: of the spool
+    /// as it grows (streaming), or of the reopened file (hold mode).
     fn lag(&self) -> u64 {
+        if let Some(held) = &self.held {
+            return held.len - self.forwarded;
+        }
         self.spool
             .as_ref()
             .map_or(0, |s| s.bytes() - self.forwarded)
+    }
+
+    /// The timer this transfer has pending, for the loop to cancel when the
+    /// transfer ends early.
+    pub fn timer(&self) -> Option<TimerId> {
+        match self.state {
+            State::Holding { timer, .. } => timer,
+            _ => None,
+        }
+    }
+
+    // ---- Hold mode -----------------------------------------------------
+
+    /// While holding, the client has nothing to send (it half-closed), but
+    /// it may go away. Because its FIN has already arrived, a read after a
+    /// reset still says EOF; the reset shows only as a pending socket error
+    /// (`SO_ERROR`), so that is what we ask for.
+    fn watch_client(&mut self, scratch: &mut [u8]) -> bool {
+        if !self.client.readable {
+            return false;
+        }
+        self.client.readable = false;
+        let error = match self.client.sock.take_error() {
+            Ok(Some(e)) | Err(e) => Some(e),
+            Ok(None) => match self.client.sock.read(scratch) {
+                Err(e) if !is_would_block(&e) && !is_interrupted(&e) => Some(e),
+                _ => None,
+            },
+        };
+        match error {
+            Some(e) => {
+                self.client_lost(e);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The hold is over: reopen the spool by name (a person may have
+    /// edited or replaced it) and start connecting to the upstream.
+    pub fn hold_over(&mut self, ctx: &mut Ctx) {
+        let State::Holding { .. } = self.state else {
+            return;
+        };
+        let Some(spool) = self.spool.as_ref() else {
+            return;
+        };
+        let (name, path) = (spool.name().to_string(), spool.path().to_path_buf());
+        log::trace!("proxy: #{} timer fired: hold over", self.key);
+        let reopened = File::open(&path).and_then(|f| {
+            let meta = f.metadata()?;
+            if meta.is_file() {
+                Ok((f, meta.len()))
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not a regular file",
+                ))
+            }
+        });
+        let (file, len) = match reopened {
+            Ok(pair) => pair,
+            Err(e) => {
+                log::warn!(
+                    "proxy: held file {} is gone: {e}; answering ERR",
+                    path.display()
+                );
+                self.reply(Answer::err(format!(
+                    "held file {name} is gone: {}",
+                    brief(&e)
+                )));
+                return;
+            }
+        };
+        self.held = Some(Held { file, len, crc: 0 });
+        self.forwarded = 0;
+        // Seed step 4, after the hold: connect, non-blocking as ever.
+        let connected = TcpStream::connect(self.upstream_addr).and_then(|mut sock| {
+            ctx.registry
+                .register(
+                    &mut sock,
+                    upstream_token(self.key),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .map(|()| sock)
+        });
+        match connected {
+            Ok(sock) => {
+                self.upstream = Some(Peer::new(sock, false));
+                self.set_state(State::Connecting);
+            }
+            Err(e) => self.upstream_failed(format!(
+                "connecting to {}: {}",
+                self.upstream_addr,
+                brief(&e)
+            )),
+        }
     }
 
     /// True while upload bytes can still go to the upstream.
@@ -373,6 +583,8 @@ impl Transfer {
         let mut moved = false;
         while self.client.readable && !self.client.eof && self.ending.is_none() {
             let held_back = match self.state {
+                State::Receiving => false,
+                State::Holding { .. } => true,
                 State::Connecting => self.lag() >= LAG_LIMIT,
                 State::Streaming => self.forwarding() && self.lag() >= LAG_LIMIT,
                 State::Salvaging { .. } => false,
@@ -484,6 +696,9 @@ impl Transfer {
     /// simply still in the file: no per-transfer buffer, however slow the
     /// upstream.
     fn forward_spool(&mut self) -> bool {
+        if self.held.is_some() {
+            return false; // hold mode forwards with forward_held
+        }
         let mut moved = false;
         while self.forwarding() && self.lag() > 0 {
             let want = self.lag().min(MAX_SENDFILE) as usize;
@@ -527,6 +742,59 @@ impl Transfer {
         moved
     }
 
+    /// Hold mode: forwards the reopened file, reading it back chunk by
+    /// chunk (`pread` at the forwarded offset, so a slow upstream costs no
+    /// memory) and computing the CRC-32C of exactly what is sent.
+    fn forward_held(&mut self, scratch: &mut [u8]) -> bool {
+        if self.held.is_none() {
+            return false; // streaming mode forwards with forward_spool
+        }
+        let mut moved = false;
+        while self.forwarding()
+            && self.lag() > 0
+            && self.upstream.as_ref().is_some_and(|u| u.writable)
+        {
+            let Some(held) = self.held.as_ref() else {
+                break;
+            };
+            let want = self.lag().min(scratch.len() as u64) as usize;
+            let n = match held.file.read_at(&mut scratch[..want], self.forwarded) {
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "it shrank while being sent",
+                )),
+                Ok(n) => Ok(n),
+                Err(e) if is_interrupted(&e) => continue,
+                Err(e) => Err(e),
+            };
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    let name = self.spool.as_ref().map_or("?", |s| s.name()).to_string();
+                    log::warn!("proxy: #{} reading held file {name}: {e}", self.key);
+                    if let Some(up) = self.upstream.take() {
+                        up.reset(); // the upstream must not take a partial file for whole
+                    }
+                    self.reply(Answer::err(format!(
+                        "held file {name} is gone: {}",
+                        brief(&e)
+                    )));
+                    return true;
+                }
+            };
+            let sent = self.write_upstream(&scratch[..n]);
+            if let Some(held) = self.held.as_mut() {
+                held.crc = crc32c::crc32c_append(held.crc, &scratch[..sent]);
+            }
+            self.forwarded += sent as u64;
+            moved |= sent > 0;
+            if sent < n {
+                break; // the upstream is full (or broke); WRITABLE brings us back
+            }
+        }
+        moved
+    }
+
     /// The client's EOF is the end of the upload: the spool is complete.
     fn on_client_eof(&mut self) {
         if let Some(spool) = self.spool.as_mut() {
@@ -534,6 +802,23 @@ impl Transfer {
                 self.spool_failed(e);
                 return;
             }
+        }
+        if let (State::Receiving, Some(hold), Some(spool)) =
+            (&self.state, self.hold, self.spool.as_ref())
+        {
+            log::info!(
+                "holding {} for {}: edit it now ({} bytes from {}, crc32c={:08x})",
+                spool.path().display(),
+                humantime::format_duration(hold),
+                spool.bytes(),
+                self.client_addr,
+                spool.crc32c()
+            );
+            self.set_state(State::Holding {
+                until: Instant::now() + hold,
+                timer: None,
+            });
+            return;
         }
         if let State::Salvaging { reason } = &self.state {
             let reason = reason.clone();
@@ -732,6 +1017,14 @@ impl Transfer {
     /// The client's connection failed (reset, or lost while we wrote to it).
     fn client_lost(&mut self, e: io::Error) {
         self.ending = Some(Outcome::Aborted);
+        if let State::Holding { .. } = self.state {
+            log::warn!(
+                "proxy: client {} went away during its hold ({e}); nothing was sent upstream; upload kept as {}",
+                self.client_addr,
+                self.spool.as_ref().map_or_else(String::new, |s| s.path().display().to_string())
+            );
+            return;
+        }
         if self.client.eof {
             // The upload was complete; only the answer could not be given.
             log::warn!(
@@ -835,6 +1128,22 @@ impl Transfer {
 
     fn log_relayed(&self) {
         if !log::log_enabled!(log::Level::Info) {
+            return;
+        }
+        if let (Some(held), Some(spool)) = (&self.held, &self.spool) {
+            let edited = held.len != spool.bytes() || held.crc != spool.crc32c();
+            log::info!(
+                "proxy: relayed held {} -> {}: received {} bytes crc32c={:08x}, forwarded {} bytes crc32c={:08x}{}, answer {} bytes, {:.3}s in all",
+                spool.name(),
+                self.upstream_addr,
+                spool.bytes(),
+                spool.crc32c(),
+                self.forwarded,
+                held.crc,
+                if edited { " (edited during hold)" } else { "" },
+                self.answer_bytes,
+                self.started.elapsed().as_secs_f64()
+            );
             return;
         }
         let elapsed = self.started.elapsed();

@@ -61,10 +61,15 @@ pub fn start_server(dir: &Path) -> InProcess {
 }
 
 pub fn start_proxy(upstream: SocketAddr, dir: &Path) -> InProcess {
+    start_proxy_with(upstream, dir, None)
+}
+
+pub fn start_proxy_with(upstream: SocketAddr, dir: &Path, hold: Option<Duration>) -> InProcess {
     let proxy = Proxy::bind(&ProxyConfig {
         listen: loopback0(),
         upstream,
         dir: dir.to_path_buf(),
+        hold,
     })
     .expect("proxy binds");
     let addr = proxy.local_addr();
