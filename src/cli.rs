@@ -54,6 +54,36 @@ pub struct ServerArgs {
     /// Directory to store uploads in (created if missing, mode 0700).
     #[arg(long, default_value = "received", value_name = "DIR")]
     pub dir: PathBuf,
+
+    /// Sync each file and its directory entry to disk before answering OK,
+    /// so OK means durable (costs a disk flush per upload).
+    #[arg(long)]
+    pub fsync: bool,
+
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+/// Protections shared by the server and the proxy.
+#[derive(Debug, Args)]
+pub struct Limits {
+    /// Most connections at once; more wait in the kernel's listen backlog
+    /// (default: as many as the open-files limit allows).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_conns: Option<u64>,
+
+    /// Refuse uploads larger than this with `ERR too large` (e.g. 100MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub max_bytes: Option<u64>,
+
+    /// Close a connection that moves no byte for this long (0s: never).
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long transfers in flight may take to finish
+    /// (a second signal stops at once).
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub grace: Duration,
 }
 
 /// `stopover proxy`.
@@ -76,6 +106,14 @@ pub struct ProxyArgs {
     /// the file as it is on disk. Without --hold the proxy streams.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub hold: Option<Duration>,
+
+    /// Give up connecting to the upstream after this long (the client gets
+    /// `ERR upstream unavailable`, and the upload is kept).
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    #[command(flatten)]
+    pub limits: Limits,
 }
 
 /// `stopover client`.
@@ -149,6 +187,11 @@ pub struct LoadArgs {
     /// Never show a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+/// Parses `64KiB`, `100MB`, `1GiB` (parse-size's syntax).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    parse_size::parse_size(text).map_err(|e| format!("{e} (try e.g. 64KiB, 100MB, 1GiB)"))
 }
 
 /// Parses `10s`, `500ms`, `2m`, `1h 30m` (humantime's syntax).

@@ -65,23 +65,35 @@ fn init_logging(cli: &Cli) {
 fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Server(args) => {
-            let server = Server::bind(&ServerConfig {
+            let mut server = Server::bind(&ServerConfig {
                 listen: args.listen,
                 dir: args.dir,
+                max_conns: args.limits.max_conns.map(|n| n as usize),
+                max_bytes: args.limits.max_bytes,
+                idle_timeout: nonzero(args.limits.idle_timeout),
+                grace: args.limits.grace,
+                fsync: args.fsync,
             })
             .map_err(|e| e.to_string())?;
+            server.handle_signals().map_err(|e| e.to_string())?;
             server.run().map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Proxy(args) => {
             let upstream = resolve(&args.upstream)?;
-            let proxy = Proxy::bind(&ProxyConfig {
+            let mut proxy = Proxy::bind(&ProxyConfig {
                 listen: args.listen,
                 upstream,
                 dir: args.dir,
                 hold: args.hold,
+                max_conns: args.limits.max_conns.map(|n| n as usize),
+                max_bytes: args.limits.max_bytes,
+                idle_timeout: nonzero(args.limits.idle_timeout),
+                connect_timeout: args.connect_timeout,
+                grace: args.limits.grace,
             })
             .map_err(|e| e.to_string())?;
+            proxy.handle_signals().map_err(|e| e.to_string())?;
             proxy.run().map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -133,6 +145,11 @@ fn run(command: Command) -> Result<ExitCode, String> {
             })
         }
     }
+}
+
+/// `0s` means "off" for timeouts.
+fn nonzero(d: std::time::Duration) -> Option<std::time::Duration> {
+    (!d.is_zero()).then_some(d)
 }
 
 /// Resolves `host:port` once, at startup, so a typo fails now and clearly.

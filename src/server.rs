@@ -28,6 +28,13 @@
 //! reading the rest of it, so that closing does not turn into a reset that
 //! destroys our `ERR` line in the client's receive buffer).
 //!
+//! Protections, all on the loop's timers or counters: at most
+//! `--max-conns` connections (the rest wait in the listen backlog); uploads
+//! over `--max-bytes` are refused; a connection that moves no byte for
+//! `--idle-timeout` is closed as aborted (the slowloris defence); and on
+//! SIGINT/SIGTERM the server stops accepting, lets transfers in flight
+//! finish for up to `--grace`, then closes what is left as aborted.
+//!
 //! Connections live in a [`Slab`]; the slab key is the connection's
 //! [`Token`]. No connection owns a read buffer: the loop owns one large
 //! scratch buffer and lends it to whichever connection is being served,
@@ -41,11 +48,14 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Poll, Registry, Token};
+use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use crate::answer::Answer;
 use crate::error::{brief, is_interrupted, is_would_block, Context};
-use crate::event_loop::{self, AcceptGate, Shutdown, Timers, LISTENER, SCRATCH_SIZE};
+use crate::event_loop::{
+    self, AcceptGate, Shutdown, TimerId, Timers, DISCARD_LIMIT, LISTENER, SCRATCH_SIZE,
+};
 use crate::store::{PartFile, Store};
 
 /// Settings for [`Server`].
@@ -55,6 +65,30 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Directory uploads are stored in (created if missing).
     pub dir: PathBuf,
+    /// Most connections at once (`None`: as many as descriptors allow).
+    pub max_conns: Option<usize>,
+    /// Largest upload accepted, in bytes (`None`: no limit).
+    pub max_bytes: Option<u64>,
+    /// Close a connection that moves no byte for this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// On shutdown, how long transfers in flight may take to finish.
+    pub grace: Duration,
+    /// Sync each file and its directory entry before answering `OK`.
+    pub fsync: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            dir: PathBuf::from("received"),
+            max_conns: None,
+            max_bytes: None,
+            idle_timeout: Some(Duration::from_secs(60)),
+            grace: Duration::from_secs(10),
+            fsync: false,
+        }
+    }
 }
 
 /// What the server's timers can be for.
@@ -62,6 +96,10 @@ pub struct ServerConfig {
 enum Timer {
     /// The pause after running out of file descriptors is over.
     ResumeAccept,
+    /// Check whether connection `key` (identity `id`) has been idle too long.
+    Idle { key: usize, id: u64 },
+    /// The shutdown grace period is over (wakes the loop to notice).
+    GraceOver,
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -80,9 +118,24 @@ struct Core {
     store: Store,
     scratch: Box<[u8]>,
     shutdown: Shutdown,
+    signals: Option<Signals>,
     timers: Timers<Timer>,
     gate: AcceptGate,
     stats: Stats,
+    policy: Policy,
+    idle_timeout: Option<Duration>,
+    grace: Duration,
+    /// When shutting down: the end of the grace period.
+    draining_until: Option<Instant>,
+    /// Identity for the next connection (slab keys are reused; ids are not).
+    next_id: u64,
+}
+
+/// The per-upload rules a connection needs while it is driven.
+#[derive(Debug, Clone, Copy)]
+struct Policy {
+    max_bytes: Option<u64>,
+    fsync: bool,
 }
 
 /// Counters reported when the server stops.
@@ -90,9 +143,9 @@ struct Core {
 pub struct Stats {
     /// Uploads stored and answered `OK`.
     pub stored: u64,
-    /// Uploads refused with `ERR` (e.g. a write error on the file).
+    /// Uploads refused with `ERR` (too large, a write error on the file).
     pub refused: u64,
-    /// Uploads the client abandoned (reset) before finishing.
+    /// Uploads abandoned before finishing (reset, idle, shutdown).
     pub aborted: u64,
     /// Payload bytes stored.
     pub bytes: u64,
@@ -100,14 +153,20 @@ pub struct Stats {
 
 /// One client connection.
 struct Conn {
+    id: u64,
     sock: TcpStream,
     peer: SocketAddr,
     started: Instant,
+    /// Last time a byte moved either way (for the idle timeout).
+    last_active: Instant,
+    idle_timer: Option<TimerId>,
     /// A read may make progress: set by READABLE events, cleared by
     /// `WouldBlock`. Edge-triggered readiness tells us once; we remember.
     readable: bool,
     /// A write may make progress; same bookkeeping as `readable`.
     writable: bool,
+    /// Bytes thrown away after refusing the upload.
+    discarded: u64,
     state: State,
 }
 
@@ -154,7 +213,10 @@ impl Server {
             .context("server: registering listener")?;
         let shutdown = Shutdown::new(&registry)?;
         // Two descriptors per connection: its socket and its file.
-        let gate = AcceptGate::new("server", 2, None);
+        let gate = AcceptGate::new("server", 2, config.max_conns);
+        if config.fsync {
+            log::info!("server: --fsync: each file and its directory entry are synced before OK");
+        }
         // Last: this line tells tests and scripts that we are ready.
         log::info!("server listening on {local_addr}");
         Ok(Server {
@@ -167,9 +229,18 @@ impl Server {
                 store,
                 scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
                 shutdown,
+                signals: None,
                 timers: Timers::new(),
                 gate,
                 stats: Stats::default(),
+                policy: Policy {
+                    max_bytes: config.max_bytes,
+                    fsync: config.fsync,
+                },
+                idle_timeout: config.idle_timeout,
+                grace: config.grace,
+                draining_until: None,
+                next_id: 0,
             },
         })
     }
@@ -184,14 +255,27 @@ impl Server {
         self.core.shutdown.clone()
     }
 
+    /// Makes SIGINT and SIGTERM shut the server down (gracefully the first
+    /// time, at once the second). The binary does this; in-process users
+    /// (tests) use [`Server::shutdown_handle`] instead.
+    pub fn handle_signals(&mut self) -> io::Result<()> {
+        self.core.signals = Some(event_loop::register_signals(&self.core.registry)?);
+        Ok(())
+    }
+
     /// Runs the loop until shut down. Connections still open at that point
-    /// are closed, and their partial files removed.
+    /// are closed as aborted, and their partial files removed.
     pub fn run(mut self) -> io::Result<Stats> {
         event_loop::run(&mut self.poll, &mut self.core).context("server")?;
         let core = &mut self.core;
         let open = core.conns.len();
         for conn in core.conns.drain() {
             if let State::Receiving(part) = conn.state {
+                log::warn!(
+                    "server: upload from {} aborted by shutdown; removed {}",
+                    conn.peer,
+                    part.path().display()
+                );
                 part.discard();
                 core.stats.aborted += 1;
             }
@@ -249,11 +333,40 @@ impl event_loop::Handler for Core {
                 self.gate.backoff_over();
                 self.accept_all();
             }
+            Timer::Idle { key, id } => self.check_idle(key, id),
+            Timer::GraceOver => {} // should_stop notices
         }
     }
 
+    fn signals_ready(&mut self) {
+        if let Some(signals) = self.signals.as_mut() {
+            for name in event_loop::take_signals(signals, &self.shutdown) {
+                log::info!("server: received {name}");
+            }
+        }
+    }
+
+    /// Graceful shutdown: on the first request stop accepting and let what
+    /// is in flight finish; stop when nothing is left, when the grace
+    /// period is over, or at a second request.
     fn should_stop(&mut self) -> bool {
-        self.shutdown.is_requested()
+        let requests = self.shutdown.requests();
+        if requests == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        if self.draining_until.is_none() {
+            let until = now + self.grace;
+            self.draining_until = Some(until);
+            let _ = self.registry.deregister(&mut self.listener);
+            self.timers.schedule(until, Timer::GraceOver);
+            log::info!(
+                "server: shutting down: not accepting; {} transfer(s) in flight get up to {} to finish (again to stop now)",
+                self.conns.len(),
+                humantime::format_duration(self.grace)
+            );
+        }
+        requests >= 2 || self.conns.is_empty() || self.draining_until.is_some_and(|t| now >= t)
     }
 }
 
@@ -263,7 +376,7 @@ impl Core {
     /// left in the queue would produce no second event. (The gate may stop
     /// us earlier, at capacity; closing a connection brings us back.)
     fn accept_all(&mut self) {
-        while self.gate.admits(self.conns.len()) {
+        while self.draining_until.is_none() && self.gate.admits(self.conns.len()) {
             let (mut sock, peer) = match self.listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if is_would_block(&e) => return,
@@ -308,8 +421,17 @@ impl Core {
                 continue;
             }
             let _ = sock.set_nodelay(true);
+            self.next_id += 1;
+            let id = self.next_id;
+            let mut conn = Conn::new(id, sock, peer, state);
+            if let Some(idle) = self.idle_timeout {
+                conn.idle_timer = Some(
+                    self.timers
+                        .schedule(conn.last_active + idle, Timer::Idle { key, id }),
+                );
+            }
             log::debug!("server: accepted {peer} as #{key}");
-            entry.insert(Conn::new(sock, peer, state));
+            entry.insert(conn);
             // Data may have arrived with the connection; the registration
             // reports it too, but reading now saves a trip through poll.
             self.drive(key);
@@ -320,16 +442,65 @@ impl Core {
     /// it if it is finished.
     fn drive(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        let next = conn.drive(&mut self.scratch, &mut self.stats);
-        if next == Next::Close {
-            let conn = self.conns.remove(key);
-            log::trace!("server: #{key} closed ({})", conn.peer);
-            // Seed step 5: close. Dropping the socket closes it, which also
-            // removes it from the poll set.
-            drop(conn);
-            if self.gate.connection_closed() {
-                self.accept_all();
-            }
+        if conn.drive(&mut self.scratch, &mut self.stats, self.policy) == Next::Close {
+            self.close(key);
+        }
+    }
+
+    /// Seed step 5: close. Dropping the socket closes it, which also
+    /// removes it from the poll set.
+    fn close(&mut self, key: usize) {
+        let conn = self.conns.remove(key);
+        log::trace!("server: #{key} closed ({})", conn.peer);
+        if let Some(id) = conn.idle_timer {
+            self.timers.cancel(id);
+        }
+        drop(conn);
+        if self.gate.connection_closed() {
+            self.accept_all();
+        }
+    }
+
+    /// The idle timer of connection `key` fired. The timer is coarse: it is
+    /// not moved on every byte (that would cost a tree update per read);
+    /// instead, when it fires, we look at when the connection last moved a
+    /// byte and either close it or re-arm for the remainder.
+    fn check_idle(&mut self, key: usize, id: u64) {
+        let (Some(idle), Some(conn)) = (self.idle_timeout, self.conns.get_mut(key)) else {
+            return;
+        };
+        if conn.id != id {
+            return; // a newer connection reuses the key; its own timer runs
+        }
+        let due = conn.last_active + idle;
+        if Instant::now() < due {
+            conn.idle_timer = Some(self.timers.schedule(due, Timer::Idle { key, id }));
+            return;
+        }
+        conn.idle_timer = None;
+        match &conn.state {
+            State::Receiving(part) => log::warn!(
+                "server: {} idle for {}: upload aborted after {} bytes; removed {}",
+                conn.peer,
+                humantime::format_duration(idle),
+                part.bytes(),
+                part.path().display()
+            ),
+            _ => log::warn!(
+                "server: {} idle for {}: closed",
+                conn.peer,
+                humantime::format_duration(idle)
+            ),
+        }
+        if let State::Receiving(_) = conn.state {
+            self.stats.aborted += 1;
+        }
+        let conn = self.conns.remove(key);
+        if let State::Receiving(part) = conn.state {
+            part.discard();
+        }
+        if self.gate.connection_closed() {
+            self.accept_all();
         }
     }
 }
@@ -344,21 +515,35 @@ fn refusal(reason: &str) -> State {
 }
 
 impl Conn {
-    fn new(sock: TcpStream, peer: SocketAddr, state: State) -> Conn {
+    fn new(id: u64, sock: TcpStream, peer: SocketAddr, state: State) -> Conn {
+        let now = Instant::now();
         Conn {
+            id,
             sock,
             peer,
-            started: Instant::now(),
+            started: now,
+            last_active: now,
+            idle_timer: None,
             // Optimistic: a fresh socket can usually take a write, and a
             // read that finds nothing just returns WouldBlock.
             readable: true,
             writable: true,
+            discarded: 0,
             state,
         }
     }
 
+    /// Refuses the upload in progress: removes its partial file and
+    /// queues `ERR reason`.
+    fn refuse(&mut self, reason: String, stats: &mut Stats) {
+        stats.refused += 1;
+        if let State::Receiving(part) = std::mem::replace(&mut self.state, refusal(&reason)) {
+            part.discard();
+        }
+    }
+
     /// Makes all the progress the socket's readiness allows.
-    fn drive(&mut self, scratch: &mut [u8], stats: &mut Stats) -> Next {
+    fn drive(&mut self, scratch: &mut [u8], stats: &mut Stats, policy: Policy) -> Next {
         loop {
             match &mut self.state {
                 State::Receiving(part) => {
@@ -371,10 +556,19 @@ impl Conn {
                     match self.sock.read(scratch) {
                         Ok(0) => {
                             // The client's half-close: the upload is complete.
-                            self.state = self.finish_upload(stats);
+                            self.last_active = Instant::now();
+                            self.state = self.finish_upload(stats, policy);
                         }
                         Ok(n) => {
                             log::trace!("server: {} read {n}", self.peer);
+                            self.last_active = Instant::now();
+                            if let Some(limit) = policy.max_bytes {
+                                if part.bytes() + n as u64 > limit {
+                                    log::warn!("server: upload from {} passed --max-bytes {limit}: refused", self.peer);
+                                    self.refuse(format!("too large: limit {limit} bytes"), stats);
+                                    continue;
+                                }
+                            }
                             // Seed step 3: store the data.
                             if let Err(e) = part.write(&scratch[..n]) {
                                 log::warn!(
@@ -382,14 +576,7 @@ impl Conn {
                                     part.path().display(),
                                     self.peer
                                 );
-                                stats.refused += 1;
-                                let reason = format!("storing upload failed: {}", brief(&e));
-                                let State::Receiving(part) =
-                                    std::mem::replace(&mut self.state, refusal(&reason))
-                                else {
-                                    unreachable!()
-                                };
-                                part.discard();
+                                self.refuse(format!("storing upload failed: {}", brief(&e)), stats);
                             }
                         }
                         Err(e) if is_would_block(&e) => {
@@ -408,12 +595,11 @@ impl Conn {
                                 part.path().display()
                             );
                             stats.aborted += 1;
-                            let State::Receiving(part) =
+                            if let State::Receiving(part) =
                                 std::mem::replace(&mut self.state, State::Discarding)
-                            else {
-                                unreachable!()
-                            };
-                            part.discard();
+                            {
+                                part.discard();
+                            }
                             return Next::Close;
                         }
                     }
@@ -427,8 +613,14 @@ impl Conn {
                         // Keep the client's bytes flowing into the void so
                         // its blocking write() cannot wedge before it reads
                         // our answer.
-                        if discard_input(&mut self.sock, scratch, &mut self.readable).is_err() {
-                            return Next::Close;
+                        match discard_input(
+                            &mut self.sock,
+                            scratch,
+                            &mut self.readable,
+                            &mut self.discarded,
+                        ) {
+                            Ok(_) if self.discarded <= DISCARD_LIMIT => {}
+                            _ => return Next::Close,
                         }
                     }
                     if !self.writable {
@@ -439,6 +631,7 @@ impl Conn {
                     match self.sock.write(&line[*sent..]) {
                         Ok(n) => {
                             *sent += n;
+                            self.last_active = Instant::now();
                             if *sent < line.len() {
                                 continue;
                             }
@@ -462,9 +655,19 @@ impl Conn {
                     }
                 }
                 State::Discarding => {
-                    return match discard_input(&mut self.sock, scratch, &mut self.readable) {
-                        Ok(true) | Err(_) => Next::Close,
-                        Ok(false) => Next::Keep,
+                    // Until EOF, but not forever: a peer that keeps sending
+                    // after being refused gets closed on.
+                    return match discard_input(
+                        &mut self.sock,
+                        scratch,
+                        &mut self.readable,
+                        &mut self.discarded,
+                    ) {
+                        Ok(false) if self.discarded <= DISCARD_LIMIT => {
+                            self.last_active = Instant::now();
+                            Next::Keep
+                        }
+                        _ => Next::Close,
                     };
                 }
             }
@@ -473,12 +676,17 @@ impl Conn {
 
     /// On the client's EOF: give the file its final name and prepare the
     /// `OK` line; on failure, an `ERR` line.
-    fn finish_upload(&mut self, stats: &mut Stats) -> State {
+    fn finish_upload(&mut self, stats: &mut Stats, policy: Policy) -> State {
         let State::Receiving(mut part) = std::mem::replace(&mut self.state, State::Discarding)
         else {
             unreachable!("finish_upload outside Receiving")
         };
-        if let Err(e) = part.finish() {
+        let finished = if policy.fsync {
+            part.finish_durable()
+        } else {
+            part.finish()
+        };
+        if let Err(e) = finished {
             log::warn!("server: {e}; upload from {} refused", self.peer);
             stats.refused += 1;
             part.discard();
@@ -517,16 +725,22 @@ impl Conn {
 }
 
 /// Reads and drops input until `WouldBlock` (returns `Ok(false)`) or EOF
-/// (returns `Ok(true)`).
+/// (returns `Ok(true)`), counting what it dropped.
 fn discard_input(
     sock: &mut TcpStream,
     scratch: &mut [u8],
     readable: &mut bool,
+    count: &mut u64,
 ) -> io::Result<bool> {
     loop {
         match sock.read(scratch) {
             Ok(0) => return Ok(true),
-            Ok(_) => {}
+            Ok(n) => {
+                *count += n as u64;
+                if *count > DISCARD_LIMIT {
+                    return Ok(false);
+                }
+            }
             Err(e) if is_would_block(&e) => {
                 *readable = false;
                 return Ok(false);

@@ -241,6 +241,18 @@ impl PartFile {
         Ok(())
     }
 
+    /// Like [`PartFile::finish`], but durable: the file's data is synced
+    /// before the rename and the directory entry after it, so once this
+    /// returns, the upload survives a power cut under its final name.
+    pub fn finish_durable(&mut self) -> io::Result<()> {
+        self.sync_data()?;
+        self.finish()?;
+        let dir = self.final_path.parent().unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing directory {}", dir.display()))
+    }
+
     /// Removes an unfinished file (the server's way with aborted uploads).
     pub fn discard(self) {
         if !self.finished {

@@ -20,7 +20,7 @@ pub mod timer;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,8 @@ pub use timer::{TimerId, Timers};
 pub const LISTENER: Token = Token(usize::MAX);
 /// Token of the waker that [`Shutdown::shutdown`] pokes.
 pub const WAKER: Token = Token(usize::MAX - 1);
+/// Token of the signal pipe (SIGINT, SIGTERM), when signals are handled.
+pub const SIGNALS: Token = Token(usize::MAX - 2);
 
 /// How many not-yet-accepted connections the kernel may queue for us. The
 /// kernel caps it at `net.core.somaxconn` (4096 on current kernels). A load
@@ -44,6 +46,10 @@ pub const WAKER: Token = Token(usize::MAX - 1);
 /// the common default of 128, the excess SYNs are dropped and retried a full
 /// second later, which shows up as a 1 s latency cliff.
 pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// How long `drain` keeps swallowing a refused upload (so the client can
+/// read our `ERR` line before we close) before giving up and closing.
+pub const DISCARD_LIMIT: u64 = 4 * 1024 * 1024;
 
 /// Size of the read buffer each loop owns and lends to whichever connection
 /// is being served. Large reads mean few syscalls per megabyte.
@@ -100,10 +106,15 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 }
 
 /// A handle that stops a running loop from another thread.
+///
+/// The first request starts a graceful shutdown (stop accepting, let
+/// transfers in flight finish for up to the grace period); a second one
+/// stops at once. SIGINT and SIGTERM, when the role handles signals, count
+/// as requests too.
 #[derive(Clone, Debug)]
 pub struct Shutdown {
     waker: Arc<Waker>,
-    requested: Arc<AtomicBool>,
+    requests: Arc<AtomicUsize>,
 }
 
 impl Shutdown {
@@ -111,22 +122,61 @@ impl Shutdown {
     pub fn new(registry: &Registry) -> io::Result<Shutdown> {
         Ok(Shutdown {
             waker: Arc::new(Waker::new(registry, WAKER).context("creating waker")?),
-            requested: Arc::new(AtomicBool::new(false)),
+            requests: Arc::new(AtomicUsize::new(0)),
         })
     }
 
-    /// Asks the loop to stop; it returns from `run` at its next wake-up.
+    /// Asks the loop to stop: gracefully the first time, at once the second.
     pub fn shutdown(&self) {
-        self.requested.store(true, Ordering::SeqCst);
+        self.requests.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = self.waker.wake() {
             log::warn!("waking loop for shutdown: {e}");
         }
     }
 
-    /// True once [`Shutdown::shutdown`] has been called.
-    pub fn is_requested(&self) -> bool {
-        self.requested.load(Ordering::SeqCst)
+    /// Asks the loop to stop at once, whatever is in flight.
+    pub fn shutdown_now(&self) {
+        self.requests.fetch_add(2, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            log::warn!("waking loop for shutdown: {e}");
+        }
     }
+
+    /// How many times a stop was asked for (0: keep running).
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// Registers SIGINT and SIGTERM with the loop, on the [`SIGNALS`] token.
+/// Signal handlers cannot safely do anything but write to a pipe; the
+/// pipe's read end is what the loop polls (signal-hook-mio does this).
+pub fn register_signals(registry: &Registry) -> io::Result<signal_hook_mio::v1_0::Signals> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM])
+        .context("installing signal handlers")?;
+    registry
+        .register(&mut signals, SIGNALS, mio::Interest::READABLE)
+        .context("registering signals")?;
+    Ok(signals)
+}
+
+/// Turns pending signals into shutdown requests; returns their names.
+pub fn take_signals(
+    signals: &mut signal_hook_mio::v1_0::Signals,
+    shutdown: &Shutdown,
+) -> Vec<&'static str> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut names = Vec::new();
+    for signal in signals.pending() {
+        names.push(match signal {
+            SIGINT => "SIGINT",
+            SIGTERM => "SIGTERM",
+            _ => "a signal",
+        });
+        shutdown.shutdown();
+    }
+    names
 }
 
 /// True for the `accept` errors that mean "out of file descriptors".
@@ -278,6 +328,8 @@ pub trait Handler {
     fn connection_event(&mut self, event: &Event);
     /// A timer is due.
     fn timer_fired(&mut self, timer: Self::Timer);
+    /// The signal pipe is readable (see [`register_signals`]).
+    fn signals_ready(&mut self) {}
     /// Checked after each round of events: true ends [`run`].
     fn should_stop(&mut self) -> bool;
 }
@@ -301,6 +353,7 @@ pub fn run<H: Handler>(poll: &mut Poll, handler: &mut H) -> io::Result<()> {
             match event.token() {
                 LISTENER => handler.accept_ready(),
                 WAKER => {}
+                SIGNALS => handler.signals_ready(),
                 _ => handler.connection_event(event),
             }
         }

@@ -34,13 +34,14 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Poll, Registry, Token};
+use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use crate::error::{is_interrupted, is_would_block, Context};
 use crate::event_loop::{self, AcceptGate, Shutdown, Timers, LISTENER, SCRATCH_SIZE};
 use crate::store::Store;
 
-use transfer::{Ctx, Next, Outcome, Side, Transfer};
+use transfer::{Ctx, Next, Outcome, Policy, Side, Transfer};
 
 /// Settings for [`Proxy`].
 #[derive(Debug, Clone)]
@@ -54,6 +55,32 @@ pub struct ProxyConfig {
     /// Hold mode: store each whole upload, wait this long, then forward the
     /// file as it is on disk. `None` streams.
     pub hold: Option<Duration>,
+    /// Most transfers at once (`None`: as many as descriptors allow).
+    pub max_conns: Option<usize>,
+    /// Largest upload accepted, in bytes (`None`: no limit).
+    pub max_bytes: Option<u64>,
+    /// Close a transfer that moves no byte for this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Give up on an upstream connect after this long.
+    pub connect_timeout: Duration,
+    /// On shutdown, how long transfers in flight may take to finish.
+    pub grace: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            upstream: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            dir: PathBuf::from("spool"),
+            hold: None,
+            max_conns: None,
+            max_bytes: None,
+            idle_timeout: Some(Duration::from_secs(60)),
+            connect_timeout: Duration::from_secs(5),
+            grace: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The client socket of transfer `key`.
@@ -80,13 +107,22 @@ pub fn token_owner(token: Token) -> (usize, Side) {
     (token.0 / 2, side)
 }
 
-/// What the proxy's timers can be for.
+/// What the proxy's timers can be for. Timers about a transfer carry its
+/// slab key *and* its identity, because slab keys are reused: a timer is
+/// cancelled when its transfer ends, and the identity makes doubly sure a
+/// deadline never lands on a newer transfer with the same key.
 #[derive(Debug, Clone, Copy)]
 pub enum Timer {
     /// The pause after running out of file descriptors is over.
     ResumeAccept,
-    /// Hold mode: transfer `key` has been held long enough.
-    HoldOver(usize),
+    /// Hold mode: the transfer has been held long enough.
+    HoldOver { key: usize, id: u64 },
+    /// The upstream connect has taken too long.
+    ConnectTimeout { key: usize, id: u64 },
+    /// Check whether the transfer has been idle too long.
+    Idle { key: usize, id: u64 },
+    /// The shutdown grace period is over (wakes the loop to notice).
+    GraceOver,
 }
 
 /// Counters reported when the proxy stops.
@@ -121,6 +157,14 @@ struct Core {
     gate: AcceptGate,
     stats: Stats,
     hold: Option<Duration>,
+    signals: Option<Signals>,
+    policy: Policy,
+    idle_timeout: Option<Duration>,
+    grace: Duration,
+    /// When shutting down: the end of the grace period.
+    draining_until: Option<Instant>,
+    /// Identity for the next transfer (slab keys are reused; ids are not).
+    next_id: u64,
 }
 
 impl Proxy {
@@ -141,7 +185,7 @@ impl Proxy {
             .context("proxy: registering listener")?;
         let shutdown = Shutdown::new(&registry)?;
         // Three descriptors per transfer: client, upstream, spool file.
-        let gate = AcceptGate::new("proxy", 3, None);
+        let gate = AcceptGate::new("proxy", 3, config.max_conns);
         if let Some(hold) = config.hold {
             log::info!(
                 "proxy: hold mode: each upload is stored whole, held {} for editing, then forwarded",
@@ -170,6 +214,15 @@ impl Proxy {
                 gate,
                 stats: Stats::default(),
                 hold: config.hold,
+                signals: None,
+                policy: Policy {
+                    max_bytes: config.max_bytes,
+                    connect_timeout: config.connect_timeout,
+                },
+                idle_timeout: config.idle_timeout,
+                grace: config.grace,
+                draining_until: None,
+                next_id: 0,
             },
         })
     }
@@ -184,7 +237,16 @@ impl Proxy {
         self.core.shutdown.clone()
     }
 
-    /// Runs the loop until shut down.
+    /// Makes SIGINT and SIGTERM shut the proxy down (gracefully the first
+    /// time, at once the second). The binary does this; in-process users
+    /// (tests) use [`Proxy::shutdown_handle`] instead.
+    pub fn handle_signals(&mut self) -> io::Result<()> {
+        self.core.signals = Some(event_loop::register_signals(&self.core.registry)?);
+        Ok(())
+    }
+
+    /// Runs the loop until shut down. Transfers still open then are closed
+    /// as aborted (an unfinished spool is kept as `.incomplete`).
     pub fn run(mut self) -> io::Result<Stats> {
         event_loop::run(&mut self.poll, &mut self.core).context("proxy")?;
         let core = &mut self.core;
@@ -242,22 +304,68 @@ impl event_loop::Handler for Core {
                 self.gate.backoff_over();
                 self.accept_all();
             }
-            Timer::HoldOver(key) => {
-                if let Some(t) = self.transfers.get_mut(key) {
+            Timer::HoldOver { key, id } => {
+                if self.transfers.get(key).is_some_and(|t| t.id() == id) {
                     let mut ctx = Ctx {
                         scratch: &mut self.scratch,
                         timers: &mut self.timers,
                         registry: &self.registry,
+                        policy: self.policy,
                     };
-                    t.hold_over(&mut ctx);
+                    self.transfers[key].hold_over(&mut ctx);
                     self.drive(key);
                 }
+            }
+            Timer::ConnectTimeout { key, id } => {
+                if let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) {
+                    t.connect_timed_out(self.policy.connect_timeout);
+                    self.drive(key);
+                }
+            }
+            Timer::Idle { key, id } => {
+                let Some(idle) = self.idle_timeout else {
+                    return;
+                };
+                if let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) {
+                    if let Some(at) = t.check_idle(idle) {
+                        t.set_idle_timer(self.timers.schedule(at, Timer::Idle { key, id }));
+                    }
+                    self.drive(key);
+                }
+            }
+            Timer::GraceOver => {} // should_stop notices
+        }
+    }
+
+    fn signals_ready(&mut self) {
+        if let Some(signals) = self.signals.as_mut() {
+            for name in event_loop::take_signals(signals, &self.shutdown) {
+                log::info!("proxy: received {name}");
             }
         }
     }
 
+    /// Graceful shutdown: on the first request stop accepting and let what
+    /// is in flight finish; stop when nothing is left, when the grace
+    /// period is over, or at a second request.
     fn should_stop(&mut self) -> bool {
-        self.shutdown.is_requested()
+        let requests = self.shutdown.requests();
+        if requests == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        if self.draining_until.is_none() {
+            let until = now + self.grace;
+            self.draining_until = Some(until);
+            let _ = self.registry.deregister(&mut self.listener);
+            self.timers.schedule(until, Timer::GraceOver);
+            log::info!(
+                "proxy: shutting down: not accepting; {} transfer(s) in flight get up to {} to finish (again to stop now)",
+                self.transfers.len(),
+                humantime::format_duration(self.grace)
+            );
+        }
+        requests >= 2 || self.transfers.is_empty() || self.draining_until.is_some_and(|t| now >= t)
     }
 }
 
@@ -267,7 +375,7 @@ impl Core {
     /// we are at capacity), and for each, create its spool file and start
     /// the non-blocking connect upstream.
     fn accept_all(&mut self) {
-        while self.gate.admits(self.transfers.len()) {
+        while self.draining_until.is_none() && self.gate.admits(self.transfers.len()) {
             let (client, peer) = match self.listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if is_would_block(&e) => return,
@@ -298,18 +406,26 @@ impl Core {
             let _ = client.set_nodelay(true);
             let entry = self.transfers.vacant_entry();
             let key = entry.key();
+            self.next_id += 1;
+            let id = self.next_id;
             let mut transfer = match self.hold {
                 // Hold mode: the upstream waits until the upload is whole
                 // and the hold is over.
-                Some(hold) => Transfer::new_held(key, client, peer, self.upstream, spool, hold),
+                Some(hold) => Transfer::new_held(key, id, client, peer, self.upstream, spool, hold),
                 None => {
                     // Seed step 4, non-blocking: connect() returns at once
                     // with the handshake in flight; WRITABLE on the upstream
                     // token says when it is over.
                     let upstream = TcpStream::connect(self.upstream);
-                    Transfer::new(key, client, peer, upstream, self.upstream, spool)
+                    Transfer::new(key, id, client, peer, upstream, self.upstream, spool)
                 }
             };
+            if let Some(idle) = self.idle_timeout {
+                transfer.set_idle_timer(
+                    self.timers
+                        .schedule(Instant::now() + idle, Timer::Idle { key, id }),
+                );
+            }
             let registered = self
                 .registry
                 .register(
@@ -354,13 +470,14 @@ impl Core {
             scratch: &mut self.scratch,
             timers: &mut self.timers,
             registry: &self.registry,
+            policy: self.policy,
         };
         let next = self.transfers[key].drive(&mut ctx);
         if let Next::Close(outcome) = next {
             let transfer = self.transfers.remove(key);
-            // A transfer that ends early takes its pending timer with it, so
-            // no deadline fires for a slab key that a new transfer may reuse.
-            if let Some(id) = transfer.timer() {
+            // A transfer that ends takes its pending timers with it, so no
+            // deadline fires for a slab key that a new transfer may reuse.
+            for id in transfer.timers() {
                 self.timers.cancel(id);
             }
             log::trace!("proxy: #{key} closed ({outcome:?})");

@@ -69,7 +69,7 @@ use mio::{Interest, Registry};
 
 use crate::answer::Answer;
 use crate::error::{brief, is_interrupted, is_would_block};
-use crate::event_loop::{TimerId, Timers};
+use crate::event_loop::{TimerId, Timers, DISCARD_LIMIT};
 use crate::server::mb_per_s;
 use crate::store::PartFile;
 
@@ -213,6 +213,15 @@ pub enum Next {
     Close(Outcome),
 }
 
+/// The per-transfer rules, from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Largest upload accepted (`--max-bytes`).
+    pub max_bytes: Option<u64>,
+    /// Longest an upstream connect may take (`--connect-timeout`).
+    pub connect_timeout: Duration,
+}
+
 /// What a transfer borrows from the loop while it is driven.
 pub struct Ctx<'a> {
     /// The loop's one read buffer.
@@ -221,6 +230,8 @@ pub struct Ctx<'a> {
     pub timers: &'a mut Timers<Timer>,
     /// For registering an upstream socket created after accept (hold mode).
     pub registry: &'a Registry,
+    /// The rules.
+    pub policy: Policy,
 }
 
 /// In hold mode, the file being forwarded once the hold is over: the spool
@@ -237,6 +248,14 @@ struct Held {
 /// One client's transfer through the proxy.
 pub struct Transfer {
     key: usize,
+    /// Unique for the proxy's lifetime (slab keys are reused).
+    id: u64,
+    /// Last time a byte moved either way (for the idle timeout).
+    last_active: Instant,
+    idle_timer: Option<TimerId>,
+    connect_timer: Option<TimerId>,
+    /// Bytes thrown away after refusing the upload.
+    discarded: u64,
     client_addr: SocketAddr,
     upstream_addr: SocketAddr,
     started: Instant,
@@ -256,6 +275,8 @@ pub struct Transfer {
     ending: Option<Outcome>,
     /// Hold mode: how long to hold a complete upload before forwarding.
     hold: Option<Duration>,
+    /// `--max-bytes`, copied from the policy when driven.
+    max_bytes: Option<u64>,
     /// Hold mode: the reopened file being forwarded.
     held: Option<Held>,
 }
@@ -266,6 +287,7 @@ impl Transfer {
     /// salvaging.
     pub fn new(
         key: usize,
+        id: u64,
         client: TcpStream,
         client_addr: SocketAddr,
         upstream: io::Result<TcpStream>,
@@ -283,6 +305,7 @@ impl Transfer {
         };
         Self::with_state(
             key,
+            id,
             client,
             client_addr,
             upstream,
@@ -297,6 +320,7 @@ impl Transfer {
     /// whole upload is in the spool and `hold` has passed.
     pub fn new_held(
         key: usize,
+        id: u64,
         client: TcpStream,
         client_addr: SocketAddr,
         upstream_addr: SocketAddr,
@@ -305,6 +329,7 @@ impl Transfer {
     ) -> Transfer {
         Self::with_state(
             key,
+            id,
             client,
             client_addr,
             None,
@@ -318,6 +343,7 @@ impl Transfer {
     #[allow(clippy::too_many_arguments)]
     fn with_state(
         key: usize,
+        id: u64,
         client: TcpStream,
         client_addr: SocketAddr,
         upstream: Option<Peer>,
@@ -328,6 +354,11 @@ impl Transfer {
     ) -> Transfer {
         Transfer {
             key,
+            id,
+            last_active: Instant::now(),
+            idle_timer: None,
+            connect_timer: None,
+            discarded: 0,
             client_addr,
             upstream_addr,
             started: Instant::now(),
@@ -341,6 +372,7 @@ impl Transfer {
             ending: None,
             hold,
             held: None,
+            max_bytes: None,
         }
     }
 
@@ -366,6 +398,7 @@ impl Transfer {
     /// go round until nothing moves, because progress on one side can
     /// unblock the other (the upstream draining lets us read the client).
     pub fn drive(&mut self, ctx: &mut Ctx) -> Next {
+        self.max_bytes = ctx.policy.max_bytes;
         let scratch = &mut *ctx.scratch;
         loop {
             let moved = match self.state {
@@ -386,13 +419,23 @@ impl Transfer {
             if let Some(outcome) = self.ending {
                 return Next::Close(outcome);
             }
-            // A hold that just began needs its deadline in the loop's timers.
+            if moved {
+                self.last_active = Instant::now();
+            }
+            // A hold that just began needs its deadline in the loop's timers,
+            // and a connect that just began needs its time limit.
+            let (key, id) = (self.key, self.id);
             if let State::Holding {
                 until,
                 timer: timer @ None,
             } = &mut self.state
             {
-                *timer = Some(ctx.timers.schedule(*until, Timer::HoldOver(self.key)));
+                *timer = Some(ctx.timers.schedule(*until, Timer::HoldOver { key, id }));
+            }
+            if let (State::Connecting, None) = (&self.state, self.connect_timer) {
+                let at = Instant::now() + ctx.policy.connect_timeout;
+                self.connect_timer =
+                    Some(ctx.timers.schedule(at, Timer::ConnectTimeout { key, id }));
             }
             if self.streaming_is_done() {
                 self.log_relayed();
@@ -425,13 +468,82 @@ impl Transfer {
             .map_or(0, |s| s.bytes() - self.forwarded)
     }
 
-    /// The timer this transfer has pending, for the loop to cancel when the
-    /// transfer ends early.
-    pub fn timer(&self) -> Option<TimerId> {
-        match self.state {
+    /// This transfer's identity (slab keys are reused; ids are not).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The timers this transfer may have pending, for the loop to cancel
+    /// when the transfer ends.
+    pub fn timers(&self) -> impl Iterator<Item = TimerId> {
+        let hold = match self.state {
             State::Holding { timer, .. } => timer,
             _ => None,
+        };
+        [hold, self.idle_timer, self.connect_timer]
+            .into_iter()
+            .flatten()
+    }
+
+    /// Records the transfer's (re-armed) idle timer.
+    pub fn set_idle_timer(&mut self, id: TimerId) {
+        self.idle_timer = Some(id);
+    }
+
+    /// The connect timer fired: if still connecting, the upstream failed.
+    pub fn connect_timed_out(&mut self, limit: Duration) {
+        self.connect_timer = None;
+        if let State::Connecting = self.state {
+            log::trace!("proxy: #{} timer fired: connect timeout", self.key);
+            self.upstream_failed(format!(
+                "connect timed out after {}",
+                humantime::format_duration(limit)
+            ));
         }
+    }
+
+    /// The idle timer fired. Returns when to check again, or `None` when
+    /// the transfer is being ended.
+    ///
+    /// Nothing moved for `idle`: whose fault is it? If we are waiting on
+    /// the upstream (it will not take the upload, or will not answer), the
+    /// upstream has failed: salvage the upload and answer `ERR`. Otherwise
+    /// the client has gone quiet mid-upload (or will not read our answer):
+    /// abort. A held transfer is idle on purpose and is left alone.
+    pub fn check_idle(&mut self, idle: Duration) -> Option<Instant> {
+        self.idle_timer = None;
+        let now = Instant::now();
+        if let State::Holding { .. } = self.state {
+            return Some(now + idle);
+        }
+        let due = self.last_active + idle;
+        if now < due {
+            return Some(due);
+        }
+        log::trace!("proxy: #{} timer fired: idle", self.key);
+        let waiting_on_upstream = matches!(self.state, State::Connecting | State::Streaming)
+            && self.upstream.is_some()
+            && (self.client.eof || (self.forwarding() && self.lag() >= LAG_LIMIT));
+        let for_how_long = humantime::format_duration(idle);
+        if waiting_on_upstream {
+            self.upstream_failed(format!("no progress for {for_how_long}"));
+            self.last_active = now;
+            return Some(now + idle);
+        }
+        match self.state {
+            State::Replying { .. } | State::Discarding => {
+                log::warn!(
+                    "proxy: client {} idle for {for_how_long} after our answer: closed",
+                    self.client_addr
+                );
+                self.ending = Some(Outcome::Refused);
+            }
+            _ => self.client_lost(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("idle for {for_how_long}"),
+            )),
+        }
+        None
     }
 
     // ---- Hold mode -----------------------------------------------------
@@ -628,8 +740,14 @@ impl Transfer {
 
     /// Seed steps 3 and 5 at once: store the bytes, and send them on.
     fn take_upload(&mut self, data: &[u8]) {
-        if self.spool.is_none() {
+        let Some(spool) = self.spool.as_ref() else {
             return;
+        };
+        if let Some(limit) = self.max_bytes {
+            if spool.bytes() + data.len() as u64 > limit {
+                self.too_large(limit);
+                return;
+            }
         }
         // Forward first, when the upstream is caught up: the server gets to
         // work on these bytes while we write them to disk. What it does not
@@ -989,6 +1107,23 @@ impl Transfer {
         )));
     }
 
+    /// The upload passed `--max-bytes`: refuse it. The partial spool is
+    /// removed (a refused upload is nobody's copy), the upstream reset so
+    /// the server discards its partial too.
+    fn too_large(&mut self, limit: u64) {
+        log::warn!(
+            "proxy: upload from {} passed --max-bytes {limit}: refused",
+            self.client_addr
+        );
+        if let Some(up) = self.upstream.take() {
+            up.reset();
+        }
+        if let Some(spool) = self.spool.take() {
+            spool.discard();
+        }
+        self.reply(Answer::err(format!("too large: limit {limit} bytes")));
+    }
+
     /// The spool file could not be written: refuse the upload.
     fn spool_failed(&mut self, e: io::Error) {
         log::warn!(
@@ -1112,7 +1247,18 @@ impl Transfer {
                     self.client.eof = true;
                     moved = true;
                 }
-                Ok(_) => moved = true,
+                Ok(n) => {
+                    moved = true;
+                    self.discarded += n as u64;
+                    if self.discarded > DISCARD_LIMIT {
+                        log::warn!(
+                            "proxy: client {} kept sending after being refused: closed",
+                            self.client_addr
+                        );
+                        self.ending = Some(Outcome::Refused);
+                        return true;
+                    }
+                }
                 Err(e) if is_would_block(&e) => self.client.readable = false,
                 Err(e) if is_interrupted(&e) => {}
                 Err(_) => {

@@ -35,7 +35,7 @@ pub struct InProcess {
 
 impl Drop for InProcess {
     fn drop(&mut self) {
-        self.shutdown.shutdown();
+        self.shutdown.shutdown_now();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -46,6 +46,7 @@ pub fn start_server(dir: &Path) -> InProcess {
     let server = Server::bind(&ServerConfig {
         listen: loopback0(),
         dir: dir.to_path_buf(),
+        ..ServerConfig::default()
     })
     .expect("server binds");
     let addr = server.local_addr();
@@ -70,6 +71,7 @@ pub fn start_proxy_with(upstream: SocketAddr, dir: &Path, hold: Option<Duration>
         upstream,
         dir: dir.to_path_buf(),
         hold,
+        ..ProxyConfig::default()
     })
     .expect("proxy binds");
     let addr = proxy.local_addr();
