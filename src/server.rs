@@ -112,7 +112,9 @@ pub struct Server {
 /// so [`event_loop::run`] can borrow both).
 struct Core {
     registry: Registry,
-    listener: TcpListener,
+    /// `None` once shutting down: closed, so new clients are refused at
+    /// once instead of waiting in a backlog nobody will accept from.
+    listener: Option<TcpListener>,
     local_addr: SocketAddr,
     conns: Slab<Conn>,
     store: Store,
@@ -223,7 +225,7 @@ impl Server {
             poll,
             core: Core {
                 registry,
-                listener,
+                listener: Some(listener),
                 local_addr,
                 conns: Slab::with_capacity(1024),
                 store,
@@ -358,7 +360,9 @@ impl event_loop::Handler for Core {
         if self.draining_until.is_none() {
             let until = now + self.grace;
             self.draining_until = Some(until);
-            let _ = self.registry.deregister(&mut self.listener);
+            if let Some(mut listener) = self.listener.take() {
+                let _ = self.registry.deregister(&mut listener);
+            }
             self.timers.schedule(until, Timer::GraceOver);
             log::info!(
                 "server: shutting down: not accepting; {} transfer(s) in flight get up to {} to finish (again to stop now)",
@@ -377,7 +381,10 @@ impl Core {
     /// us earlier, at capacity; closing a connection brings us back.)
     fn accept_all(&mut self) {
         while self.draining_until.is_none() && self.gate.admits(self.conns.len()) {
-            let (mut sock, peer) = match self.listener.accept() {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            let (mut sock, peer) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if is_would_block(&e) => return,
                 Err(e) if is_interrupted(&e) => continue,

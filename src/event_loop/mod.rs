@@ -72,7 +72,7 @@ pub fn bind_listener(addr: SocketAddr, role: &str) -> io::Result<TcpListener> {
     let local = listener.local_addr().with_context(what)?;
     if !local.ip().is_loopback() {
         log::warn!(
-            "{role} listening on non-loopback address {local}: anyone who can reach it can write files to this disk"
+            "{role}: bound to non-loopback address {local}: anyone who can reach it can write files to this disk"
         );
     }
     Ok(listener)

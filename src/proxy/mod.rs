@@ -146,7 +146,9 @@ pub struct Proxy {
 /// so [`event_loop::run`] can borrow both).
 struct Core {
     registry: Registry,
-    listener: TcpListener,
+    /// `None` once shutting down: closed, so new clients are refused at
+    /// once instead of waiting in a backlog nobody will accept from.
+    listener: Option<TcpListener>,
     local_addr: SocketAddr,
     upstream: SocketAddr,
     transfers: Slab<Transfer>,
@@ -203,7 +205,7 @@ impl Proxy {
             poll,
             core: Core {
                 registry,
-                listener,
+                listener: Some(listener),
                 local_addr,
                 upstream: config.upstream,
                 transfers: Slab::with_capacity(1024),
@@ -357,7 +359,9 @@ impl event_loop::Handler for Core {
         if self.draining_until.is_none() {
             let until = now + self.grace;
             self.draining_until = Some(until);
-            let _ = self.registry.deregister(&mut self.listener);
+            if let Some(mut listener) = self.listener.take() {
+                let _ = self.registry.deregister(&mut listener);
+            }
             self.timers.schedule(until, Timer::GraceOver);
             log::info!(
                 "proxy: shutting down: not accepting; {} transfer(s) in flight get up to {} to finish (again to stop now)",
@@ -376,7 +380,10 @@ impl Core {
     /// the non-blocking connect upstream.
     fn accept_all(&mut self) {
         while self.draining_until.is_none() && self.gate.admits(self.transfers.len()) {
-            let (client, peer) = match self.listener.accept() {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            let (client, peer) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if is_would_block(&e) => return,
                 Err(e) if is_interrupted(&e) => continue,

@@ -1,0 +1,579 @@
+//! Faults and hostile peers: each protection, proven on real sockets.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use common::*;
+use stopover::client::Verdict;
+
+fn spawn_server(dir: &std::path::Path, extra: &[&str]) -> Spawned {
+    let mut args = vec!["server", "--dir", dir.to_str().unwrap()];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
+    args.extend_from_slice(extra);
+    spawn(&args)
+}
+
+fn spawn_proxy(upstream: SocketAddr, dir: &std::path::Path, extra: &[&str]) -> Spawned {
+    let up = upstream.to_string();
+    let mut args = vec![
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &up,
+        "--dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args)
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn reset(sock: TcpStream) {
+    socket2::SockRef::from(&sock)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(sock);
+}
+
+fn finish_and_read(sock: &mut TcpStream, rest: &[u8]) -> String {
+    if let Err(e) = sock.write_all(rest) {
+        return format!("write failed: {e}");
+    }
+    sock.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    sock.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn server_killed_mid_transfer_gets_err_keeps_the_spool_and_the_next_client_is_served() {
+    let dirs = tempfile::tempdir().unwrap();
+    let (recv, spool) = (dirs.path().join("r"), dirs.path().join("s"));
+    let server = spawn_server(&recv, &[]);
+    let server_addr = server.addr;
+    let proxy = spawn_proxy(server_addr, &spool, &[]);
+    let data = random_bytes(2 << 20, 60);
+    let mut sock = TcpStream::connect(proxy.addr).unwrap();
+    sock.write_all(&data[..1 << 20]).unwrap();
+    wait_until("the server is receiving", || !file_names(&recv).is_empty());
+    drop(server); // SIGKILL, by PID
+    let answer = finish_and_read(&mut sock, &data[1 << 20..]);
+    assert!(answer.starts_with("ERR upstream unavailable: "), "{answer}");
+    let kept = answer
+        .trim_end()
+        .rsplit_once("(kept as ")
+        .unwrap()
+        .1
+        .trim_end_matches(')')
+        .to_string();
+    assert_eq!(
+        std::fs::read(spool.join(kept)).unwrap(),
+        data,
+        "the spool holds the whole upload"
+    );
+    // A server comes back on the same address; the proxy serves the next client.
+    let _server2 = spawn_server(&recv, &["--listen", &server_addr.to_string()]);
+    assert_eq!(
+        send(proxy.addr, b"next").unwrap().verdict(),
+        Verdict::Verified
+    );
+}
+
+#[test]
+fn upstream_that_never_reads_is_timed_out_and_proxy_memory_stays_bounded() {
+    let upstream = TcpListener::bind(loopback0()).unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let (hold_tx, hold_rx) = mpsc::channel::<TcpStream>();
+    std::thread::spawn(move || {
+        for sock in upstream.incoming().flatten() {
+            let _ = hold_tx.send(sock); // keep it open, never read
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = spawn_proxy(up_addr, dir.path(), &["--idle-timeout", "1s"]);
+    let baseline = proxy.rss_kib();
+    let data = random_bytes(48 << 20, 61);
+    let receipt = send(proxy.addr, &data).expect("an answer comes back");
+    assert!(
+        receipt
+            .line
+            .starts_with("ERR upstream unavailable: no progress for 1s (kept as "),
+        "{}",
+        receipt.line
+    );
+    let peak = proxy.rss_kib();
+    assert!(
+        peak < baseline + 8 * 1024,
+        "proxy RSS {baseline} -> {peak} KiB"
+    );
+    drop(hold_rx);
+}
+
+#[test]
+fn upstream_that_answers_early_and_closes_has_its_answer_relayed() {
+    let upstream = TcpListener::bind(loopback0()).unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut sock in upstream.incoming().flatten() {
+            let _ = sock.write_all(b"ERR go away\n");
+            drop(sock); // closes with the upload unread: a reset follows
+        }
+    });
+    let dirs = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(up_addr, dirs.path());
+    let receipt = send(proxy.addr, &random_bytes(4 << 20, 62)).expect("an answer comes back");
+    assert_eq!(receipt.line, "ERR go away");
+    let receipt = send(proxy.addr, b"again").expect("still serving");
+    assert_eq!(receipt.line, "ERR go away");
+}
+
+#[test]
+fn two_thousand_connect_then_close_peers_leave_both_daemons_serving() {
+    let dirs = tempfile::tempdir().unwrap();
+    let server = spawn_server(&dirs.path().join("r"), &[]);
+    let proxy = spawn_proxy(server.addr, &dirs.path().join("s"), &[]);
+    let base = (open_fds(proxy.pid()), open_fds(server.pid()));
+    for i in 0..2000 {
+        let sock = TcpStream::connect(proxy.addr).unwrap();
+        if i % 2 == 0 {
+            reset(sock);
+        } else {
+            drop(sock); // a FIN: an empty upload, whose answer nobody reads
+        }
+    }
+    assert_eq!(
+        send(proxy.addr, b"still here").unwrap().verdict(),
+        Verdict::Verified
+    );
+    wait_until("every connection is released", || {
+        (open_fds(proxy.pid()), open_fds(server.pid())) == base
+    });
+    assert!(proxy
+        .log_lines()
+        .iter()
+        .chain(server.log_lines().iter())
+        .all(|l| !l.contains("panicked")));
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn three_hundred_slowloris_peers_do_not_stop_a_good_client() {
+    let sys = start_system();
+    let mut slow: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(sys.proxy.addr).unwrap())
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // A byte to each, every 50 ms, until told to stop: pacing the
+            // hostile peers, not synchronising the test.
+            while !stop.load(Ordering::SeqCst) {
+                for s in slow.iter_mut() {
+                    let _ = s.write_all(b"x");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            slow
+        })
+    };
+    let data = random_bytes(8 << 20, 63);
+    let receipt = send(sys.proxy.addr, &data).expect("the good client completes");
+    assert_eq!(receipt.verdict(), Verdict::Verified);
+    stop.store(true, Ordering::SeqCst);
+    for s in trickler.join().unwrap() {
+        reset(s);
+    }
+}
+
+#[test]
+fn idle_peers_are_closed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_server(dir.path(), &["--idle-timeout", "1s"]);
+    let mut quiet = TcpStream::connect(server.addr).unwrap();
+    quiet.write_all(b"a few bytes, then silence").unwrap();
+    let mut buf = [0u8; 16];
+    // The server closes on us: read sees EOF (or a reset).
+    let n = quiet.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    server.wait_for_log("idle for 1s: upload aborted");
+    wait_until("the partial file is removed", || {
+        file_names(dir.path()).is_empty()
+    });
+}
+
+#[test]
+fn max_conns_holds_further_clients_in_the_backlog_until_a_slot_frees() {
+    for role in ["server", "proxy"] {
+        let dirs = tempfile::tempdir().unwrap();
+        let server = spawn_server(
+            &dirs.path().join("r"),
+            &["--max-conns", if role == "server" { "2" } else { "100" }],
+        );
+        let proxy = spawn_proxy(
+            server.addr,
+            &dirs.path().join("s"),
+            &["--max-conns", if role == "proxy" { "2" } else { "100" }],
+        );
+        let front = if role == "server" {
+            server.addr
+        } else {
+            proxy.addr
+        };
+        let mut first = TcpStream::connect(front).unwrap();
+        let mut second = TcpStream::connect(front).unwrap();
+        first.write_all(b"1").unwrap();
+        second.write_all(b"2").unwrap();
+        let limited = if role == "server" { &server } else { &proxy };
+        limited.wait_for_log("at capacity");
+        // A third client is connected (the kernel's backlog) but not served.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(send(front, b"third").map(|r| r.line)));
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "{role}: the third must wait for a slot"
+        );
+        // Finishing one frees a slot; the third is served.
+        assert!(
+            finish_and_read(&mut first, b"").starts_with("OK bytes=1 "),
+            "{role}"
+        );
+        let third = rx.recv_timeout(PATIENCE).unwrap().unwrap();
+        assert!(third.starts_with("OK bytes=5 "), "{role}: {third}");
+        assert!(
+            finish_and_read(&mut second, b"").starts_with("OK bytes=1 "),
+            "{role}"
+        );
+    }
+}
+
+#[test]
+fn max_bytes_refuses_large_uploads_and_removes_the_partial() {
+    let dirs = tempfile::tempdir().unwrap();
+    let (recv, spool) = (dirs.path().join("r"), dirs.path().join("s"));
+    let server = spawn_server(&recv, &["--max-bytes", "100KiB"]);
+    let proxy = spawn_proxy(server.addr, &spool, &["--max-bytes", "50KiB"]);
+    for (to, limit) in [(server.addr, 102_400), (proxy.addr, 51_200)] {
+        let receipt = send(to, &random_bytes(1 << 20, 64)).expect("an answer comes back");
+        assert_eq!(receipt.line, format!("ERR too large: limit {limit} bytes"));
+        assert_eq!(
+            send(to, &random_bytes(limit as usize, 65))
+                .unwrap()
+                .verdict(),
+            Verdict::Verified,
+            "at the limit is fine"
+        );
+    }
+    wait_until("no partial files remain", || {
+        file_names(&recv)
+            .iter()
+            .chain(file_names(&spool).iter())
+            .all(|n| !n.ends_with(".part"))
+    });
+    assert_eq!(final_files(&recv).len(), 2);
+    assert_eq!(
+        final_files(&spool).len(),
+        1,
+        "the proxy keeps only what it accepted"
+    );
+}
+
+#[test]
+fn sigterm_lets_transfers_in_flight_finish_then_exits_0() {
+    let dirs = tempfile::tempdir().unwrap();
+    let server = spawn_server(&dirs.path().join("r"), &[]);
+    let mut proxy = spawn_proxy(server.addr, &dirs.path().join("s"), &["--grace", "30s"]);
+    let data = random_bytes(1 << 20, 66);
+    let mut in_flight = TcpStream::connect(proxy.addr).unwrap();
+    in_flight.write_all(&data[..1000]).unwrap();
+    wait_until("the proxy has the transfer", || {
+        !file_names(&dirs.path().join("s")).is_empty()
+    });
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
+    proxy.wait_for_log("shutting down");
+    // No new clients.
+    assert!(send(proxy.addr, b"late").is_err(), "the listener is closed");
+    // The transfer in flight still completes.
+    let answer = finish_and_read(&mut in_flight, &data[1000..]);
+    assert!(
+        answer.starts_with(&format!("OK bytes={} ", data.len())),
+        "{answer} {:#?}",
+        proxy.log_lines()
+    );
+    let status = proxy.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    proxy.wait_for_log("stopped: 1 relayed");
+}
+
+#[test]
+fn shutdown_grace_runs_out_and_unfinished_uploads_are_kept_incomplete() {
+    let dirs = tempfile::tempdir().unwrap();
+    let (recv, spool) = (dirs.path().join("r"), dirs.path().join("s"));
+    let mut server = spawn_server(&recv, &["--grace", "300ms"]);
+    let mut proxy = spawn_proxy(server.addr, &spool, &["--grace", "300ms"]);
+    let mut stuck = TcpStream::connect(proxy.addr).unwrap();
+    stuck.write_all(b"never finished").unwrap();
+    wait_until("the server is receiving", || !file_names(&recv).is_empty());
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
+    assert_eq!(proxy.child.wait().unwrap().code(), Some(0));
+    proxy.wait_for_log("1 aborted");
+    wait_until("the server discards its partial", || {
+        file_names(&recv).is_empty()
+    });
+    let kept = file_names(&spool);
+    assert!(
+        kept.len() == 1 && kept[0].ends_with(".incomplete"),
+        "{kept:?}"
+    );
+    // And a second signal stops at once, whatever the grace.
+    let mut hanging = TcpStream::connect(server.addr).unwrap();
+    hanging.write_all(b"x").unwrap();
+    wait_until("the server has it", || !file_names(&recv).is_empty());
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    server.wait_for_log("shutting down");
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    assert_eq!(server.child.wait().unwrap().code(), Some(0));
+    assert!(
+        final_files(&recv).is_empty(),
+        "no final name for an unfinished upload"
+    );
+}
+
+#[test]
+fn leftover_part_files_are_reported_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let leftover = dir.path().join("20200101T000000.000000Z-1-000001.part");
+    std::fs::write(&leftover, b"from a crash").unwrap();
+    let server = spawn_server(dir.path(), &[]);
+    let line = server.wait_for_log("leftover");
+    assert!(line.contains("1 leftover .part"), "{line}");
+    assert_eq!(
+        send(server.addr, b"new").unwrap().verdict(),
+        Verdict::Verified
+    );
+    assert_eq!(std::fs::read(&leftover).unwrap(), b"from a crash");
+}
+
+#[test]
+fn idle_and_half_closed_silent_peers_cost_no_cpu() {
+    // A fake upstream that reads everything and then never answers.
+    let upstream = TcpListener::bind(loopback0()).unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let (keep_tx, keep_rx) = mpsc::channel::<TcpStream>();
+    std::thread::spawn(move || {
+        for mut sock in upstream.incoming().flatten() {
+            let _ = read_all(&mut sock);
+            let _ = keep_tx.send(sock);
+        }
+    });
+    let dirs = tempfile::tempdir().unwrap();
+    let server = spawn_server(&dirs.path().join("r"), &[]);
+    let proxy = spawn_proxy(up_addr, &dirs.path().join("s"), &[]);
+    // 1000 idle connections to the server, and to the proxy one client
+    // that half-closed and then went silent (never reads its answer).
+    let idle: Vec<TcpStream> = (0..1000)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    let mut silent = TcpStream::connect(proxy.addr).unwrap();
+    silent.write_all(b"done, and now silence").unwrap();
+    silent.shutdown(Shutdown::Write).unwrap();
+    wait_until("the server has accepted them all", || {
+        open_fds(server.pid()) >= 2000
+    });
+    let _upstream_side = keep_rx.recv_timeout(PATIENCE).unwrap();
+    let (s0, p0) = (cpu_seconds(server.pid()), cpu_seconds(proxy.pid()));
+    // Observe for a while: a loop that spins on an unhandled event would
+    // burn this whole interval in CPU time.
+    std::thread::sleep(Duration::from_secs(3));
+    let (s1, p1) = (cpu_seconds(server.pid()), cpu_seconds(proxy.pid()));
+    eprintln!(
+        "CPU over 3 s: server {:.2} s, proxy {:.2} s",
+        s1 - s0,
+        p1 - p0
+    );
+    assert!(
+        s1 - s0 < 0.3,
+        "server used {:.2} s of CPU while idle",
+        s1 - s0
+    );
+    assert!(
+        p1 - p0 < 0.3,
+        "proxy used {:.2} s of CPU while waiting",
+        p1 - p0
+    );
+    drop(idle);
+}
+
+#[test]
+fn chaos_two_thousand_transfers_with_random_aborts() {
+    const THREADS: usize = 16;
+    const PER_THREAD: usize = 125;
+    let dirs = tempfile::tempdir().unwrap();
+    let (recv, spool) = (dirs.path().join("r"), dirs.path().join("s"));
+    let server = spawn_server(&recv, &[]);
+    let proxy = spawn_proxy(server.addr, &spool, &[]);
+    let to = proxy.addr;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut done = Vec::new();
+                let mut aborted = 0;
+                for i in 0..PER_THREAD {
+                    let seed = (t * PER_THREAD + i) as u64;
+                    let size = (seed.wrapping_mul(2654435761) % (256 * 1024)) as usize;
+                    let data = random_bytes(size, seed);
+                    if seed % 10 == 3 {
+                        // Abort mid-upload with a reset.
+                        let mut s = TcpStream::connect(to).unwrap();
+                        let _ = s.write_all(&data[..size / 2]);
+                        reset(s);
+                        aborted += 1;
+                        continue;
+                    }
+                    let receipt =
+                        send(to, &data).unwrap_or_else(|e| panic!("transfer {seed}: {e}"));
+                    assert_eq!(
+                        receipt.verdict(),
+                        Verdict::Verified,
+                        "transfer {seed}: {}",
+                        receipt.line
+                    );
+                    done.push((receipt, data));
+                }
+                (done, aborted)
+            })
+        })
+        .collect();
+    let mut completed = Vec::new();
+    let mut aborted = 0;
+    for w in workers {
+        let (done, a) = w.join().unwrap();
+        completed.extend(done);
+        aborted += a;
+    }
+    assert_eq!(completed.len() + aborted, THREADS * PER_THREAD);
+    // Every completed transfer: byte-identical at the server under its name.
+    for (receipt, data) in &completed {
+        let stopover::answer::Answer::Ok { file, .. } = &receipt.answer else {
+            unreachable!()
+        };
+        assert!(
+            std::fs::read(recv.join(file)).unwrap() == *data,
+            "server copy of {file} differs"
+        );
+    }
+    // ... and in the spool: the same multiset of (size, crc).
+    let mut want: Vec<(usize, u32)> = completed
+        .iter()
+        .map(|(_, d)| (d.len(), crc32c::crc32c(d)))
+        .collect();
+    let mut got: Vec<(usize, u32)> = final_files(&spool)
+        .iter()
+        .map(|n| std::fs::read(spool.join(n)).unwrap())
+        .map(|d| (d.len(), crc32c::crc32c(&d)))
+        .collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert!(
+        want == got,
+        "spool copies differ from the completed uploads"
+    );
+    // Aborted ones: no final name at the server, and no partial left over.
+    wait_until("the server has cleaned up every aborted upload", || {
+        file_names(&recv).iter().all(|n| !n.ends_with(".part"))
+    });
+    assert_eq!(final_files(&recv).len(), completed.len());
+    // Both still serve.
+    assert_eq!(
+        send(proxy.addr, b"after the chaos").unwrap().verdict(),
+        Verdict::Verified
+    );
+    assert_eq!(
+        send(server.addr, b"after the chaos").unwrap().verdict(),
+        Verdict::Verified
+    );
+    eprintln!("chaos: {} completed, {aborted} aborted", completed.len());
+}
+
+#[test]
+fn binding_a_non_loopback_address_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_server(dir.path(), &["--listen", "0.0.0.0:0"]);
+    server.wait_for_log("anyone who can reach it can write files to this disk");
+}
+
+#[test]
+fn proxy_spool_write_failure_gets_err_and_the_server_keeps_nothing() {
+    use std::os::unix::process::CommandExt;
+    let dirs = tempfile::tempdir().unwrap();
+    let (recv, spool) = (dirs.path().join("r"), dirs.path().join("s"));
+    let server = spawn_server(&recv, &[]);
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args([
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &server.addr.to_string(),
+    ])
+    .args(["--dir", spool.to_str().unwrap()]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1 << 20,
+                rlim_max: 1 << 20,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let proxy = spawn_with(&mut cmd);
+    let receipt = send(proxy.addr, &random_bytes(4 << 20, 67)).expect("an answer comes back");
+    assert!(
+        receipt
+            .line
+            .starts_with("ERR proxy cannot store upload: File too large"),
+        "{}",
+        receipt.line
+    );
+    // The server saw a reset, not an EOF: no final file there.
+    wait_until("the server discards its partial", || {
+        file_names(&recv).iter().all(|n| !n.ends_with(".part"))
+    });
+    assert!(final_files(&recv).is_empty());
+    assert!(
+        file_names(&spool)
+            .iter()
+            .all(|n| n.ends_with(".incomplete")),
+        "{:?}",
+        file_names(&spool)
+    );
+    // Still serving.
+    assert_eq!(
+        send(proxy.addr, b"small").unwrap().verdict(),
+        Verdict::Verified
+    );
+}
