@@ -3,7 +3,7 @@
 CARGO ?= cargo
 BIN   := target/release/stopover
 
-.PHONY: build test lint bench demo run-server run-proxy clean
+.PHONY: build test lint bench demo demo-trace diagrams run-server run-proxy clean
 
 ## build: release build of the `stopover` binary
 build:
@@ -27,6 +27,14 @@ lint:
 ## demo: run server + proxy on free ports, send a sample file, show the result
 demo: build
 	bash scripts/demo.sh $(BIN)
+
+## demo-trace: the demo with -vv: watch the loops think (every event, read, write, state change)
+demo-trace: build
+	TRACE=1 bash scripts/demo.sh $(BIN)
+
+## diagrams: regenerate docs/*.svg from their text sources (needs: cargo install svgbob_cli)
+diagrams:
+	for src in docs/*.txt; do svgbob_cli "$$src" -o "$${src%.txt}.svg"; done
 
 ## run-server: a server in the foreground on the defaults (127.0.0.1:9000, ./received)
 run-server: build

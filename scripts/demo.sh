@@ -2,10 +2,14 @@
 # Runs the whole system once: a server and a proxy on free loopback ports,
 # a sample file sent through them by the client, then the answer and the
 # stored files in both directories. Both daemons are stopped by PID on exit,
-# whatever happens.
+# whatever happens. With TRACE=1 (make demo-trace), the daemons run with -vv
+# and the demo ends with their readiness traces: every event, every read and
+# write, every state change, one line each.
 set -euo pipefail
 
 bin=${1:-target/release/stopover}
+verbosity=()
+[ "${TRACE:-0}" = 1 ] && verbosity=(-vv)
 work=$(mktemp -d "${TMPDIR:-/tmp}/stopover-demo.XXXXXX")
 pids=()
 cleanup() {
@@ -29,18 +33,23 @@ listening_addr() {
 }
 
 echo "== working in $work"
-"$bin" server --listen 127.0.0.1:0 --dir "$work/received" 2>"$work/server.log" &
+"$bin" "${verbosity[@]}" server --listen 127.0.0.1:0 --dir "$work/received" 2>"$work/server.log" &
 pids+=($!)
 server=$(listening_addr "$work/server.log" "${pids[-1]}")
 echo "== server listening on $server"
 
-"$bin" proxy --listen 127.0.0.1:0 --upstream "$server" --dir "$work/spool" 2>"$work/proxy.log" &
+"$bin" "${verbosity[@]}" proxy --listen 127.0.0.1:0 --upstream "$server" --dir "$work/spool" 2>"$work/proxy.log" &
 pids+=($!)
 proxy=$(listening_addr "$work/proxy.log" "${pids[-1]}")
 echo "== proxy listening on $proxy, forwarding to $server"
 
 sample="$work/sample.bin"
-{ echo "stopover demo file, made $(date -u +%FT%TZ)"; head -c $((4 * 1024 * 1024)) /dev/urandom; } >"$sample"
+if [ "${TRACE:-0}" = 1 ]; then
+    # Small, so the trace stays short enough to read.
+    echo "stopover demo file, made $(date -u +%FT%TZ)" >"$sample"
+else
+    { echo "stopover demo file, made $(date -u +%FT%TZ)"; head -c $((4 * 1024 * 1024)) /dev/urandom; } >"$sample"
+fi
 echo "== sending $sample ($(stat -c %s "$sample") bytes, crc32c computed by the client as it sends)"
 echo "\$ stopover client --to $proxy $sample"
 status=0
@@ -51,7 +60,10 @@ echo "== server stored (received/):"
 ls -l "$work/received"
 echo "== proxy kept (spool/):"
 ls -l "$work/spool"
+# Let the daemons finish their last log lines (closing happens just after
+# the answer is out), then show the logs without the timestamps.
+sleep 0.2
 echo "== logs:"
-sed 's/^/server| /' "$work/server.log"
-sed 's/^/proxy | /' "$work/proxy.log"
+sed 's/^[^ ]* /server| /' "$work/server.log"
+sed 's/^[^ ]* /proxy | /' "$work/proxy.log"
 exit "$status"

@@ -58,6 +58,8 @@ fn init_logging(cli: &Cli) {
     // Logging is a convenience; failing to set it up is not a reason to stop.
     let _ = simple_logger::SimpleLogger::new()
         .with_level(level)
+        // mio traces its own registrations; ours say the same in our terms.
+        .with_module_level("mio", LevelFilter::Info)
         .with_utc_timestamps()
         .init();
 }

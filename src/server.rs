@@ -155,6 +155,7 @@ pub struct Stats {
 
 /// One client connection.
 struct Conn {
+    key: usize,
     id: u64,
     sock: TcpStream,
     peer: SocketAddr,
@@ -295,6 +296,7 @@ impl Server {
 
 impl event_loop::Handler for Core {
     type Timer = Timer;
+    const ROLE: &'static str = "server";
 
     fn timers(&mut self) -> &mut Timers<Timer> {
         &mut self.timers
@@ -386,7 +388,10 @@ impl Core {
             };
             let (mut sock, peer) = match listener.accept() {
                 Ok(pair) => pair,
-                Err(e) if is_would_block(&e) => return,
+                Err(e) if is_would_block(&e) => {
+                    log::trace!("server: accept WouldBlock");
+                    return;
+                }
                 Err(e) if is_interrupted(&e) => continue,
                 Err(e) if event_loop::is_out_of_descriptors(&e) => {
                     if self.gate.out_of_descriptors(&e, self.conns.len()) {
@@ -430,7 +435,8 @@ impl Core {
             let _ = sock.set_nodelay(true);
             self.next_id += 1;
             let id = self.next_id;
-            let mut conn = Conn::new(id, sock, peer, state);
+            log::trace!("server: accept {peer} -> #{key}, register READABLE|WRITABLE");
+            let mut conn = Conn::new(key, id, sock, peer, state);
             if let Some(idle) = self.idle_timeout {
                 conn.idle_timer = Some(
                     self.timers
@@ -522,9 +528,10 @@ fn refusal(reason: &str) -> State {
 }
 
 impl Conn {
-    fn new(id: u64, sock: TcpStream, peer: SocketAddr, state: State) -> Conn {
+    fn new(key: usize, id: u64, sock: TcpStream, peer: SocketAddr, state: State) -> Conn {
         let now = Instant::now();
         Conn {
+            key,
             id,
             sock,
             peer,
@@ -543,6 +550,10 @@ impl Conn {
     /// Refuses the upload in progress: removes its partial file and
     /// queues `ERR reason`.
     fn refuse(&mut self, reason: String, stats: &mut Stats) {
+        log::trace!(
+            "server: #{} state Receiving -> Answering (refused)",
+            self.key
+        );
         stats.refused += 1;
         if let State::Receiving(part) = std::mem::replace(&mut self.state, refusal(&reason)) {
             part.discard();
@@ -563,11 +574,13 @@ impl Conn {
                     match self.sock.read(scratch) {
                         Ok(0) => {
                             // The client's half-close: the upload is complete.
+                            log::trace!("server: #{} read EOF", self.key);
                             self.last_active = Instant::now();
                             self.state = self.finish_upload(stats, policy);
+                            log::trace!("server: #{} state Receiving -> Answering", self.key);
                         }
                         Ok(n) => {
-                            log::trace!("server: {} read {n}", self.peer);
+                            log::trace!("server: #{} read {n}", self.key);
                             self.last_active = Instant::now();
                             if let Some(limit) = policy.max_bytes {
                                 if part.bytes() + n as u64 > limit {
@@ -587,6 +600,7 @@ impl Conn {
                             }
                         }
                         Err(e) if is_would_block(&e) => {
+                            log::trace!("server: #{} read WouldBlock", self.key);
                             self.readable = false;
                             return Next::Keep;
                         }
@@ -637,6 +651,7 @@ impl Conn {
                     // socket buffer is full; the rest goes on WRITABLE.
                     match self.sock.write(&line[*sent..]) {
                         Ok(n) => {
+                            log::trace!("server: #{} write {n}", self.key);
                             *sent += n;
                             self.last_active = Instant::now();
                             if *sent < line.len() {
@@ -647,10 +662,15 @@ impl Conn {
                                 // long ago, so nothing is left unread.
                                 return Next::Close;
                             }
+                            log::trace!(
+                                "server: #{} shutdown(Write); state Answering -> Discarding",
+                                self.key
+                            );
                             let _ = self.sock.shutdown(Direction::Write);
                             self.state = State::Discarding;
                         }
                         Err(e) if is_would_block(&e) => {
+                            log::trace!("server: #{} write WouldBlock", self.key);
                             self.writable = false;
                             return Next::Keep;
                         }

@@ -318,7 +318,9 @@ impl AcceptGate {
 /// What a role plugs into [`run`]: the shared shape of both loops.
 pub trait Handler {
     /// What the role's timers carry.
-    type Timer;
+    type Timer: std::fmt::Debug;
+    /// The role's name, for log lines.
+    const ROLE: &'static str;
 
     /// The role's timers; [`run`] waits no longer than the earliest.
     fn timers(&mut self) -> &mut Timers<Self::Timer>;
@@ -349,9 +351,20 @@ pub fn run<H: Handler>(poll: &mut Poll, handler: &mut H) -> io::Result<()> {
             }
             return Err(e).context("poll");
         }
+        if log::log_enabled!(log::Level::Trace) {
+            let n = events.iter().count();
+            log::trace!(
+                "{}: poll woke: {n} event(s){}",
+                H::ROLE,
+                if n == 0 { " (a deadline)" } else { "" }
+            );
+        }
         for event in events.iter() {
             match event.token() {
-                LISTENER => handler.accept_ready(),
+                LISTENER => {
+                    log::trace!("{}: listener READABLE", H::ROLE);
+                    handler.accept_ready()
+                }
                 WAKER => {}
                 SIGNALS => handler.signals_ready(),
                 _ => handler.connection_event(event),
@@ -362,6 +375,7 @@ pub fn run<H: Handler>(poll: &mut Poll, handler: &mut H) -> io::Result<()> {
         }
         let now = Instant::now();
         while let Some((_, timer)) = handler.timers().pop_due(now) {
+            log::trace!("{}: timer fired: {timer:?}", H::ROLE);
             handler.timer_fired(timer);
         }
     }

@@ -269,6 +269,7 @@ impl Proxy {
 
 impl event_loop::Handler for Core {
     type Timer = Timer;
+    const ROLE: &'static str = "proxy";
 
     fn timers(&mut self) -> &mut Timers<Timer> {
         &mut self.timers
@@ -385,7 +386,10 @@ impl Core {
             };
             let (client, peer) = match listener.accept() {
                 Ok(pair) => pair,
-                Err(e) if is_would_block(&e) => return,
+                Err(e) if is_would_block(&e) => {
+                    log::trace!("proxy: accept WouldBlock");
+                    return;
+                }
                 Err(e) if is_interrupted(&e) => continue,
                 Err(e) if event_loop::is_out_of_descriptors(&e) => {
                     self.back_off(&e);
@@ -453,10 +457,15 @@ impl Core {
                 transfer.abandon();
                 continue;
             }
-            log::debug!(
-                "proxy: accepted {peer} as #{key}, connecting to {}",
-                self.upstream
+            log::trace!(
+                "proxy: accept {peer} -> #{key}, register client READABLE|WRITABLE{}",
+                if transfer.upstream.is_some() {
+                    ", register upstream READABLE|WRITABLE (connect in progress)"
+                } else {
+                    ""
+                }
             );
+            log::debug!("proxy: accepted {peer} as #{key}");
             entry.insert(transfer);
             // Bytes may already be waiting; the registration will report
             // them, but driving now saves a trip through poll.

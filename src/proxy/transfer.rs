@@ -612,6 +612,10 @@ impl Transfer {
         self.held = Some(Held { file, len, crc: 0 });
         self.forwarded = 0;
         // Seed step 4, after the hold: connect, non-blocking as ever.
+        log::trace!(
+            "proxy: #{} register upstream READABLE|WRITABLE (connect in progress)",
+            self.key
+        );
         let connected = TcpStream::connect(self.upstream_addr).and_then(|mut sock| {
             ctx.registry
                 .register(
@@ -665,6 +669,7 @@ impl Transfer {
         match result {
             Ok(true) => {
                 let _ = up.sock.set_nodelay(true);
+                log::trace!("proxy: #{} upstream connected", self.key);
                 log::debug!(
                     "proxy: #{} connected to upstream {}",
                     self.key,
@@ -1205,6 +1210,7 @@ impl Transfer {
         while *sent < line.len() && self.client.writable {
             match self.client.sock.write(&line[*sent..]) {
                 Ok(n) => {
+                    log::trace!("proxy: #{} client write {n}", self.key);
                     *sent += n;
                     moved = true;
                 }
