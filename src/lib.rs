@@ -30,6 +30,8 @@
 //! | [`cli`] | command-line definitions |
 //! | [`error`] | errors that say what was being done, and to what |
 //!
+//! For a guided tour of the code, read `docs/GUIDE.md`.
+//!
 //! Each role can be started in-process (tests and benches do): `bind` it,
 //! read `local_addr`, keep a `shutdown_handle`, and `run` it on a thread.
 

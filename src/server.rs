@@ -220,8 +220,6 @@ impl Server {
         if config.fsync {
             log::info!("server: --fsync: each file and its directory entry are synced before OK");
         }
-        // Last: this line tells tests and scripts that we are ready.
-        log::info!("server listening on {local_addr}");
         Ok(Server {
             poll,
             core: Core {
@@ -269,6 +267,9 @@ impl Server {
     /// Runs the loop until shut down. Connections still open at that point
     /// are closed as aborted, and their partial files removed.
     pub fn run(mut self) -> io::Result<Stats> {
+        // This line tells tests and scripts that we are ready: everything is
+        // set up (signals included) and the loop is about to wait.
+        log::info!("server listening on {}", self.core.local_addr);
         event_loop::run(&mut self.poll, &mut self.core).context("server")?;
         let core = &mut self.core;
         let open = core.conns.len();

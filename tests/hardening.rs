@@ -148,7 +148,7 @@ fn two_thousand_connect_then_close_peers_leave_both_daemons_serving() {
     let dirs = tempfile::tempdir().unwrap();
     let server = spawn_server(&dirs.path().join("r"), &[]);
     let proxy = spawn_proxy(server.addr, &dirs.path().join("s"), &[]);
-    let base = (open_fds(proxy.pid()), open_fds(server.pid()));
+    let base = (conn_fds(proxy.pid()), conn_fds(server.pid()));
     for i in 0..2000 {
         let sock = TcpStream::connect(proxy.addr).unwrap();
         if i % 2 == 0 {
@@ -162,7 +162,7 @@ fn two_thousand_connect_then_close_peers_leave_both_daemons_serving() {
         Verdict::Verified
     );
     wait_until("every connection is released", || {
-        (open_fds(proxy.pid()), open_fds(server.pid())) == base
+        (conn_fds(proxy.pid()), conn_fds(server.pid())) == base
     });
     assert!(proxy
         .log_lines()
@@ -173,6 +173,22 @@ fn two_thousand_connect_then_close_peers_leave_both_daemons_serving() {
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Sockets and regular files a process holds: what its connections cost.
+/// (Not every descriptor: a process may inherit pipes or /dev/null from
+/// whatever started it, and those are not ours to count.)
+fn conn_fds(pid: u32) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|target| {
+            let t = target.to_string_lossy();
+            t.starts_with("socket:") || (t.starts_with('/') && !t.starts_with("/dev/"))
+        })
+        .count()
 }
 
 #[test]

@@ -199,8 +199,6 @@ impl Proxy {
             config.upstream,
             store.dir().display()
         );
-        // Last: this line tells tests and scripts that we are ready.
-        log::info!("proxy listening on {local_addr}");
         Ok(Proxy {
             poll,
             core: Core {
@@ -250,6 +248,9 @@ impl Proxy {
     /// Runs the loop until shut down. Transfers still open then are closed
     /// as aborted (an unfinished spool is kept as `.incomplete`).
     pub fn run(mut self) -> io::Result<Stats> {
+        // This line tells tests and scripts that we are ready: everything is
+        // set up (signals included) and the loop is about to wait.
+        log::info!("proxy listening on {}", self.core.local_addr);
         event_loop::run(&mut self.poll, &mut self.core).context("proxy")?;
         let core = &mut self.core;
         let open = core.transfers.len();
