@@ -54,7 +54,8 @@ use slab::Slab;
 use crate::answer::Answer;
 use crate::error::{brief, is_interrupted, is_would_block, Context};
 use crate::event_loop::{
-    self, AcceptGate, Shutdown, TimerId, Timers, DISCARD_LIMIT, LISTENER, SCRATCH_SIZE,
+    self, AcceptGate, GracefulStop, Shutdown, TimerId, Timers, DISCARD_LIMIT, LISTENER,
+    SCRATCH_SIZE,
 };
 use crate::store::{PartFile, Store};
 
@@ -126,9 +127,7 @@ struct Core {
     stats: Stats,
     policy: Policy,
     idle_timeout: Option<Duration>,
-    grace: Duration,
-    /// When shutting down: the end of the grace period.
-    draining_until: Option<Instant>,
+    stop: GracefulStop,
     /// Identity for the next connection (slab keys are reused; ids are not).
     next_id: u64,
 }
@@ -239,8 +238,7 @@ impl Server {
                     fsync: config.fsync,
                 },
                 idle_timeout: config.idle_timeout,
-                grace: config.grace,
-                draining_until: None,
+                stop: GracefulStop::new("server", config.grace),
                 next_id: 0,
             },
         })
@@ -344,36 +342,18 @@ impl event_loop::Handler for Core {
     }
 
     fn signals_ready(&mut self) {
-        if let Some(signals) = self.signals.as_mut() {
-            for name in event_loop::take_signals(signals, &self.shutdown) {
-                log::info!("server: received {name}");
-            }
-        }
+        event_loop::on_signals("server", self.signals.as_mut(), &self.shutdown);
     }
 
-    /// Graceful shutdown: on the first request stop accepting and let what
-    /// is in flight finish; stop when nothing is left, when the grace
-    /// period is over, or at a second request.
     fn should_stop(&mut self) -> bool {
-        let requests = self.shutdown.requests();
-        if requests == 0 {
-            return false;
-        }
-        let now = Instant::now();
-        if self.draining_until.is_none() {
-            let until = now + self.grace;
-            self.draining_until = Some(until);
-            if let Some(mut listener) = self.listener.take() {
-                let _ = self.registry.deregister(&mut listener);
-            }
-            self.timers.schedule(until, Timer::GraceOver);
-            log::info!(
-                "server: shutting down: not accepting; {} transfer(s) in flight get up to {} to finish (again to stop now)",
-                self.conns.len(),
-                humantime::format_duration(self.grace)
-            );
-        }
-        requests >= 2 || self.conns.is_empty() || self.draining_until.is_some_and(|t| now >= t)
+        self.stop.should_stop(
+            &self.shutdown,
+            self.conns.len(),
+            &mut self.listener,
+            &self.registry,
+            &mut self.timers,
+            Timer::GraceOver,
+        )
     }
 }
 
@@ -383,7 +363,7 @@ impl Core {
     /// left in the queue would produce no second event. (The gate may stop
     /// us earlier, at capacity; closing a connection brings us back.)
     fn accept_all(&mut self) {
-        while self.draining_until.is_none() && self.gate.admits(self.conns.len()) {
+        while !self.stop.is_draining() && self.gate.admits(self.conns.len()) {
             let Some(listener) = self.listener.as_ref() else {
                 return;
             };

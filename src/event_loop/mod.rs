@@ -315,6 +315,99 @@ impl AcceptGate {
     }
 }
 
+/// An event's readiness flags for the trace: ` READABLE WRITABLE ...`.
+pub fn flags(event: &Event) -> String {
+    let mut out = String::new();
+    for (set, name) in [
+        (event.is_readable(), " READABLE"),
+        (event.is_writable(), " WRITABLE"),
+        (event.is_read_closed(), " READ_CLOSED"),
+        (event.is_error(), " ERROR"),
+    ] {
+        if set {
+            out.push_str(name);
+        }
+    }
+    out
+}
+
+/// Graceful shutdown, the same for both roles.
+///
+/// The first shutdown request (a signal, or [`Shutdown::shutdown`]) closes
+/// the listener at once, so new clients are refused rather than left in a
+/// backlog nobody will accept from, and gives the transfers in flight
+/// `grace` to finish. The loop stops when none are left, when the grace
+/// period is over, or at a second request.
+#[derive(Debug)]
+pub struct GracefulStop {
+    role: &'static str,
+    grace: Duration,
+    until: Option<Instant>,
+}
+
+impl GracefulStop {
+    /// No shutdown requested yet.
+    pub fn new(role: &'static str, grace: Duration) -> GracefulStop {
+        GracefulStop {
+            role,
+            grace,
+            until: None,
+        }
+    }
+
+    /// True once a shutdown has begun (the role must not accept).
+    pub fn is_draining(&self) -> bool {
+        self.until.is_some()
+    }
+
+    /// The body of [`Handler::should_stop`]: starts draining at the first
+    /// request (closing `listener` and arming `grace_timer` so the loop
+    /// wakes when the grace period ends), and says whether to stop now.
+    pub fn should_stop<T>(
+        &mut self,
+        shutdown: &Shutdown,
+        in_flight: usize,
+        listener: &mut Option<TcpListener>,
+        registry: &Registry,
+        timers: &mut Timers<T>,
+        grace_timer: T,
+    ) -> bool {
+        let requests = shutdown.requests();
+        if requests == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        if self.until.is_none() {
+            let until = now + self.grace;
+            self.until = Some(until);
+            if let Some(mut listener) = listener.take() {
+                let _ = registry.deregister(&mut listener);
+            }
+            timers.schedule(until, grace_timer);
+            log::info!(
+                "{}: shutting down: not accepting; {in_flight} transfer(s) in flight get up to {} to finish (again to stop now)",
+                self.role,
+                humantime::format_duration(self.grace)
+            );
+        }
+        requests >= 2 || in_flight == 0 || self.until.is_some_and(|t| now >= t)
+    }
+}
+
+/// The body of [`Handler::signals_ready`]: each pending signal becomes a
+/// shutdown request, and is logged.
+pub fn on_signals(
+    role: &str,
+    signals: Option<&mut signal_hook_mio::v1_0::Signals>,
+    shutdown: &Shutdown,
+) {
+    if let Some(signals) = signals {
+        for name in take_signals(signals, shutdown) {
+            log::info!("{role}: received {name}");
+        }
+    }
+}
+
 /// What a role plugs into [`run`]: the shared shape of both loops.
 pub trait Handler {
     /// What the role's timers carry.

@@ -38,7 +38,7 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use crate::error::{is_interrupted, is_would_block, Context};
-use crate::event_loop::{self, AcceptGate, Shutdown, Timers, LISTENER, SCRATCH_SIZE};
+use crate::event_loop::{self, AcceptGate, GracefulStop, Shutdown, Timers, LISTENER, SCRATCH_SIZE};
 use crate::store::Store;
 
 use transfer::{Ctx, Next, Outcome, Policy, Side, Transfer};
@@ -162,9 +162,7 @@ struct Core {
     signals: Option<Signals>,
     policy: Policy,
     idle_timeout: Option<Duration>,
-    grace: Duration,
-    /// When shutting down: the end of the grace period.
-    draining_until: Option<Instant>,
+    stop: GracefulStop,
     /// Identity for the next transfer (slab keys are reused; ids are not).
     next_id: u64,
 }
@@ -220,8 +218,7 @@ impl Proxy {
                     connect_timeout: config.connect_timeout,
                 },
                 idle_timeout: config.idle_timeout,
-                grace: config.grace,
-                draining_until: None,
+                stop: GracefulStop::new("proxy", config.grace),
                 next_id: 0,
             },
         })
@@ -342,36 +339,18 @@ impl event_loop::Handler for Core {
     }
 
     fn signals_ready(&mut self) {
-        if let Some(signals) = self.signals.as_mut() {
-            for name in event_loop::take_signals(signals, &self.shutdown) {
-                log::info!("proxy: received {name}");
-            }
-        }
+        event_loop::on_signals("proxy", self.signals.as_mut(), &self.shutdown);
     }
 
-    /// Graceful shutdown: on the first request stop accepting and let what
-    /// is in flight finish; stop when nothing is left, when the grace
-    /// period is over, or at a second request.
     fn should_stop(&mut self) -> bool {
-        let requests = self.shutdown.requests();
-        if requests == 0 {
-            return false;
-        }
-        let now = Instant::now();
-        if self.draining_until.is_none() {
-            let until = now + self.grace;
-            self.draining_until = Some(until);
-            if let Some(mut listener) = self.listener.take() {
-                let _ = self.registry.deregister(&mut listener);
-            }
-            self.timers.schedule(until, Timer::GraceOver);
-            log::info!(
-                "proxy: shutting down: not accepting; {} transfer(s) in flight get up to {} to finish (again to stop now)",
-                self.transfers.len(),
-                humantime::format_duration(self.grace)
-            );
-        }
-        requests >= 2 || self.transfers.is_empty() || self.draining_until.is_some_and(|t| now >= t)
+        self.stop.should_stop(
+            &self.shutdown,
+            self.transfers.len(),
+            &mut self.listener,
+            &self.registry,
+            &mut self.timers,
+            Timer::GraceOver,
+        )
     }
 }
 
@@ -381,7 +360,7 @@ impl Core {
     /// we are at capacity), and for each, create its spool file and start
     /// the non-blocking connect upstream.
     fn accept_all(&mut self) {
-        while self.draining_until.is_none() && self.gate.admits(self.transfers.len()) {
+        while !self.stop.is_draining() && self.gate.admits(self.transfers.len()) {
             let Some(listener) = self.listener.as_ref() else {
                 return;
             };
