@@ -307,17 +307,7 @@ impl event_loop::Handler for Core {
 
     fn connection_event(&mut self, event: &Event) {
         let key = event.token().0;
-        log::trace!(
-            "server: #{key} event{}{}{}{}",
-            if event.is_readable() { " READABLE" } else { "" },
-            if event.is_writable() { " WRITABLE" } else { "" },
-            if event.is_read_closed() {
-                " READ_CLOSED"
-            } else {
-                ""
-            },
-            if event.is_error() { " ERROR" } else { "" },
-        );
+        log::trace!("server: #{key} event{}", event_loop::flags(event));
         let Some(conn) = self.conns.get_mut(key) else {
             return; // an event for a connection closed earlier in this batch
         };

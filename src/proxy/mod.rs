@@ -279,17 +279,7 @@ impl event_loop::Handler for Core {
 
     fn connection_event(&mut self, event: &Event) {
         let (key, side) = token_owner(event.token());
-        log::trace!(
-            "proxy: #{key} {side} event{}{}{}{}",
-            if event.is_readable() { " READABLE" } else { "" },
-            if event.is_writable() { " WRITABLE" } else { "" },
-            if event.is_read_closed() {
-                " READ_CLOSED"
-            } else {
-                ""
-            },
-            if event.is_error() { " ERROR" } else { "" },
-        );
+        log::trace!("proxy: #{key} {side} event{}", event_loop::flags(event));
         // A stale event (for a transfer closed earlier in this batch) finds
         // no transfer, or a new one whose flags it merely sets: at worst a
         // read that returns WouldBlock.
