@@ -12,7 +12,7 @@ build:
 ## test: every unit and integration test (real sockets on loopback), and a
 ## smoke run of the bench so it never rots
 test:
-	$(CARGO) test --all-targets
+	$(CARGO) test --lib --bins --tests
 	BENCH_SMOKE=1 $(CARGO) bench --bench bench
 
 ## bench: direct vs proxied throughput, latency, RSS, CPU (BENCH_QUICK=1: under a minute)

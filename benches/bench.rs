@@ -354,7 +354,15 @@ fn proc_meminfo_kib(key: &str) -> u64 {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; nothing else to parse.
+    // `cargo bench` passes --bench. Anything else (`cargo test --benches`,
+    // `cargo test --all-targets`) runs this binary as a test: do nothing,
+    // rather than a full benchmark against a debug build.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "bench: run me with `make bench` (or `cargo bench`); nothing to do under cargo test"
+        );
+        return;
+    }
     let preset = if std::env::var_os("BENCH_SMOKE").is_some() {
         Preset::Smoke
     } else if std::env::var_os("BENCH_QUICK").is_some() {
@@ -573,6 +581,9 @@ fn main() {
         conc["proxied"]["server_peak_conns"],
         conc["direct"]["server_peak_conns"]
     );
+    if preset != Preset::Full {
+        println!("({preset:?} run: the targets are set for the full run; at these sizes they are only indicative)");
+    }
     for (what, met) in &targets {
         println!("target {}: {what}", if *met { "met   " } else { "MISSED" });
     }
