@@ -43,15 +43,7 @@ fn slow_upstream_reading_in_small_sips_bounds_proxy_memory_and_completes() {
         });
     }
     let spool = tempfile::tempdir().unwrap();
-    let proxy = spawn(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up_addr.to_string(),
-        "--dir",
-        spool.path().to_str().unwrap(),
-    ]);
+    let proxy = spawn_proxy(up_addr, spool.path(), &[]);
     let baseline = proxy.rss_kib();
     let to = proxy.addr;
     let sender = {

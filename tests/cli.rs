@@ -24,22 +24,8 @@ fn whole_system_through_processes_prints_the_answer_and_exits_0() {
     let dirs = tempfile::tempdir().unwrap();
     let recv = dirs.path().join("received");
     let spool = dirs.path().join("spool");
-    let server = spawn(&[
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--dir",
-        recv.to_str().unwrap(),
-    ]);
-    let proxy = spawn(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &server.addr.to_string(),
-        "--dir",
-        spool.to_str().unwrap(),
-    ]);
+    let server = spawn_server(&recv, &[]);
+    let proxy = spawn_proxy(server.addr, &spool, &[]);
     let file = dirs.path().join("payload");
     std::fs::write(&file, random_bytes(1_000_000, 31)).unwrap();
     let out = run(&[

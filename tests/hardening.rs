@@ -3,37 +3,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::*;
 use stopover::client::Verdict;
-
-fn spawn_server(dir: &std::path::Path, extra: &[&str]) -> Spawned {
-    let mut args = vec!["server", "--dir", dir.to_str().unwrap()];
-    if !extra.contains(&"--listen") {
-        args.extend(["--listen", "127.0.0.1:0"]);
-    }
-    args.extend_from_slice(extra);
-    spawn(&args)
-}
-
-fn spawn_proxy(upstream: SocketAddr, dir: &std::path::Path, extra: &[&str]) -> Spawned {
-    let up = upstream.to_string();
-    let mut args = vec![
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up,
-        "--dir",
-        dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    spawn(&args)
-}
 
 /// CPU seconds (user + system) a process has used, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {

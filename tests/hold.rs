@@ -14,17 +14,7 @@ use stopover::answer::Answer;
 use stopover::client::Verdict;
 
 fn held_proxy(upstream: std::net::SocketAddr, dir: &std::path::Path, hold: &str) -> Spawned {
-    spawn(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &upstream.to_string(),
-        "--dir",
-        dir.to_str().unwrap(),
-        "--hold",
-        hold,
-    ])
+    spawn_proxy(upstream, dir, &["--hold", hold])
 }
 
 /// The spool path from a `holding <path> for ...` log line.

@@ -220,22 +220,8 @@ fn open_fds(pid: u32) -> usize {
 fn idle_connections_cost_no_buffers() {
     const IDLE: usize = 2000;
     let dirs = tempfile::tempdir().unwrap();
-    let server = spawn(&[
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--dir",
-        dirs.path().join("r").to_str().unwrap(),
-    ]);
-    let proxy = spawn(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &server.addr.to_string(),
-        "--dir",
-        dirs.path().join("s").to_str().unwrap(),
-    ]);
+    let server = spawn_server(&dirs.path().join("r"), &[]);
+    let proxy = spawn_proxy(server.addr, &dirs.path().join("s"), &[]);
     // Descriptors once ready and before any traffic (a finished transfer
     // may take a moment to release its own after its answer is out).
     let base_fds = open_fds(proxy.pid());

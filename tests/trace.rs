@@ -105,13 +105,7 @@ fn trace_shows_one_transfer_step_by_step() {
 #[test]
 fn trace_is_off_by_default() {
     let dir = tempfile::tempdir().unwrap();
-    let server = spawn(&[
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    let server = spawn_server(dir.path(), &[]);
     assert_eq!(
         send(server.addr, b"quiet").unwrap().verdict(),
         Verdict::Verified

@@ -167,6 +167,33 @@ pub fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc status")
 }
 
+/// A server process on a free port, storing into `dir`; `extra` flags are
+/// appended (a `--listen` among them replaces the default).
+pub fn spawn_server(dir: &std::path::Path, extra: &[&str]) -> Spawned {
+    let mut args = vec!["server", "--dir", dir.to_str().unwrap()];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
+    args.extend_from_slice(extra);
+    spawn(&args)
+}
+
+/// A proxy process on a free port in front of `upstream`, spooling into `dir`.
+pub fn spawn_proxy(upstream: SocketAddr, dir: &std::path::Path, extra: &[&str]) -> Spawned {
+    let up = upstream.to_string();
+    let mut args = vec![
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &up,
+        "--dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args)
+}
+
 /// Starts `stopover <args>` and waits for its `listening on <addr>` line.
 pub fn spawn(args: &[&str]) -> Spawned {
     spawn_with(Command::new(bin()).args(args))
