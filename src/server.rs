@@ -59,6 +59,21 @@ use crate::event_loop::{
 };
 use crate::store::{PartFile, Store};
 
+/// The receive low-water mark (`SO_RCVLOWAT`) of client sockets: readiness
+/// is reported once this many bytes are queued, or at EOF or an error.
+///
+/// Why: fed by a proxy, which sends in bursts, the server used to wake for
+/// every few segments, about 550 times per GiB, and spend 0.2 s more CPU
+/// per GiB than when fed by a client directly; on a 2-core machine that CPU
+/// comes out of the proxy's share. With 64 KiB, proxied bulk throughput
+/// went from a median of 852 to 1012 MB/s, and 1018 to 1255 MB/s, in two
+/// rounds of five interleaved 1 GiB runs (direct unchanged).
+///
+/// The cost: a client sending fewer bytes than this wakes nobody until it
+/// sends more or finishes. Nothing is lost (the bytes wait in the kernel,
+/// and the idle check reads them before calling a connection idle).
+pub const RECV_LOW_WATER: usize = 64 * 1024;
+
 /// Settings for [`Server`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -404,6 +419,11 @@ impl Core {
                 continue;
             }
             let _ = sock.set_nodelay(true);
+            // Wake for uploads in batches of at least RECV_LOW_WATER bytes
+            // (or at EOF): fewer, larger reads. See check_idle for the cost.
+            if let Err(e) = event_loop::set_recv_low_water(&sock, RECV_LOW_WATER) {
+                log::debug!("server: SO_RCVLOWAT: {e}");
+            }
             self.next_id += 1;
             let id = self.next_id;
             log::trace!("server: accept {peer} -> #{key}, register READABLE|WRITABLE");
@@ -461,7 +481,20 @@ impl Core {
             conn.idle_timer = Some(self.timers.schedule(due, Timer::Idle { key, id }));
             return;
         }
+        // Bytes below the receive low-water mark wake nobody, so a client
+        // trickling slowly looks silent from here. Look before judging: a
+        // non-blocking read returns whatever is queued.
         conn.idle_timer = None;
+        conn.readable = true;
+        self.drive(key);
+        let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == id) else {
+            return; // finished (or failed) after all
+        };
+        let due = conn.last_active + idle;
+        if Instant::now() < due {
+            conn.idle_timer = Some(self.timers.schedule(due, Timer::Idle { key, id }));
+            return;
+        }
         match &conn.state {
             State::Receiving(part) => log::warn!(
                 "server: {} idle for {}: upload aborted after {} bytes; removed {}",

@@ -569,3 +569,21 @@ fn proxy_spool_write_failure_gets_err_and_the_server_keeps_nothing() {
         Verdict::Verified
     );
 }
+
+#[test]
+fn a_slow_client_below_the_low_water_mark_is_not_mistaken_for_idle() {
+    // The server only wakes for 64 KiB at a time (SO_RCVLOWAT). A client
+    // sending 100 bytes every 300 ms moves far less than that within the
+    // 1 s idle timeout, yet it is alive and must not be cut off.
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_server(dir.path(), &["--idle-timeout", "1s"]);
+    let data = random_bytes(1500, 68);
+    let mut sock = TcpStream::connect(server.addr).unwrap();
+    for chunk in data.chunks(100) {
+        sock.write_all(chunk).unwrap();
+        std::thread::sleep(Duration::from_millis(300)); // pacing the slow peer
+    }
+    let answer = finish_and_read(&mut sock, b"");
+    assert!(answer.starts_with("OK bytes=1500 "), "{answer}");
+    assert!(server.log_lines().iter().all(|l| !l.contains("idle")), "{:#?}", server.log_lines());
+}

@@ -105,6 +105,29 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// Sets `SO_RCVLOWAT`: readiness for reading is reported only once `bytes`
+/// are queued (or at EOF or an error). A non-blocking read still returns
+/// whatever is there.
+pub fn set_recv_low_water(sock: &impl std::os::fd::AsRawFd, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is open for the duration of the call; we pass
+    // a pointer to a c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A handle that stops a running loop from another thread.
 ///
 /// The first request starts a graceful shutdown (stop accepting, let
