@@ -611,8 +611,13 @@ fn main() {
     fs::write(&svg_path, svg_report(&rows, &m, preset)).expect("write report.svg");
     println!("wrote {} and {}", json_path.display(), svg_path.display());
 
-    // Deleting is safe now: nothing in this run creates files after it.
+    // Deleting is safe now: nothing in this run creates files after it. But
+    // the next run would pay for it (creating files right after deleting
+    // thousands is slow for a minute on this ext4), so say so.
     let _ = fs::remove_dir_all(&work);
+    if preset != Preset::Smoke {
+        println!("note: this run deleted its files; wait a minute before the next bench, or its file creation runs slow");
+    }
     if errors > 0 {
         eprintln!("bench: {errors} transfers failed");
         std::process::exit(1);

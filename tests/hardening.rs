@@ -585,5 +585,9 @@ fn a_slow_client_below_the_low_water_mark_is_not_mistaken_for_idle() {
     }
     let answer = finish_and_read(&mut sock, b"");
     assert!(answer.starts_with("OK bytes=1500 "), "{answer}");
-    assert!(server.log_lines().iter().all(|l| !l.contains("idle")), "{:#?}", server.log_lines());
+    assert!(
+        server.log_lines().iter().all(|l| !l.contains("idle")),
+        "{:#?}",
+        server.log_lines()
+    );
 }
