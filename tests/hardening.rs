@@ -515,7 +515,6 @@ fn binding_a_non_loopback_address_warns() {
 
 #[test]
 fn proxy_spool_write_failure_gets_err_and_the_server_keeps_nothing() {
-    use std::os::unix::process::CommandExt;
     let dirs = tempfile::tempdir().unwrap();
     let (recv, spool) = (dirs.path().join("r"), dirs.path().join("s"));
     let server = spawn_server(&recv, &[]);
@@ -528,20 +527,7 @@ fn proxy_spool_write_failure_gets_err_and_the_server_keeps_nothing() {
         &server.addr.to_string(),
     ])
     .args(["--dir", spool.to_str().unwrap()]);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 1 << 20,
-                rlim_max: 1 << 20,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            Ok(())
-        });
-    }
+    limit_child(&mut cmd, libc::RLIMIT_FSIZE, 1 << 20);
     let proxy = spawn_with(&mut cmd);
     let receipt = send(proxy.addr, &random_bytes(4 << 20, 67)).expect("an answer comes back");
     assert!(

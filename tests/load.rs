@@ -3,7 +3,6 @@
 mod common;
 
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -143,19 +142,7 @@ fn server_with_nofile(dir: &std::path::Path, limit: u64) -> Spawned {
         "--dir",
         dir.to_str().unwrap(),
     ]);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let lim = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_child(&mut cmd, libc::RLIMIT_NOFILE, limit);
     spawn_with(&mut cmd)
 }
 

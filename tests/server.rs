@@ -4,7 +4,6 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -91,20 +90,7 @@ fn write_error_on_the_file_gets_err_removes_the_partial_and_keeps_serving() {
         "--dir",
         dir.path().to_str().unwrap(),
     ]);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 1024 * 1024,
-                rlim_max: 1024 * 1024,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            Ok(())
-        });
-    }
+    limit_child(&mut cmd, libc::RLIMIT_FSIZE, 1024 * 1024);
     let server = spawn_with(&mut cmd);
     let receipt =
         send(server.addr, &random_bytes(4 * 1024 * 1024, 23)).expect("an answer comes back");

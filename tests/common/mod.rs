@@ -194,6 +194,28 @@ pub fn spawn_proxy(upstream: SocketAddr, dir: &std::path::Path, extra: &[&str]) 
     spawn(&args)
 }
 
+/// Makes the child started by `cmd` run with resource `resource` limited
+/// to `value` (soft and hard), and with SIGXFSZ ignored, so that passing
+/// RLIMIT_FSIZE makes a write fail with EFBIG instead of killing the
+/// process: how the tests produce real disk-write and descriptor failures.
+pub fn limit_child(cmd: &mut Command, resource: libc::__rlimit_resource_t, value: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            if libc::setrlimit(resource, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+}
+
 /// Starts `stopover <args>` and waits for its `listening on <addr>` line.
 pub fn spawn(args: &[&str]) -> Spawned {
     spawn_with(Command::new(bin()).args(args))
