@@ -21,10 +21,27 @@
 //!
 //! The CRC-32C of the bytes is computed as they are written, so finishing a
 //! file never needs to read it back.
+//!
+//! **Preallocation.** Once an upload passes [`PREALLOCATE_AFTER`], its file
+//! reserves disk space ahead of the writes with
+//! `fallocate(FALLOC_FL_KEEP_SIZE)`, in steps that double with the file
+//! (up to [`PREALLOCATE_STEP_MAX`]), and gives back what it did not use when
+//! it is finished. Without it, ext4 does its delayed-allocation bookkeeping
+//! (space and quota reservation, the extent-status tree) for every 4 KiB
+//! block of every `write`; over already-reserved space a `write` is little
+//! more than the copy into the page cache. Measured on this project's
+//! machine (1 GiB through the proxy, four interleaved A/B rounds), CPU per
+//! GiB went from 0.41-0.44 s to 0.36-0.39 s in the server and from
+//! 0.67-0.72 s to 0.58-0.71 s in the proxy. `KEEP_SIZE` leaves the file's length honest
+//! while it grows, so a reader (or a person editing a held spool file) never
+//! sees reserved space as zeros. Preallocation is only ever an optimisation:
+//! if the filesystem refuses it (no support, or no space left to reserve),
+//! the file stops asking and the writes themselves decide.
 
 use std::ffi::CString;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -36,6 +53,16 @@ use crate::error::Context;
 pub const PART_SUFFIX: &str = ".part";
 /// Suffix the proxy gives an upload whose client went away before finishing.
 pub const INCOMPLETE_SUFFIX: &str = ".incomplete";
+
+/// Uploads up to this size are never preallocated: for small files the
+/// extra system call costs more than it saves.
+pub const PREALLOCATE_AFTER: u64 = 1024 * 1024;
+/// The largest step a file reserves ahead of its writes. A step is as large
+/// as the file already is (so reserved-but-unused space is at most what was
+/// written, and at most this much), which keeps the number of `fallocate`
+/// calls logarithmic for files up to this size and linear, in 8 MiB steps,
+/// beyond.
+pub const PREALLOCATE_STEP_MAX: u64 = 8 * 1024 * 1024;
 
 /// A directory that uploads are stored in, and the name generator for it.
 #[derive(Debug)]
@@ -149,6 +176,8 @@ impl Store {
                         name,
                         bytes: 0,
                         crc: 0,
+                        reserved: 0,
+                        preallocate: true,
                         finished: false,
                     })
                 }
@@ -174,15 +203,54 @@ pub struct PartFile {
     final_path: PathBuf,
     bytes: u64,
     crc: u32,
+    /// End of the space reserved with `fallocate` (0: none).
+    reserved: u64,
+    /// False once the filesystem has refused a preallocation.
+    preallocate: bool,
     finished: bool,
 }
 
 impl PartFile {
     /// Appends `data`, updating the byte count and running CRC-32C.
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.reserve_ahead(data.len() as u64);
         self.file.write_all(data)?;
         self.crc = crc32c::crc32c_append(self.crc, data);
         self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// Makes sure the space for the next `len` bytes is reserved, once the
+    /// file is past [`PREALLOCATE_AFTER`] (see the module docs).
+    fn reserve_ahead(&mut self, len: u64) {
+        let end = self.bytes + len;
+        if !self.preallocate || self.bytes < PREALLOCATE_AFTER || end <= self.reserved {
+            return;
+        }
+        let from = self.reserved.max(self.bytes);
+        let to = end + self.bytes.min(PREALLOCATE_STEP_MAX);
+        match fallocate_keep_size(&self.file, from, to - from) {
+            Ok(()) => self.reserved = to,
+            Err(e) => {
+                log::debug!(
+                    "{}: no preallocation from here on: {e}",
+                    self.part_path.display()
+                );
+                self.preallocate = false;
+            }
+        }
+    }
+
+    /// Gives back reserved space past the end of the data. On ext4,
+    /// truncating to the current length releases blocks that
+    /// `FALLOC_FL_KEEP_SIZE` reserved past it.
+    fn release_reserve(&mut self) -> io::Result<()> {
+        if self.reserved > self.bytes {
+            self.file
+                .set_len(self.bytes)
+                .with_context(|| format!("trimming {}", self.part_path.display()))?;
+        }
+        self.reserved = 0;
         Ok(())
     }
 
@@ -235,6 +303,7 @@ impl PartFile {
         if self.finished {
             return Ok(());
         }
+        self.release_reserve()?;
         rename_noreplace(&self.part_path, &self.final_path)
             .with_context(|| format!("renaming {} to its final name", self.part_path.display()))?;
         self.finished = true;
@@ -245,6 +314,7 @@ impl PartFile {
     /// before the rename and the directory entry after it, so once this
     /// returns, the upload survives a power cut under its final name.
     pub fn finish_durable(&mut self) -> io::Result<()> {
+        self.release_reserve()?;
         self.sync_data()?;
         self.finish()?;
         let dir = self.final_path.parent().unwrap_or(Path::new("."));
@@ -265,9 +335,12 @@ impl PartFile {
     /// Renames an unfinished file to `<name>.incomplete` and returns the new
     /// path (the proxy's way with aborted uploads: the bytes stay recoverable,
     /// and the name says they are not the whole upload).
-    pub fn keep_incomplete(self) -> io::Result<PathBuf> {
+    pub fn keep_incomplete(mut self) -> io::Result<PathBuf> {
         if self.finished {
             return Ok(self.final_path);
+        }
+        if let Err(e) = self.release_reserve() {
+            log::warn!("{e}"); // the bytes matter more than the spare space
         }
         let to = self
             .final_path
@@ -276,6 +349,25 @@ impl PartFile {
             format!("renaming {} to {}", self.part_path.display(), to.display())
         })?;
         Ok(to)
+    }
+}
+
+/// `fallocate(FALLOC_FL_KEEP_SIZE)`: reserves `len` bytes of disk from
+/// `offset` without changing the file's length.
+fn fallocate_keep_size(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "offset out of range",
+        ));
+    };
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is
+    // owned by `file`, which outlives the call.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -351,6 +443,51 @@ mod tests {
             sorted, names,
             "names must be unique and already in arrival order"
         );
+    }
+
+    /// Space on disk a file takes, from `st_blocks` (512-byte units).
+    fn allocated(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn large_files_are_preallocated_and_trimmed_when_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..3 * PREALLOCATE_AFTER + 12_345)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let slack = 64 * 1024; // a filesystem's own metadata blocks
+        for keep_incomplete in [false, true] {
+            let mut part = store.create().unwrap();
+            for chunk in data.chunks(64 * 1024) {
+                part.write(chunk).unwrap();
+            }
+            if part.reserved <= part.bytes() {
+                // This filesystem refused `fallocate`: nothing to trim.
+                eprintln!("no preallocation on {}; skipping", dir.path().display());
+                return;
+            }
+            // Reserved space shows while the file is written, but the
+            // file's length stays the number of bytes written...
+            assert!(allocated(part.path()) > part.bytes() + PREALLOCATE_AFTER / 2);
+            assert_eq!(fs::metadata(part.path()).unwrap().len(), data.len() as u64);
+            // ...and is given back when the file is finished or kept.
+            let path = if keep_incomplete {
+                part.keep_incomplete().unwrap()
+            } else {
+                part.finish().unwrap();
+                part.path().to_path_buf()
+            };
+            assert!(
+                allocated(&path) <= data.len() as u64 + slack,
+                "{} bytes allocated for {} bytes of data",
+                allocated(&path),
+                data.len()
+            );
+            assert_eq!(fs::read(&path).unwrap(), data);
+        }
     }
 
     #[test]
