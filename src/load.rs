@@ -174,6 +174,8 @@ struct Tally {
     bytes: u64,
     failures: BTreeMap<String, u64>,
     examples: BTreeMap<String, String>,
+    /// When the last transfer counted here ended: the end of the wall time.
+    ended: Option<Instant>,
 }
 
 impl Tally {
@@ -183,6 +185,7 @@ impl Tally {
             bytes: 0,
             failures: BTreeMap::new(),
             examples: BTreeMap::new(),
+            ended: None,
         }
     }
 
@@ -200,6 +203,7 @@ impl Tally {
         for (k, m) in other.examples {
             self.examples.entry(k).or_insert(m);
         }
+        self.ended = self.ended.max(other.ended);
     }
 }
 
@@ -323,7 +327,13 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
             Err(_) => tally.fail("panic", "a client thread panicked".into()),
         }
     }
-    let wall = started.elapsed().as_secs_f64();
+    // From the start to the end of the last transfer, as the clients saw it
+    // (not when this thread noticed: it polls every 50 ms).
+    let wall = tally
+        .ended
+        .unwrap_or_else(Instant::now)
+        .duration_since(started)
+        .as_secs_f64();
     if let Some(e) = spawn_error {
         if tally.ok == 0 {
             return Err(e);
@@ -467,6 +477,7 @@ impl ClientCtx {
                 Err(e) => tally.fail(failure_kind(&e), e.to_string()),
             }
             self.finished.fetch_add(1, Ordering::Relaxed);
+            tally.ended = Some(Instant::now());
             if self.config.all_at_once {
                 break;
             }
@@ -588,6 +599,21 @@ impl SplitMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wall_time_ends_with_the_last_transfer() {
+        // The summary's wall time is the latest end any client reported,
+        // not the moment the main thread's 50 ms progress poll noticed.
+        let t0 = Instant::now();
+        let (early, late) = (t0 + Duration::from_millis(3), t0 + Duration::from_millis(7));
+        let mut total = Tally::new();
+        for ended in [Some(late), None, Some(early)] {
+            let mut part = Tally::new();
+            part.ended = ended;
+            total.merge(part);
+        }
+        assert_eq!(total.ended, Some(late));
+    }
 
     #[test]
     fn sizes_parse() {
