@@ -8,7 +8,26 @@
 //! *interleaved* (never all of one first) after a warm-up pass, and the
 //! table reports medians. Peak RSS per run is `VmHWM`, reset before each
 //! run by writing `5` to `/proc/<pid>/clear_refs`; CPU is `utime + stime`
-//! from `/proc/<pid>/stat`.
+//! from `/proc/<pid>/stat` for the daemons and `getrusage(RUSAGE_CHILDREN)`
+//! for the load generator.
+//!
+//! **Ratios are paired.** This machine's speed drifts by tens of percent
+//! from one minute to the next (a VM sharing its host), so a ratio of two
+//! medians can compare a fast minute with a slow one. Each repetition runs
+//! direct and proxied back to back, and the ratio reported is the median of
+//! the per-repetition ratios: both halves of a pair saw the same machine.
+//!
+//! **CPU bound.** For bulk, the bench also prints the CPU each process
+//! spent per GiB and what that alone allows: with `n` cores, a run can take
+//! no less than `max(busiest process, total CPU / n)`. Comparing that for
+//! direct and proxied gives the best ratio the CPU budget permits, which
+//! tells whether a gap is the relay's cost per byte or something else.
+//!
+//! **A reference relay.** If `haproxy` is installed, bulk and small also run
+//! through it (one thread, `splice` both ways, plain TCP mode): a
+//! well-known relay that stores nothing, measured on the same machine in
+//! the same minute. Its rows are labelled `haproxy`; its memory and CPU
+//! fill the relay columns. Without it the bench runs as before.
 //!
 //! Two traps of this machine are avoided on purpose: files are never
 //! deleted between runs (after deleting thousands of files, creating new
@@ -64,7 +83,7 @@ fn scenarios(preset: Preset) -> Vec<Scenario> {
     const K: u64 = 1024;
     match preset {
         Preset::Full => vec![
-            s("bulk", 1, 1, K * K * K, false, 5),
+            s("bulk", 1, 1, K * K * K, false, 7),
             s("small", 64, 20_000, K, false, 3),
             s("medium", 32, 2_000, K * K, false, 3),
             s("concurrency", 5_000, 5_000, 64 * K, true, 3),
@@ -142,6 +161,77 @@ impl Daemon {
         }
     }
 
+    /// Starts HAProxy (if it is installed) as a plain TCP relay to
+    /// `server`, with the settings that make it fastest at bulk here: one
+    /// thread like stopover, and `splice` both ways. `None`, with the
+    /// reason printed, if it is not installed or will not start.
+    fn start_haproxy(server: &str, work: &Path) -> Option<Daemon> {
+        let installed = Command::new("haproxy")
+            .arg("-v")
+            .stdout(Stdio::piped())
+            .output()
+            .ok()
+            .filter(|o| o.status.success());
+        let Some(version) = installed else {
+            println!("reference: haproxy is not installed, so no reference rows (`apt install haproxy` adds them)");
+            return None;
+        };
+        let version = String::from_utf8_lossy(&version.stdout);
+        println!("reference: {}", version.lines().next().unwrap_or("haproxy"));
+        // A port the kernel just handed out is free, and nothing else here
+        // takes ports: good enough for a bench.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .ok()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = work.join("haproxy.cfg");
+        let text = format!(
+            "global
+    maxconn 4096
+    nbthread 1
+defaults
+    mode tcp
+    option splice-request
+    option splice-response
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+frontend bench
+    bind {addr}
+    default_backend stopover
+backend stopover
+    server s1 {server}
+"
+        );
+        fs::write(&config, text).ok()?;
+        let log = work.join("haproxy.log");
+        let mut child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&config)
+            .arg("-db")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).ok()?)
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                println!(
+                    "reference: haproxy did not start, so no reference rows: {}",
+                    fs::read_to_string(&log).unwrap_or_default().trim()
+                );
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20)); // waiting for its listener
+        }
+        Some(Daemon { child, addr })
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -198,6 +288,8 @@ struct Run {
     server_cpu_s: f64,
     server_peak_conns: usize,
     proxy_peak_conns: Option<usize>,
+    /// CPU seconds of the load generator itself.
+    load_cpu_s: f64,
 }
 
 impl Run {
@@ -212,23 +304,44 @@ impl Run {
     }
 }
 
+/// The way a run's transfers take to the server.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Via {
+    /// Client -> server.
+    Direct,
+    /// Client -> stopover proxy -> server.
+    Proxy,
+    /// Client -> HAProxy -> server: a reference relay that stores nothing.
+    Haproxy,
+}
+
 struct Bench {
     bin: PathBuf,
     work: PathBuf,
     server: Daemon,
     proxy: Daemon,
+    /// HAProxy, if it is installed (the reference row).
+    haproxy: Option<Daemon>,
 }
 
 impl Bench {
-    fn run(&self, s: &Scenario, proxied: bool) -> Run {
-        let to = if proxied {
-            &self.proxy.addr
-        } else {
-            &self.server.addr
-        };
+    fn relay(&self, via: Via) -> Option<&Daemon> {
+        match via {
+            Via::Direct => None,
+            Via::Proxy => Some(&self.proxy),
+            Via::Haproxy => self.haproxy.as_ref(),
+        }
+    }
+
+    fn run(&self, s: &Scenario, via: Via) -> Run {
+        let relay = self.relay(via);
+        let to = relay.map_or(&self.server.addr, |r| &r.addr);
         self.server.reset_peak();
-        self.proxy.reset_peak();
-        let (s_cpu, p_cpu) = (self.server.cpu_s(), self.proxy.cpu_s());
+        if let Some(r) = relay {
+            r.reset_peak();
+        }
+        let (s_cpu, p_cpu) = (self.server.cpu_s(), relay.map_or(0.0, Daemon::cpu_s));
+        let proxied = via == Via::Proxy;
         let mut cmd = Command::new(&self.bin);
         cmd.args([
             "-q",
@@ -268,6 +381,7 @@ impl Bench {
             })
         };
         let (s_fds0, p_fds0) = (open_fds(self.server.pid()), open_fds(self.proxy.pid()));
+        let load_cpu0 = children_cpu_s();
         let out = cmd
             .stderr(Stdio::inherit())
             .output()
@@ -282,13 +396,14 @@ impl Bench {
         });
         let run = Run {
             load,
-            proxy_rss_kib: proxied.then(|| self.proxy.peak_rss_kib()),
-            proxy_cpu_s: proxied.then(|| self.proxy.cpu_s() - p_cpu),
+            proxy_rss_kib: relay.map(Daemon::peak_rss_kib),
+            proxy_cpu_s: relay.map(|r| r.cpu_s() - p_cpu),
             server_rss_kib: self.server.peak_rss_kib(),
             server_cpu_s: self.server.cpu_s() - s_cpu,
             // Two descriptors per server connection, three per proxy transfer.
             server_peak_conns: s_fds.saturating_sub(s_fds0) / 2,
             proxy_peak_conns: proxied.then_some(p_fds.saturating_sub(p_fds0) / 3),
+            load_cpu_s: children_cpu_s() - load_cpu0,
         };
         self.free_disk();
         run
@@ -311,6 +426,41 @@ impl Bench {
             }
         }
     }
+}
+
+/// CPU seconds (user + system) of this process's children that have ended
+/// and been waited for. The daemons run until the end, so between two calls
+/// around a run this is the load generator's CPU.
+fn children_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the struct we pass; all-zero is a valid rusage.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
+/// The shortest a run can take on `cores` cores, from the CPU each of its
+/// processes needs: no process can go faster than one core, and all of
+/// them together no faster than all cores.
+fn cpu_bound_s(per_process: &[f64], cores: f64) -> f64 {
+    let busiest = per_process.iter().copied().fold(0.0, f64::max);
+    busiest.max(per_process.iter().sum::<f64>() / cores)
+}
+
+/// The median over repetitions of `other[i] / direct[i]` for `key`:
+/// repetition i ran both back to back (see the module docs).
+fn paired_ratio(direct: &[Run], other: &[Run], key: &str) -> f64 {
+    median(
+        direct
+            .iter()
+            .zip(other)
+            .filter(|(d, _)| d.f(key) > 0.0)
+            .map(|(d, o)| o.f(key) / d.f(key))
+            .collect(),
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -414,43 +564,54 @@ fn main() {
         ],
         &work.join("proxy.log"),
     );
+    let haproxy = if preset == Preset::Smoke {
+        None
+    } else {
+        Daemon::start_haproxy(&server.addr, &work)
+    };
     let bench = Bench {
         bin,
         work: work.clone(),
         server,
         proxy,
+        haproxy,
     };
     let scenarios = scenarios(preset);
+    // The paths each scenario is run over. HAProxy, when installed, is the
+    // reference for the two scenarios the targets compare with it.
+    let paths = |s: &Scenario| {
+        let mut v = vec![("direct", Via::Direct), ("proxied", Via::Proxy)];
+        if bench.haproxy.is_some() && matches!(s.name, "bulk" | "small") {
+            v.push(("haproxy", Via::Haproxy));
+        }
+        v
+    };
 
-    // Warm up every scenario on both paths before measuring anything.
+    // Warm up every scenario on every path before measuring anything.
     if preset != Preset::Smoke {
         for s in &scenarios {
             let w = warm_up(s);
-            bench.run(&w, false);
-            bench.run(&w, true);
+            for (_, via) in paths(s) {
+                bench.run(&w, via);
+            }
         }
     }
 
-    let mut results: BTreeMap<&str, (Vec<Run>, Vec<Run>)> = BTreeMap::new();
+    let mut results: BTreeMap<&str, BTreeMap<&str, Vec<Run>>> = BTreeMap::new();
     for s in &scenarios {
-        let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+        let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
         for rep in 0..s.reps {
-            // Interleave, alternating which path goes first.
-            let order = if rep % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            for p in order {
-                let r = bench.run(s, p);
-                if p {
-                    proxied.push(r);
-                } else {
-                    direct.push(r);
-                }
+            // Interleave, alternating which of direct and proxied goes
+            // first; the reference relay, if any, runs last.
+            let mut order = paths(s);
+            if rep % 2 == 1 {
+                order.swap(0, 1);
+            }
+            for (name, via) in order {
+                runs.entry(name).or_default().push(bench.run(s, via));
             }
         }
-        results.insert(s.name, (direct, proxied));
+        results.insert(s.name, runs);
     }
     drop(bench);
 
@@ -459,23 +620,27 @@ fn main() {
     let mut errors = 0u64;
     println!();
     println!(
-        "{:<12} {:<9} {:>9} {:>11} {:>9} {:>9} {:>10} {:>9} {:>10} {:>9} {:>6}",
+        "{:<12} {:<9} {:>9} {:>11} {:>9} {:>9} {:>10} {:>9} {:>10} {:>9} {:>7} {:>6}",
         "scenario",
         "path",
         "MB/s",
         "transfers/s",
         "p50 ms",
         "p99 ms",
-        "proxy MiB",
-        "proxy s",
+        "relay MiB",
+        "relay s",
         "server MiB",
         "server s",
+        "load s",
         "errors"
     );
     for s in &scenarios {
-        let (direct, proxied) = &results[s.name];
-        let mut summary = BTreeMap::new();
-        for (path, runs) in [("direct", direct), ("proxied", proxied)] {
+        let runs = &results[s.name];
+        let mut summary = serde_json::Map::new();
+        for path in ["direct", "proxied", "haproxy"] {
+            let Some(runs) = runs.get(path) else {
+                continue;
+            };
             let med = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
             let errs: u64 = runs.iter().map(Run::failed).sum();
             errors += errs;
@@ -488,6 +653,7 @@ fn main() {
                 "proxy_cpu_s": runs.iter().any(|r| r.proxy_cpu_s.is_some()).then(|| med(&|r| r.proxy_cpu_s.unwrap_or(0.0))),
                 "server_peak_rss_mib": runs.iter().map(|r| r.server_rss_kib).max().unwrap_or(0) as f64 / 1024.0,
                 "server_cpu_s": med(&|r| r.server_cpu_s),
+                "load_cpu_s": med(&|r| r.load_cpu_s),
                 "server_peak_conns": runs.iter().map(|r| r.server_peak_conns).max(),
                 "proxy_peak_conns": runs.iter().filter_map(|r| r.proxy_peak_conns).max(),
                 "errors": errs,
@@ -495,7 +661,7 @@ fn main() {
             });
             let opt = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
             println!(
-                "{:<12} {:<9} {:>9.1} {:>11.0} {:>9.2} {:>9.2} {:>10} {:>9} {:>10.1} {:>9.2} {:>6}",
+                "{:<12} {:<9} {:>9.1} {:>11.0} {:>9.2} {:>9.2} {:>10} {:>9} {:>10.1} {:>9.2} {:>7.2} {:>6}",
                 s.name,
                 path,
                 row["mb_per_s"].as_f64().unwrap_or(0.0),
@@ -508,33 +674,48 @@ fn main() {
                     .map_or("-".to_string(), |x| format!("{x:.2}")),
                 row["server_peak_rss_mib"].as_f64().unwrap_or(0.0),
                 row["server_cpu_s"].as_f64().unwrap_or(0.0),
+                row["load_cpu_s"].as_f64().unwrap_or(0.0),
                 errs
             );
-            summary.insert(path, row);
+            summary.insert(path.to_string(), row);
         }
-        let ratio = |k: &str| {
-            let d = summary["direct"][k].as_f64().unwrap_or(0.0);
-            let p = summary["proxied"][k].as_f64().unwrap_or(0.0);
-            if d > 0.0 {
-                p / d
-            } else {
-                0.0
-            }
-        };
-        let (r_mb, r_tps) = (ratio("mb_per_s"), ratio("transfers_per_s"));
+        let direct = &runs["direct"];
+        let (r_mb, r_tps) = (
+            paired_ratio(direct, &runs["proxied"], "mb_per_s"),
+            paired_ratio(direct, &runs["proxied"], "transfers_per_s"),
+        );
         println!("{:<12} {:<9} {:>8.2}x {:>10.2}x", "", "ratio", r_mb, r_tps);
-        rows.push(json!({
+        let mut row = json!({
             "scenario": s.name,
             "what": s.what,
             "direct": summary["direct"],
             "proxied": summary["proxied"],
             "ratio_mb_per_s": r_mb,
             "ratio_transfers_per_s": r_tps,
-            "raw": {
-                "direct": direct.iter().map(|r| r.load.clone()).collect::<Vec<_>>(),
-                "proxied": proxied.iter().map(|r| r.load.clone()).collect::<Vec<_>>(),
-            },
-        }));
+            "ratios_per_repetition": direct
+                .iter()
+                .zip(&runs["proxied"])
+                .map(|(d, p)| p.f("mb_per_s") / d.f("mb_per_s").max(f64::MIN_POSITIVE))
+                .collect::<Vec<_>>(),
+            "raw": runs
+                .iter()
+                .map(|(path, runs)| (path.to_string(), json!(runs.iter().map(|r| r.load.clone()).collect::<Vec<_>>())))
+                .collect::<serde_json::Map<_, _>>(),
+        });
+        if let Some(reference) = runs.get("haproxy") {
+            let (h_mb, h_tps) = (
+                paired_ratio(direct, reference, "mb_per_s"),
+                paired_ratio(direct, reference, "transfers_per_s"),
+            );
+            println!(
+                "{:<12} {:<9} {:>8.2}x {:>10.2}x",
+                "", "haproxy/d", h_mb, h_tps
+            );
+            row["haproxy"] = summary["haproxy"].clone();
+            row["haproxy_ratio_mb_per_s"] = json!(h_mb);
+            row["haproxy_ratio_transfers_per_s"] = json!(h_tps);
+        }
+        rows.push(row);
     }
 
     // ---- Targets (reported, not enforced: speed is not a test) ----
@@ -571,6 +752,31 @@ fn main() {
         ("no scenario shows errors", errors == 0),
     ];
     println!();
+    if let Some(bulk) = scenarios.iter().find(|s| s.name == "bulk") {
+        let b = row("bulk");
+        let gib = bulk.size as f64 / (1u64 << 30) as f64;
+        let per_gib = |path: &str, key: &str| b[path][key].as_f64().unwrap_or(0.0) / gib;
+        let (dl, ds) = (
+            per_gib("direct", "load_cpu_s"),
+            per_gib("direct", "server_cpu_s"),
+        );
+        let (pl, pp, ps) = (
+            per_gib("proxied", "load_cpu_s"),
+            per_gib("proxied", "proxy_cpu_s"),
+            per_gib("proxied", "server_cpu_s"),
+        );
+        let cores = m["cores"].as_f64().unwrap_or(1.0).max(1.0);
+        let ceiling = cpu_bound_s(&[dl, ds], cores) / cpu_bound_s(&[pl, pp, ps], cores);
+        println!(
+            "bulk CPU per GiB: direct load {dl:.2} + server {ds:.2} = {:.2} s; proxied load {pl:.2} + proxy {pp:.2} + server {ps:.2} = {:.2} s",
+            dl + ds,
+            pl + pp + ps
+        );
+        println!(
+            "on {cores} cores that CPU alone allows a bulk ratio of at most {ceiling:.2}x (measured {:.2}x)",
+            b["ratio_mb_per_s"].as_f64().unwrap_or(0.0)
+        );
+    }
     println!(
         "proxy peak RSS in the concurrency scenario: {proxy_mib:.1} MiB = {:.1} KiB per concurrent transfer",
         proxy_mib * 1024.0 / conc_clients
