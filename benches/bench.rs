@@ -29,11 +29,13 @@
 //! the same minute. Its rows are labelled `haproxy`; its memory and CPU
 //! fill the relay columns. Without it the bench runs as before.
 //!
-//! Two traps of this machine are avoided on purpose: files are never
+//! Two traps of this machine are avoided on purpose. Files are never
 //! deleted between runs (after deleting thousands of files, creating new
-//! ones is 20-30x slower for a minute), large ones are truncated instead to
-//! free the disk; and every scenario is warmed up first, because memory the
-//! host took back is several times slower on first touch.
+//! ones nearby is 10-30x slower for minutes: see
+//! [`wait_for_fast_file_creation`], which also holds a run back until that
+//! has passed); large ones are truncated instead to free the disk. And
+//! every scenario is warmed up first, because memory the host took back is
+//! several times slower on first touch.
 //!
 //! Sizes: the full run (default), `BENCH_QUICK=1` (under a minute) and
 //! `BENCH_SMOKE=1` (seconds; `make test` runs it so the bench never rots).
@@ -428,6 +430,57 @@ impl Bench {
     }
 }
 
+/// Creating files is normally ~25 us each here; this is "slow".
+const SLOW_CREATE_US: f64 = 80.0;
+/// How long to wait for file creation to recover before measuring anyway.
+const CREATE_WAIT_LIMIT: Duration = Duration::from_secs(8 * 60);
+
+/// Microseconds to create one file (and write 1 KiB to it) in a new
+/// directory under `dir`, from a sample of 300. The files stay: deleting
+/// them would cause the very slowness this measures.
+fn create_cost_us(dir: &Path) -> f64 {
+    let sample = (0..10_000)
+        .map(|i| dir.join(format!("sample-{i}")))
+        .find(|p| fs::create_dir(p).is_ok())
+        .expect("create a probe directory");
+    let t = Instant::now();
+    for i in 0..300 {
+        let _ = fs::write(sample.join(format!("f{i}")), [0u8; 1024]);
+    }
+    t.elapsed().as_secs_f64() * 1e6 / 300.0
+}
+
+/// Waits (bounded) until creating files in `work` runs at its usual speed.
+///
+/// Without a journal, ext4 will not reuse an inode freed in the last 60 s
+/// (up to 6 minutes while its inode table block is still dirty), and checks
+/// that for every candidate it passes over. After a run that deleted
+/// thousands of files nearby (the last bench's, for one), every `create`
+/// walks past thousands of them: 10-20x slower, which once made the small
+/// scenario measure 2,000 transfers/s instead of 11,000. The bench's own
+/// directory sits next to the last run's, so it probes there.
+fn wait_for_fast_file_creation(work: &Path) {
+    let probes = work.join("create-probe");
+    let _ = fs::create_dir_all(&probes);
+    let since = Instant::now();
+    loop {
+        let cost = create_cost_us(&probes);
+        if cost < SLOW_CREATE_US {
+            println!("file creation: {cost:.0} us per file");
+            return;
+        }
+        if since.elapsed() > CREATE_WAIT_LIMIT {
+            println!("WARNING: file creation is still slow ({cost:.0} us per file); small and medium will read low");
+            return;
+        }
+        println!(
+            "file creation is slow right now ({cost:.0} us per file, usually ~25): files were deleted nearby recently, waiting for ext4 to let go of them ({:.0} s so far)",
+            since.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_secs(20)); // the condition ages out in minutes
+    }
+}
+
 /// CPU seconds (user + system) of this process's children that have ended
 /// and been waited for. The daemons run until the end, so between two calls
 /// around a run this is the load generator's CPU.
@@ -539,6 +592,9 @@ fn main() {
         m["kernel"].as_str().unwrap_or("?")
     );
     println!("binary {}", bin.display());
+    if preset != Preset::Smoke {
+        wait_for_fast_file_creation(&work);
+    }
 
     let server = Daemon::start(
         &bin,
@@ -817,12 +873,11 @@ fn main() {
     fs::write(&svg_path, svg_report(&rows, &m, preset)).expect("write report.svg");
     println!("wrote {} and {}", json_path.display(), svg_path.display());
 
-    // Deleting is safe now: nothing in this run creates files after it. But
-    // the next run would pay for it (creating files right after deleting
-    // thousands is slow for a minute on this ext4), so say so.
+    // Deleting is safe now: nothing in this run creates files after it. The
+    // next run would pay for it (see wait_for_fast_file_creation), so say so.
     let _ = fs::remove_dir_all(&work);
     if preset != Preset::Smoke {
-        println!("note: this run deleted its files; wait a minute before the next bench, or its file creation runs slow");
+        println!("note: this run deleted its files; a bench started in the next few minutes waits until file creation is fast again");
     }
     if errors > 0 {
         eprintln!("bench: {errors} transfers failed");
