@@ -450,7 +450,8 @@ fn create_cost_us(dir: &Path) -> f64 {
     t.elapsed().as_secs_f64() * 1e6 / 300.0
 }
 
-/// Waits (bounded) until creating files in `work` runs at its usual speed.
+/// Waits (bounded) until creating files in `work` runs at its usual speed,
+/// and returns how long it waited.
 ///
 /// Without a journal, ext4 will not reuse an inode freed in the last 60 s
 /// (up to 6 minutes while its inode table block is still dirty), and checks
@@ -459,7 +460,7 @@ fn create_cost_us(dir: &Path) -> f64 {
 /// walks past thousands of them: 10-20x slower, which once made the small
 /// scenario measure 2,000 transfers/s instead of 11,000. The bench's own
 /// directory sits next to the last run's, so it probes there.
-fn wait_for_fast_file_creation(work: &Path) {
+fn wait_for_fast_file_creation(work: &Path) -> Duration {
     let probes = work.join("create-probe");
     let _ = fs::create_dir_all(&probes);
     let since = Instant::now();
@@ -467,11 +468,11 @@ fn wait_for_fast_file_creation(work: &Path) {
         let cost = create_cost_us(&probes);
         if cost < SLOW_CREATE_US {
             println!("file creation: {cost:.0} us per file");
-            return;
+            return since.elapsed();
         }
         if since.elapsed() > CREATE_WAIT_LIMIT {
             println!("WARNING: file creation is still slow ({cost:.0} us per file); small and medium will read low");
-            return;
+            return since.elapsed();
         }
         println!(
             "file creation is slow right now ({cost:.0} us per file, usually ~25): files were deleted nearby recently, waiting for ext4 to let go of them ({:.0} s so far)",
@@ -592,9 +593,11 @@ fn main() {
         m["kernel"].as_str().unwrap_or("?")
     );
     println!("binary {}", bin.display());
-    if preset != Preset::Smoke {
-        wait_for_fast_file_creation(&work);
-    }
+    let waited = if preset == Preset::Smoke {
+        Duration::ZERO
+    } else {
+        wait_for_fast_file_creation(&work)
+    };
 
     let server = Daemon::start(
         &bin,
@@ -850,8 +853,16 @@ fn main() {
         println!("target {}: {what}", if *met { "met   " } else { "MISSED" });
     }
     let wall = started.elapsed().as_secs_f64();
+    let waited_note = if waited.as_secs() > 0 {
+        format!(
+            " (of which {:.0} s waiting for file creation)",
+            waited.as_secs_f64()
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "bench wall time {wall:.0} s; reproduce with: {}",
+        "bench wall time {wall:.0} s{waited_note}; reproduce with: {}",
         match preset {
             Preset::Full => "make bench",
             Preset::Quick => "BENCH_QUICK=1 make bench",
@@ -863,6 +874,7 @@ fn main() {
         "preset": format!("{preset:?}"),
         "machine": m,
         "wall_s": wall,
+        "waited_for_file_creation_s": waited.as_secs_f64(),
         "scenarios": rows,
         "targets": targets.iter().map(|(w, met)| json!({"target": w, "met": met})).collect::<Vec<_>>(),
     });
