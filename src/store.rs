@@ -32,11 +32,16 @@
 //! more than the copy into the page cache. Measured on this project's
 //! machine (1 GiB through the proxy, four interleaved A/B rounds), CPU per
 //! GiB went from 0.41-0.44 s to 0.36-0.39 s in the server and from
-//! 0.67-0.72 s to 0.58-0.71 s in the proxy. `KEEP_SIZE` leaves the file's length honest
-//! while it grows, so a reader (or a person editing a held spool file) never
-//! sees reserved space as zeros. Preallocation is only ever an optimisation:
-//! if the filesystem refuses it (no support, or no space left to reserve),
-//! the file stops asking and the writes themselves decide.
+//! 0.67-0.72 s to 0.58-0.71 s in the proxy.
+//!
+//! `KEEP_SIZE` leaves the file's length honest while it grows, so a reader
+//! (or a person editing a held spool file) never sees reserved space as
+//! zeros. Preallocation is only ever an optimisation: if the filesystem
+//! refuses it (no support, or no space left to reserve), the file stops
+//! asking and the writes themselves decide. The price on a nearly full disk:
+//! while uploads are in flight, each holds up to 8 MiB it may not use, and a
+//! `.part` file left by a crash keeps its reserve until it is truncated or
+//! removed.
 
 use std::ffi::CString;
 use std::fs::{self, DirBuilder, File, OpenOptions};
