@@ -1,6 +1,7 @@
 //! docs/GUIDE.md must stay true to the code: every `src/file.rs:function`
-//! it names must exist, every file it links must exist, and the diagrams it
-//! shows must be the ones in docs/ (text source and rendered SVG).
+//! or `benches/file.rs:function` it names must exist, every file it links
+//! must exist, and the diagrams it shows must be the ones in docs/ (text
+//! source and rendered SVG).
 
 use std::path::Path;
 
@@ -19,7 +20,7 @@ fn every_code_reference_in_the_guide_exists() {
     let mut checked = 0;
     let mut problems = Vec::new();
     for span in code_spans(&guide) {
-        if !span.starts_with("src/") {
+        if !span.starts_with("src/") && !span.starts_with("benches/") {
             continue;
         }
         let (file, function) = match span.split_once(':') {
