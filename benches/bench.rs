@@ -31,7 +31,7 @@
 //!
 //! Two traps of this machine are avoided on purpose. Files are never
 //! deleted between runs (after deleting thousands of files, creating new
-//! ones nearby is 10-30x slower for minutes: see
+//! ones nearby is 10-35x slower for minutes: see
 //! [`wait_for_fast_file_creation`], which also holds a run back until that
 //! has passed); large ones are truncated instead to free the disk. And
 //! every scenario is warmed up first, because memory the host took back is
