@@ -389,16 +389,10 @@ impl Progress {
             return;
         }
         if self.bar.is_none() && self.started.elapsed() >= Self::DELAY {
-            let bar = match self.len {
-                Some(len) => indicatif::ProgressBar::new(len),
-                None => indicatif::ProgressBar::new_spinner(),
-            };
-            let style = indicatif::ProgressStyle::with_template(
+            self.bar = Some(progress_bar(
+                self.len,
                 "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-            bar.set_style(style);
-            self.bar = Some(bar);
+            ));
         }
         if let Some(bar) = &self.bar {
             bar.set_position(self.sent);
@@ -410,4 +404,17 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// A progress bar on stderr: a bar for a known `len`, a spinner otherwise,
+/// drawn with `template` (indicatif's syntax).
+pub(crate) fn progress_bar(len: Option<u64>, template: &str) -> indicatif::ProgressBar {
+    let bar = match len {
+        Some(len) => indicatif::ProgressBar::new(len),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    let style = indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
 }

@@ -380,16 +380,10 @@ fn watch_progress(
 ) {
     let show = config.progress && io::stderr().is_terminal();
     let bar = show.then(|| {
-        let bar = match total {
-            Some(n) => indicatif::ProgressBar::new(n),
-            None => indicatif::ProgressBar::new_spinner(),
-        };
-        let style = indicatif::ProgressStyle::with_template(
+        client::progress_bar(
+            total,
             "{bar:40} {pos}/{len} transfers, {per_sec}, {elapsed}",
         )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-        bar.set_style(style);
-        bar
     });
     while running.load(Ordering::SeqCst) > 0 {
         if let Some(bar) = &bar {

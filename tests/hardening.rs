@@ -518,15 +518,7 @@ fn proxy_spool_write_failure_gets_err_and_the_server_keeps_nothing() {
     let dirs = tempfile::tempdir().unwrap();
     let (recv, spool) = (dirs.path().join("r"), dirs.path().join("s"));
     let server = spawn_server(&recv, &[]);
-    let mut cmd = std::process::Command::new(bin());
-    cmd.args([
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &server.addr.to_string(),
-    ])
-    .args(["--dir", spool.to_str().unwrap()]);
+    let mut cmd = proxy_command(server.addr, &spool, &[]);
     limit_child(&mut cmd, libc::RLIMIT_FSIZE, 1 << 20);
     let proxy = spawn_with(&mut cmd);
     let receipt = send(proxy.addr, &random_bytes(4 << 20, 67)).expect("an answer comes back");

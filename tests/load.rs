@@ -134,14 +134,7 @@ fn load_says_which_limit_stops_it() {
 
 /// Starts a server whose open-files limit is `limit` (soft and hard).
 fn server_with_nofile(dir: &std::path::Path, limit: u64) -> Spawned {
-    let mut cmd = Command::new(bin());
-    cmd.args([
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--dir",
-        dir.to_str().unwrap(),
-    ]);
+    let mut cmd = server_command(dir, &[]);
     limit_child(&mut cmd, libc::RLIMIT_NOFILE, limit);
     spawn_with(&mut cmd)
 }

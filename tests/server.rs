@@ -4,7 +4,6 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -82,14 +81,7 @@ fn write_error_on_the_file_gets_err_removes_the_partial_and_keeps_serving() {
     // than 1 MiB (RLIMIT_FSIZE), and ignores SIGXFSZ so the write returns
     // EFBIG instead of killing it.
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(bin());
-    cmd.args([
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    let mut cmd = server_command(dir.path(), &[]);
     limit_child(&mut cmd, libc::RLIMIT_FSIZE, 1024 * 1024);
     let server = spawn_with(&mut cmd);
     let receipt =

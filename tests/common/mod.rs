@@ -167,31 +167,38 @@ pub fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc status")
 }
 
-/// A server process on a free port, storing into `dir`; `extra` flags are
-/// appended (a `--listen` among them replaces the default).
-pub fn spawn_server(dir: &std::path::Path, extra: &[&str]) -> Spawned {
-    let mut args = vec!["server", "--dir", dir.to_str().unwrap()];
+/// The command for a server process on a free port, storing into `dir`;
+/// `extra` flags are appended (a `--listen` among them replaces the
+/// default). Start it with [`spawn_with`], after [`limit_child`] if needed.
+pub fn server_command(dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["server", "--dir", dir.to_str().unwrap()]);
     if !extra.contains(&"--listen") {
-        args.extend(["--listen", "127.0.0.1:0"]);
+        cmd.args(["--listen", "127.0.0.1:0"]);
     }
-    args.extend_from_slice(extra);
-    spawn(&args)
+    cmd.args(extra);
+    cmd
+}
+
+/// The command for a proxy process on a free port in front of `upstream`,
+/// spooling into `dir`.
+pub fn proxy_command(upstream: SocketAddr, dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["proxy", "--listen", "127.0.0.1:0"])
+        .args(["--upstream", &upstream.to_string()])
+        .args(["--dir", dir.to_str().unwrap()])
+        .args(extra);
+    cmd
+}
+
+/// A server process on a free port, storing into `dir` (see [`server_command`]).
+pub fn spawn_server(dir: &Path, extra: &[&str]) -> Spawned {
+    spawn_with(&mut server_command(dir, extra))
 }
 
 /// A proxy process on a free port in front of `upstream`, spooling into `dir`.
-pub fn spawn_proxy(upstream: SocketAddr, dir: &std::path::Path, extra: &[&str]) -> Spawned {
-    let up = upstream.to_string();
-    let mut args = vec![
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up,
-        "--dir",
-        dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    spawn(&args)
+pub fn spawn_proxy(upstream: SocketAddr, dir: &Path, extra: &[&str]) -> Spawned {
+    spawn_with(&mut proxy_command(upstream, dir, extra))
 }
 
 /// Makes the child started by `cmd` run with resource `resource` limited
