@@ -389,7 +389,7 @@ impl Progress {
             return;
         }
         if self.bar.is_none() && self.started.elapsed() >= Self::DELAY {
-            self.bar = Some(progress_bar(
+            self.bar = Some(crate::human::progress_bar(
                 self.len,
                 "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
             ));
@@ -404,17 +404,4 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
-}
-
-/// A progress bar on stderr: a bar for a known `len`, a spinner otherwise,
-/// drawn with `template` (indicatif's syntax).
-pub(crate) fn progress_bar(len: Option<u64>, template: &str) -> indicatif::ProgressBar {
-    let bar = match len {
-        Some(len) => indicatif::ProgressBar::new(len),
-        None => indicatif::ProgressBar::new_spinner(),
-    };
-    let style = indicatif::ProgressStyle::with_template(template)
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar
 }

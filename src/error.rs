@@ -29,16 +29,6 @@ impl<T> Context<T> for io::Result<T> {
     }
 }
 
-/// True for the error kinds a non-blocking call uses to say "not now".
-pub fn is_would_block(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::WouldBlock
-}
-
-/// True for `EINTR`: a signal arrived during the call; simply retry it.
-pub fn is_interrupted(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::Interrupted
-}
-
 /// Short human text for an error, without the "(os error N)" suffix.
 ///
 /// Used in `ERR` answers, which go to remote users who cannot act on errno

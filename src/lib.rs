@@ -22,13 +22,15 @@
 //! |---|---|
 //! | [`answer`] | the wire answer line (`OK ...` / `ERR ...`): format and parse |
 //! | [`store`] | files on disk: unique names, `.part` then rename, O_EXCL, 0600 |
-//! | [`event_loop`] | poll plumbing both loops share: listener, tokens, timers, accept back-off, shutdown |
-//! | [`server`] | the server role |
+//! | [`event_loop`] | poll plumbing both loops share: the loop, tokens, timers, the acceptor (gate, back-off, stop, signals), the peer and its one I/O verdict, our own reply line |
+//! | [`server`] | the server role; `server/conn.rs` is one connection |
 //! | [`proxy`] | the proxy role; [`proxy::transfer`] is one transfer's state machine |
 //! | [`client`] | the blocking client, and the verification of an answer |
 //! | [`load`] | the load generator: many concurrent verified clients, a summary |
 //! | [`cli`] | command-line definitions |
 //! | [`error`] | errors that say what was being done, and to what |
+//! | [`human`] | output for people: MB/s, progress bars |
+//! | [`sys`] | every direct libc call, each with its SAFETY note |
 //!
 //! For a guided tour of the code, read `docs/GUIDE.md`.
 //!
@@ -40,7 +42,9 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod event_loop;
+pub mod human;
 pub mod load;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod sys;

@@ -43,16 +43,15 @@
 //! `.part` file left by a crash keeps its reserve until it is truncated or
 //! removed.
 
-use std::ffi::CString;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::error::Context;
+use crate::sys;
 
 /// Suffix of a file still being written.
 pub const PART_SUFFIX: &str = ".part";
@@ -234,7 +233,7 @@ impl PartFile {
         }
         let from = self.reserved.max(self.bytes);
         let to = end + self.bytes.min(PREALLOCATE_STEP_MAX);
-        match fallocate_keep_size(&self.file, from, to - from) {
+        match sys::fallocate_keep_size(&self.file, from, to - from) {
             Ok(()) => self.reserved = to,
             Err(e) => {
                 log::debug!(
@@ -357,55 +356,17 @@ impl PartFile {
     }
 }
 
-/// `fallocate(FALLOC_FL_KEEP_SIZE)`: reserves `len` bytes of disk from
-/// `offset` without changing the file's length.
-fn fallocate_keep_size(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "offset out of range",
-        ));
-    };
-    // SAFETY: fallocate only reads its integer arguments; the descriptor is
-    // owned by `file`, which outlives the call.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// `rename` that fails with `AlreadyExists` instead of replacing `to`.
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let cstr = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
-    };
-    let (c_from, c_to) = (cstr(from)?, cstr(to)?);
-    // SAFETY: both arguments are valid NUL-terminated strings that outlive
-    // the call; renameat2 does not keep the pointers.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            c_from.as_ptr(),
-            libc::AT_FDCWD,
-            c_to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
+    match sys::rename_noreplace(from, to) {
+        Ok(()) => Ok(()),
         // Old kernel or a filesystem without RENAME_NOREPLACE: link + unlink
         // gives the same no-clobber guarantee (link fails if `to` exists).
-        Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) => {
             fs::hard_link(from, to)?;
             fs::remove_file(from)
         }
-        _ => Err(err),
+        Err(e) => Err(e),
     }
 }
 

@@ -11,15 +11,6 @@ use std::time::Duration;
 use common::*;
 use stopover::client::Verdict;
 
-/// CPU seconds (user + system) a process has used, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = stat.rsplit_once(')').unwrap().1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 fn reset(sock: TcpStream) {
     socket2::SockRef::from(&sock)
         .set_linger(Some(Duration::ZERO))
@@ -145,26 +136,6 @@ fn two_thousand_connect_then_close_peers_leave_both_daemons_serving() {
         .iter()
         .chain(server.log_lines().iter())
         .all(|l| !l.contains("panicked")));
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
-/// Sockets and regular files a process holds: what its connections cost.
-/// (Not every descriptor: a process may inherit pipes or /dev/null from
-/// whatever started it, and those are not ours to count.)
-fn conn_fds(pid: u32) -> usize {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return 0;
-    };
-    dir.flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter(|target| {
-            let t = target.to_string_lossy();
-            t.starts_with("socket:") || (t.starts_with('/') && !t.starts_with("/dev/"))
-        })
-        .count()
 }
 
 #[test]

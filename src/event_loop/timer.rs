@@ -31,13 +31,6 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TimerId(Instant, u64);
 
-impl TimerId {
-    /// When this timer is due.
-    pub fn deadline(&self) -> Instant {
-        self.0
-    }
-}
-
 /// An ordered set of deadlines, each carrying a value of type `T` that says
 /// what to do when it is due.
 #[derive(Debug)]
@@ -92,11 +85,6 @@ impl<T> Timers<T> {
         } else {
             None
         }
-    }
-
-    /// Number of pending timers.
-    pub fn len(&self) -> usize {
-        self.due.len()
     }
 
     /// True when no timer is pending.

@@ -22,7 +22,10 @@
 //! A transfer's slab key is its identity; its two tokens are derived from
 //! the key by [`client_token`] and [`upstream_token`]. All the per-transfer
 //! logic (the state machine, back-pressure, half-close) lives in
-//! [`transfer`]; this file is only the loop around it.
+//! [`transfer`]; this file is the loop around it: config, accept, events,
+//! timers, and every socket registration ([`register_client`],
+//! [`connect_upstream`]). Listening, the accept gate and the graceful stop
+//! are the shared `event_loop::Acceptor`'s.
 
 pub mod transfer;
 
@@ -32,16 +35,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpStream;
 use mio::{Interest, Poll, Registry, Token};
-use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::error::{is_interrupted, is_would_block, Context};
-use crate::event_loop::{self, AcceptGate, GracefulStop, Shutdown, Timers, LISTENER, SCRATCH_SIZE};
+use crate::error::Context as _;
+use crate::event_loop::{self, accept, AcceptConfig, Context, StopHandle};
 use crate::store::Store;
 
-use transfer::{Ctx, Next, Outcome, Policy, Side, Transfer};
+use transfer::{Next, Outcome, Policy, Side, Transfer};
 
 /// Settings for [`Proxy`].
 #[derive(Debug, Clone)]
@@ -87,7 +89,8 @@ impl Default for ProxyConfig {
 ///
 /// Each transfer owns two sockets, so its slab key maps to two tokens:
 /// even for the client, odd for the upstream. The reserved tokens
-/// ([`LISTENER`], [`WAKER`]) sit at the top of the range, out of reach.
+/// (`event_loop::LISTENER`, `WAKER`, `SIGNALS`) sit at the top of the
+/// range, out of reach.
 pub fn client_token(key: usize) -> Token {
     Token(key * 2)
 }
@@ -107,22 +110,49 @@ pub fn token_owner(token: Token) -> (usize, Side) {
     (token.0 / 2, side)
 }
 
+/// Registers an accepted client socket for transfer `key`. Both interests,
+/// once: with edge-triggered readiness, being told about writability we do
+/// not need costs at most a spurious wake-up, while changing interests
+/// costs a system call every time.
+pub fn register_client(registry: &Registry, key: usize, sock: &mut TcpStream) -> io::Result<()> {
+    registry.register(
+        sock,
+        client_token(key),
+        Interest::READABLE | Interest::WRITABLE,
+    )
+}
+
+/// Seed step 4, non-blocking: starts connecting to `addr` for transfer
+/// `key` and registers the socket. `connect` returns at once with the
+/// handshake in flight; WRITABLE on the upstream token says when it is
+/// over, either way.
+pub fn connect_upstream(
+    registry: &Registry,
+    key: usize,
+    addr: SocketAddr,
+) -> io::Result<TcpStream> {
+    let mut sock = TcpStream::connect(addr)?;
+    registry.register(
+        &mut sock,
+        upstream_token(key),
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    log::trace!("proxy: #{key} register upstream READABLE|WRITABLE (connect in progress)");
+    Ok(sock)
+}
+
 /// What the proxy's timers can be for. Timers about a transfer carry its
 /// slab key *and* its identity, because slab keys are reused: a timer is
 /// cancelled when its transfer ends, and the identity makes doubly sure a
 /// deadline never lands on a newer transfer with the same key.
 #[derive(Debug, Clone, Copy)]
 pub enum Timer {
-    /// The pause after running out of file descriptors is over.
-    ResumeAccept,
     /// Hold mode: the transfer has been held long enough.
     HoldOver { key: usize, id: u64 },
     /// The upstream connect has taken too long.
     ConnectTimeout { key: usize, id: u64 },
     /// Check whether the transfer has been idle too long.
     Idle { key: usize, id: u64 },
-    /// The shutdown grace period is over (wakes the loop to notice).
-    GraceOver,
 }
 
 /// Counters reported when the proxy stops.
@@ -139,30 +169,17 @@ pub struct Stats {
 /// A bound proxy, ready to [`run`](Proxy::run).
 pub struct Proxy {
     poll: Poll,
+    cx: Context<Timer>,
     core: Core,
 }
 
-/// Everything the loop works on (the poll instance itself stays outside,
-/// so [`event_loop::run`] can borrow both).
+/// The proxy's own part of the loop: its transfers and its rules.
 struct Core {
-    registry: Registry,
-    /// `None` once shutting down: closed, so new clients are refused at
-    /// once instead of waiting in a backlog nobody will accept from.
-    listener: Option<TcpListener>,
-    local_addr: SocketAddr,
-    upstream: SocketAddr,
     transfers: Slab<Transfer>,
     store: Store,
-    scratch: Box<[u8]>,
-    shutdown: Shutdown,
-    timers: Timers<Timer>,
-    gate: AcceptGate,
     stats: Stats,
-    hold: Option<Duration>,
-    signals: Option<Signals>,
     policy: Policy,
     idle_timeout: Option<Duration>,
-    stop: GracefulStop,
     /// Identity for the next transfer (slab keys are reused; ids are not).
     next_id: u64,
 }
@@ -172,20 +189,17 @@ impl Proxy {
     pub fn bind(config: &ProxyConfig) -> io::Result<Proxy> {
         let store = Store::open(&config.dir)?;
         let poll = Poll::new().context("proxy: creating poll")?;
-        let mut listener = event_loop::bind_listener(config.listen, "proxy")?;
-        let local_addr = listener
-            .local_addr()
-            .context("proxy: reading bound address")?;
-        let registry = poll
-            .registry()
-            .try_clone()
-            .context("proxy: cloning registry")?;
-        registry
-            .register(&mut listener, LISTENER, Interest::READABLE)
-            .context("proxy: registering listener")?;
-        let shutdown = Shutdown::new(&registry)?;
-        // Three descriptors per transfer: client, upstream, spool file.
-        let gate = AcceptGate::new("proxy", 3, config.max_conns);
+        let cx = Context::bind(
+            &poll,
+            &AcceptConfig {
+                role: "proxy",
+                listen: config.listen,
+                // Three descriptors per transfer: client, upstream, spool file.
+                per_conn: 3,
+                max_conns: config.max_conns,
+                grace: config.grace,
+            },
+        )?;
         if let Some(hold) = config.hold {
             log::info!(
                 "proxy: hold mode: each upload is stored whole, held {} for editing, then forwarded",
@@ -199,26 +213,18 @@ impl Proxy {
         );
         Ok(Proxy {
             poll,
+            cx,
             core: Core {
-                registry,
-                listener: Some(listener),
-                local_addr,
-                upstream: config.upstream,
                 transfers: Slab::with_capacity(1024),
                 store,
-                scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
-                shutdown,
-                timers: Timers::new(),
-                gate,
                 stats: Stats::default(),
-                hold: config.hold,
-                signals: None,
                 policy: Policy {
+                    upstream: config.upstream,
+                    hold: config.hold,
                     max_bytes: config.max_bytes,
                     connect_timeout: config.connect_timeout,
                 },
                 idle_timeout: config.idle_timeout,
-                stop: GracefulStop::new("proxy", config.grace),
                 next_id: 0,
             },
         })
@@ -226,20 +232,19 @@ impl Proxy {
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.core.local_addr
+        self.cx.acceptor.local_addr()
     }
 
     /// A handle that stops [`Proxy::run`] from another thread.
-    pub fn shutdown_handle(&self) -> Shutdown {
-        self.core.shutdown.clone()
+    pub fn shutdown_handle(&self) -> StopHandle {
+        self.cx.acceptor.stop_handle()
     }
 
     /// Makes SIGINT and SIGTERM shut the proxy down (gracefully the first
     /// time, at once the second). The binary does this; in-process users
     /// (tests) use [`Proxy::shutdown_handle`] instead.
     pub fn handle_signals(&mut self) -> io::Result<()> {
-        self.core.signals = Some(event_loop::register_signals(&self.core.registry)?);
-        Ok(())
+        self.cx.acceptor.handle_signals(&self.cx.registry)
     }
 
     /// Runs the loop until shut down. Transfers still open then are closed
@@ -247,8 +252,8 @@ impl Proxy {
     pub fn run(mut self) -> io::Result<Stats> {
         // This line tells tests and scripts that we are ready: everything is
         // set up (signals included) and the loop is about to wait.
-        log::info!("proxy listening on {}", self.core.local_addr);
-        event_loop::run(&mut self.poll, &mut self.core).context("proxy")?;
+        log::info!("proxy listening on {}", self.local_addr());
+        event_loop::run(&mut self.poll, &mut self.cx, &mut self.core).context("proxy")?;
         let core = &mut self.core;
         let open = core.transfers.len();
         for t in core.transfers.drain() {
@@ -269,15 +274,52 @@ impl event_loop::Handler for Core {
     type Timer = Timer;
     const ROLE: &'static str = "proxy";
 
-    fn timers(&mut self) -> &mut Timers<Timer> {
-        &mut self.timers
+    fn open(&self) -> usize {
+        self.transfers.len()
     }
 
-    fn accept_ready(&mut self) {
-        self.accept_all();
+    /// Seed steps 1 and 4: a client connected. Create its spool file, start
+    /// the non-blocking connect upstream (unless holding), and drive it.
+    fn accepted(&mut self, cx: &mut Context<Timer>, mut client: TcpStream, addr: SocketAddr) {
+        let spool = match self.store.create() {
+            Ok(spool) => spool,
+            Err(e) => {
+                // Without a spool we could lose the upload: refuse it
+                // by closing before reading a byte.
+                log::warn!("proxy: refusing {addr}: {e}");
+                self.stats.refused += 1;
+                if accept::is_out_of_descriptors(&e) {
+                    cx.acceptor.out_of_descriptors(&e, self.transfers.len());
+                }
+                return;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let entry = self.transfers.vacant_entry();
+        let key = entry.key();
+        self.next_id += 1;
+        let id = self.next_id;
+        if let Err(e) = register_client(&cx.registry, key, &mut client) {
+            log::warn!("proxy: registering {addr}: {e}");
+            spool.discard();
+            return;
+        }
+        log::trace!("proxy: accept {addr} -> #{key}, register client READABLE|WRITABLE");
+        let mut transfer = Transfer::new(key, id, client, addr, spool, cx, &self.policy);
+        if let Some(idle) = self.idle_timeout {
+            transfer.set_idle_timer(
+                cx.timers
+                    .schedule(Instant::now() + idle, Timer::Idle { key, id }),
+            );
+        }
+        log::debug!("proxy: accepted {addr} as #{key}");
+        entry.insert(transfer);
+        // Bytes may already be waiting; the registration will report
+        // them, but driving now saves a trip through poll.
+        self.drive(cx, key);
     }
 
-    fn connection_event(&mut self, event: &Event) {
+    fn connection_event(&mut self, cx: &mut Context<Timer>, event: &Event) {
         let (key, side) = token_owner(event.token());
         log::trace!("proxy: #{key} {side} event{}", event_loop::flags(event));
         // A stale event (for a transfer closed earlier in this batch) finds
@@ -285,215 +327,74 @@ impl event_loop::Handler for Core {
         // read that returns WouldBlock.
         if let Some(t) = self.transfers.get_mut(key) {
             t.on_event(side, event);
-            self.drive(key);
+            self.drive(cx, key);
         }
     }
 
-    fn timer_fired(&mut self, timer: Timer) {
+    fn timer_fired(&mut self, cx: &mut Context<Timer>, timer: Timer) {
+        let (key, id) = match timer {
+            Timer::HoldOver { key, id }
+            | Timer::ConnectTimeout { key, id }
+            | Timer::Idle { key, id } => (key, id),
+        };
+        let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) else {
+            return; // its transfer is gone
+        };
         match timer {
-            Timer::ResumeAccept => {
-                self.gate.backoff_over();
-                self.accept_all();
-            }
-            Timer::HoldOver { key, id } => {
-                if self.transfers.get(key).is_some_and(|t| t.id() == id) {
-                    let mut ctx = Ctx {
-                        scratch: &mut self.scratch,
-                        timers: &mut self.timers,
-                        registry: &self.registry,
-                        policy: self.policy,
-                    };
-                    self.transfers[key].hold_over(&mut ctx);
-                    self.drive(key);
-                }
-            }
-            Timer::ConnectTimeout { key, id } => {
-                if let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) {
-                    t.connect_timed_out(self.policy.connect_timeout);
-                    self.drive(key);
-                }
-            }
-            Timer::Idle { key, id } => {
+            Timer::HoldOver { .. } => t.hold_over(cx, &self.policy),
+            Timer::ConnectTimeout { .. } => t.connect_timed_out(cx, &self.policy),
+            Timer::Idle { .. } => {
                 let Some(idle) = self.idle_timeout else {
                     return;
                 };
-                if let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) {
-                    if let Some(at) = t.check_idle(idle) {
-                        t.set_idle_timer(self.timers.schedule(at, Timer::Idle { key, id }));
-                    }
-                    self.drive(key);
+                if let Some(at) = t.check_idle(cx, &self.policy, idle) {
+                    t.set_idle_timer(cx.timers.schedule(at, Timer::Idle { key, id }));
                 }
             }
-            Timer::GraceOver => {} // should_stop notices
         }
-    }
-
-    fn signals_ready(&mut self) {
-        event_loop::on_signals("proxy", self.signals.as_mut(), &self.shutdown);
-    }
-
-    fn should_stop(&mut self) -> bool {
-        self.stop.should_stop(
-            &self.shutdown,
-            self.transfers.len(),
-            &mut self.listener,
-            &self.registry,
-            &mut self.timers,
-            Timer::GraceOver,
-        )
+        self.drive(cx, key);
     }
 }
 
 impl Core {
-    /// Seed steps 1 and 4: accept every waiting client (until `WouldBlock`:
-    /// edge-triggered readiness will not remind us, or until the gate says
-    /// we are at capacity), and for each, create its spool file and start
-    /// the non-blocking connect upstream.
-    fn accept_all(&mut self) {
-        while !self.stop.is_draining() && self.gate.admits(self.transfers.len()) {
-            let Some(listener) = self.listener.as_ref() else {
-                return;
-            };
-            let (client, peer) = match listener.accept() {
-                Ok(pair) => pair,
-                Err(e) if is_would_block(&e) => {
-                    log::trace!("proxy: accept WouldBlock");
-                    return;
-                }
-                Err(e) if is_interrupted(&e) => continue,
-                Err(e) if event_loop::is_out_of_descriptors(&e) => {
-                    self.back_off(&e);
-                    return;
-                }
-                Err(e) => {
-                    log::debug!("proxy: accept: {e}");
-                    continue;
-                }
-            };
-            let spool = match self.store.create() {
-                Ok(spool) => spool,
-                Err(e) => {
-                    // Without a spool we could lose the upload: refuse it
-                    // by closing before reading a byte.
-                    log::warn!("proxy: refusing {peer}: {e}");
-                    self.stats.refused += 1;
-                    if event_loop::is_out_of_descriptors(&e) {
-                        self.back_off(&e);
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let _ = client.set_nodelay(true);
-            let entry = self.transfers.vacant_entry();
-            let key = entry.key();
-            self.next_id += 1;
-            let id = self.next_id;
-            let mut transfer = match self.hold {
-                // Hold mode: the upstream waits until the upload is whole
-                // and the hold is over.
-                Some(hold) => Transfer::new_held(key, id, client, peer, self.upstream, spool, hold),
-                None => {
-                    // Seed step 4, non-blocking: connect() returns at once
-                    // with the handshake in flight; WRITABLE on the upstream
-                    // token says when it is over.
-                    let upstream = TcpStream::connect(self.upstream);
-                    Transfer::new(key, id, client, peer, upstream, self.upstream, spool)
-                }
-            };
-            if let Some(idle) = self.idle_timeout {
-                transfer.set_idle_timer(
-                    self.timers
-                        .schedule(Instant::now() + idle, Timer::Idle { key, id }),
-                );
-            }
-            let registered = self
-                .registry
-                .register(
-                    &mut transfer.client.sock,
-                    client_token(key),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .and_then(|()| match transfer.upstream.as_mut() {
-                    Some(up) => self.registry.register(
-                        &mut up.sock,
-                        upstream_token(key),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ),
-                    None => Ok(()),
-                });
-            if let Err(e) = registered {
-                log::warn!("proxy: registering {peer}: {e}");
-                transfer.abandon();
-                continue;
-            }
-            log::trace!(
-                "proxy: accept {peer} -> #{key}, register client READABLE|WRITABLE{}",
-                if transfer.upstream.is_some() {
-                    ", register upstream READABLE|WRITABLE (connect in progress)"
-                } else {
-                    ""
-                }
-            );
-            log::debug!("proxy: accepted {peer} as #{key}");
-            entry.insert(transfer);
-            // Bytes may already be waiting; the registration will report
-            // them, but driving now saves a trip through poll.
-            self.drive(key);
-        }
-    }
-
-    fn back_off(&mut self, e: &io::Error) {
-        if self.gate.out_of_descriptors(e, self.transfers.len()) {
-            self.timers
-                .schedule(Instant::now() + AcceptGate::BACKOFF, Timer::ResumeAccept);
-        }
-    }
-
     /// Drives one transfer and closes it if it is finished.
-    fn drive(&mut self, key: usize) {
-        let mut ctx = Ctx {
-            scratch: &mut self.scratch,
-            timers: &mut self.timers,
-            registry: &self.registry,
-            policy: self.policy,
+    fn drive(&mut self, cx: &mut Context<Timer>, key: usize) {
+        let Next::Close(outcome) = self.transfers[key].drive(cx, &self.policy) else {
+            return;
         };
-        let next = self.transfers[key].drive(&mut ctx);
-        if let Next::Close(outcome) = next {
-            let transfer = self.transfers.remove(key);
-            // A transfer that ends takes its pending timers with it, so no
-            // deadline fires for a slab key that a new transfer may reuse.
-            for id in transfer.timers() {
-                self.timers.cancel(id);
-            }
-            log::trace!("proxy: #{key} closed ({outcome:?})");
-            match outcome {
-                Outcome::Relayed => self.stats.relayed += 1,
-                Outcome::Refused => self.stats.refused += 1,
-                Outcome::Aborted => self.stats.aborted += 1,
-            }
-            // Seed step 8: close both connections (dropping them closes
-            // them and removes them from the poll set); the listener stays.
-            drop(transfer);
-            if self.gate.connection_closed() {
-                self.accept_all();
-            }
+        let transfer = self.transfers.remove(key);
+        // A transfer that ends takes its pending timers with it, so no
+        // deadline fires for a slab key that a new transfer may reuse.
+        for id in transfer.timers() {
+            cx.timers.cancel(id);
         }
+        log::trace!("proxy: #{key} closed ({outcome:?})");
+        match outcome {
+            Outcome::Relayed => self.stats.relayed += 1,
+            Outcome::Refused => self.stats.refused += 1,
+            Outcome::Aborted => self.stats.aborted += 1,
+        }
+        // Seed step 8: close both connections (dropping them closes
+        // them and removes them from the poll set); the listener stays.
+        drop(transfer);
+        cx.acceptor.connection_closed();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event_loop::WAKER;
+    use crate::event_loop::{LISTENER, SIGNALS, WAKER};
 
     #[test]
     fn tokens_round_trip_and_avoid_reserved() {
         for key in [0usize, 1, 2, 4999, 1 << 20] {
             assert_eq!(token_owner(client_token(key)), (key, Side::Client));
             assert_eq!(token_owner(upstream_token(key)), (key, Side::Upstream));
-            assert_ne!(upstream_token(key), LISTENER);
-            assert_ne!(upstream_token(key), WAKER);
+            for reserved in [LISTENER, WAKER, SIGNALS] {
+                assert_ne!(client_token(key), reserved);
+                assert_ne!(upstream_token(key), reserved);
+            }
         }
     }
 }

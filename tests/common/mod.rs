@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use stopover::client::{self, Receipt};
-use stopover::event_loop::Shutdown;
+use stopover::event_loop::StopHandle;
 use stopover::proxy::{Proxy, ProxyConfig};
 use stopover::server::{Server, ServerConfig};
 
@@ -29,7 +29,7 @@ pub fn loopback0() -> SocketAddr {
 /// A role running on a thread of the test process; stops when dropped.
 pub struct InProcess {
     pub addr: SocketAddr,
-    shutdown: Shutdown,
+    shutdown: StopHandle,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -158,13 +158,46 @@ impl Drop for Spawned {
     }
 }
 
+// ---- What /proc says about a process (through procfs, as the bench does) ----
+
+fn process(pid: u32) -> procfs::process::Process {
+    procfs::process::Process::new(pid as i32).expect("process in /proc")
+}
+
+/// Resident set size in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc status")
+    let status = process(pid).status().expect("read /proc status");
+    status.vmrss.expect("VmRSS in /proc status")
+}
+
+/// CPU seconds (user + system) a process has used.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = process(pid).stat().expect("read /proc stat");
+    (stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64
+}
+
+/// Descriptors a process has open (0 once it is gone).
+pub fn open_fds(pid: u32) -> usize {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.fd_count())
+        .unwrap_or(0)
+}
+
+/// Sockets and regular files a process holds: what its connections cost.
+/// (Not every descriptor: a process may inherit pipes or /dev/null from
+/// whatever started it, and those are not ours to count.)
+pub fn conn_fds(pid: u32) -> usize {
+    use procfs::process::FDTarget;
+    let Ok(fds) = procfs::process::Process::new(pid as i32).and_then(|p| p.fd()) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|fd| match &fd.target {
+            FDTarget::Socket(_) => true,
+            FDTarget::Path(path) => !path.starts_with("/dev/"),
+            _ => false,
+        })
+        .count()
 }
 
 /// The command for a server process on a free port, storing into `dir`;

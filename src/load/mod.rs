@@ -2,7 +2,7 @@
 //! verified, and a summary worth trusting.
 //!
 //! Each simulated client is a thread running the ordinary blocking client
-//! ([`client::upload_with`]) in a loop, exactly as `stopover client` does it:
+//! ([`client::upload`]) in a loop, exactly as `stopover client` does it:
 //! connect, send, half-close, read the answer, check bytes and CRC-32C.
 //! Threads (with small stacks) rather than an event loop on purpose: the
 //! clients should behave like many independent real clients, and the thing
@@ -25,14 +25,19 @@
 use std::collections::BTreeMap;
 use std::io::{self, IsTerminal};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::client::{self, ClientError, Source, Verdict, CHUNK};
-use crate::event_loop;
+use crate::client::{self, ClientError, Verdict, CHUNK};
+use crate::sys;
+
+mod payload;
+
+pub use payload::SizeRange;
+use payload::{random_pool, seed_for, Gate, PoolSource, SplitMix};
 
 /// Settings for [`run`].
 #[derive(Debug, Clone)]
@@ -65,38 +70,8 @@ pub enum Stop {
     Duration(Duration),
 }
 
-/// An inclusive range of payload sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SizeRange {
-    pub min: u64,
-    pub max: u64,
-}
-
-impl std::str::FromStr for SizeRange {
-    type Err = String;
-
-    /// `64KiB`, or `1KiB..1MiB` for sizes drawn uniformly from a range.
-    fn from_str(text: &str) -> Result<Self, String> {
-        let parse = |t: &str| {
-            parse_size::parse_size(t.trim())
-                .map_err(|e| format!("{t:?}: {e} (try 64KiB, 1MiB, 1KiB..1MiB)"))
-        };
-        let (min, max) = match text.split_once("..") {
-            Some((a, b)) => (parse(a)?, parse(b)?),
-            None => {
-                let v = parse(text)?;
-                (v, v)
-            }
-        };
-        if min > max {
-            return Err(format!("size range {text:?} is empty (min > max)"));
-        }
-        Ok(SizeRange { min, max })
-    }
-}
-
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Latency {
     pub p50: f64,
     pub p90: f64,
@@ -105,7 +80,7 @@ pub struct Latency {
 }
 
 /// The result of a load run (also its `--json` form).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub to: String,
     pub clients: usize,
@@ -232,7 +207,7 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
         return Err("--clients must be at least 1".into());
     }
     // Each client holds one socket; leave room for the rest of the process.
-    let limit = event_loop::raise_nofile_limit().map_err(|e| e.to_string())?;
+    let limit = sys::raise_nofile_limit().map_err(|e| e.to_string())?;
     let needed = config.clients as u64 + 32;
     if needed > limit {
         return Err(format!(
@@ -380,7 +355,7 @@ fn watch_progress(
 ) {
     let show = config.progress && io::stderr().is_terminal();
     let bar = show.then(|| {
-        client::progress_bar(
+        crate::human::progress_bar(
             total,
             "{bar:40} {pos}/{len} transfers, {per_sec}, {elapsed}",
         )
@@ -481,115 +456,6 @@ impl ClientCtx {
     }
 }
 
-/// A payload: `remaining` bytes of the pool from `pos`, wrapping around,
-/// handed to the client as slices of the pool (no copy). With `pause_at`,
-/// stops there once and waits at the gate.
-struct PoolSource<'a> {
-    pool: &'a [u8],
-    pos: usize,
-    remaining: u64,
-    chunk: usize,
-    pause_at: Option<u64>,
-    sent: u64,
-    gate: &'a Gate,
-    arrived: bool,
-    wait_limit: Duration,
-    hold_open: Duration,
-}
-
-impl Source for PoolSource<'_> {
-    fn next_chunk(&mut self) -> io::Result<&[u8]> {
-        if let Some(at) = self.pause_at {
-            if self.sent == at && !self.arrived {
-                self.arrived = true;
-                self.gate.arrive();
-                self.gate.wait(self.wait_limit);
-                // Shaping the load, not synchronising: every connection
-                // stays open half-way for this long, all together.
-                std::thread::sleep(self.hold_open);
-            }
-        }
-        let mut want = (self.chunk as u64).min(self.remaining);
-        if let Some(at) = self.pause_at.filter(|_| !self.arrived) {
-            want = want.min(at - self.sent);
-        }
-        let start = self.pos;
-        let n = (want as usize).min(self.pool.len() - start);
-        self.pos = (start + n) % self.pool.len();
-        self.remaining -= n as u64;
-        self.sent += n as u64;
-        Ok(&self.pool[start..start + n])
-    }
-}
-
-/// A countdown every client passes once; waiting returns when all have
-/// passed or the time limit is up.
-struct Gate {
-    left: Mutex<usize>,
-    all_in: Condvar,
-}
-
-impl Gate {
-    fn new(n: usize) -> Gate {
-        Gate {
-            left: Mutex::new(n),
-            all_in: Condvar::new(),
-        }
-    }
-
-    fn arrive(&self) {
-        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
-        *left = left.saturating_sub(1);
-        if *left == 0 {
-            self.all_in.notify_all();
-        }
-    }
-
-    fn wait(&self, limit: Duration) {
-        let left = self.left.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = self
-            .all_in
-            .wait_timeout_while(left, limit, |left| *left > 0);
-    }
-}
-
-/// Random bytes for payloads: up to 8 MiB, reused by all transfers.
-fn random_pool(max_size: u64) -> Vec<u8> {
-    let len = max_size.clamp(64 * 1024, 8 * 1024 * 1024) as usize;
-    let mut rng = SplitMix(seed_for(usize::MAX));
-    let mut pool = Vec::with_capacity(len + 8);
-    while pool.len() < len {
-        pool.extend_from_slice(&rng.next().to_le_bytes());
-    }
-    pool.truncate(len);
-    pool
-}
-
-fn seed_for(index: usize) -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    now ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-/// SplitMix64: tiny, fast, good enough to pick sizes and offsets.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform-enough value in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,57 +473,5 @@ mod tests {
             total.merge(part);
         }
         assert_eq!(total.ended, Some(late));
-    }
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(
-            "64KiB".parse(),
-            Ok(SizeRange {
-                min: 65536,
-                max: 65536
-            })
-        );
-        assert_eq!(
-            "1KiB..1MiB".parse(),
-            Ok(SizeRange {
-                min: 1024,
-                max: 1 << 20
-            })
-        );
-        assert_eq!("0".parse(), Ok(SizeRange { min: 0, max: 0 }));
-        assert!("2MiB..1MiB".parse::<SizeRange>().is_err());
-        assert!("lots".parse::<SizeRange>().is_err());
-    }
-
-    #[test]
-    fn pool_source_wraps_and_pauses_once() {
-        let pool: Vec<u8> = (0..10u8).collect();
-        let gate = Gate::new(1);
-        let mut r = PoolSource {
-            pool: &pool,
-            pos: 7,
-            remaining: 8,
-            chunk: 64,
-            pause_at: Some(4),
-            sent: 0,
-            gate: &gate,
-            arrived: false,
-            wait_limit: Duration::from_secs(5),
-            hold_open: Duration::ZERO,
-        };
-        let mut out = Vec::new();
-        loop {
-            let chunk = r.next_chunk().unwrap();
-            if chunk.is_empty() {
-                break;
-            }
-            out.extend_from_slice(chunk);
-            if out.len() == 3 {
-                assert!(!r.arrived);
-            }
-        }
-        assert_eq!(out, [7, 8, 9, 0, 1, 2, 3, 4]);
-        assert!(r.arrived);
     }
 }

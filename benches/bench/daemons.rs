@@ -1,0 +1,154 @@
+//! The processes under test: our server and proxy (the release binary),
+//! and HAProxy as a reference relay when it is installed. Each is killed by
+//! PID when dropped; what they cost is read from `/proc` (procfs).
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A daemon under test, killed by PID when dropped.
+pub struct Daemon {
+    child: Child,
+    pub addr: String,
+}
+
+impl Daemon {
+    pub fn start(bin: &Path, args: &[&str], log: &Path) -> Daemon {
+        let log_file = fs::File::create(log).expect("create daemon log");
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start daemon");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = fs::read_to_string(log).unwrap_or_default();
+            if let Some(at) = text.find("listening on ") {
+                let rest = &text[at + "listening on ".len()..];
+                let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                return Daemon { child, addr };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("daemon {args:?} exited with {status}: {text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon {args:?} did not start: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(20)); // polling its log
+        }
+    }
+
+    /// Starts HAProxy (if it is installed) as a plain TCP relay to
+    /// `server`, with the settings that make it fastest at bulk here: one
+    /// thread like stopover, and `splice` both ways. `None`, with the
+    /// reason printed, if it is not installed or will not start.
+    pub fn start_haproxy(server: &str, work: &Path) -> Option<Daemon> {
+        let installed = Command::new("haproxy")
+            .arg("-v")
+            .stdout(Stdio::piped())
+            .output()
+            .ok()
+            .filter(|o| o.status.success());
+        let Some(version) = installed else {
+            println!("reference: haproxy is not installed, so no reference rows (`apt install haproxy` adds them)");
+            return None;
+        };
+        let version = String::from_utf8_lossy(&version.stdout);
+        println!("reference: {}", version.lines().next().unwrap_or("haproxy"));
+        // A port the kernel just handed out is free, and nothing else here
+        // takes ports: good enough for a bench.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .ok()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = work.join("haproxy.cfg");
+        let text = format!(
+            "global
+    maxconn 4096
+    nbthread 1
+defaults
+    mode tcp
+    option splice-request
+    option splice-response
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+frontend bench
+    bind {addr}
+    default_backend stopover
+backend stopover
+    server s1 {server}
+"
+        );
+        fs::write(&config, text).ok()?;
+        let log = work.join("haproxy.log");
+        let mut child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&config)
+            .arg("-db")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).ok()?)
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                println!(
+                    "reference: haproxy did not start, so no reference rows: {}",
+                    fs::read_to_string(&log).unwrap_or_default().trim()
+                );
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20)); // waiting for its listener
+        }
+        Some(Daemon { child, addr })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resets the peak-RSS counter (VmHWM) to the current RSS.
+    pub fn reset_peak(&self) {
+        let _ = fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
+    }
+
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.process()
+            .and_then(|p| p.status().ok())
+            .and_then(|s| s.vmhwm)
+            .unwrap_or(0)
+    }
+
+    /// CPU seconds (user + system) the daemon has used so far.
+    pub fn cpu_s(&self) -> f64 {
+        self.process().and_then(|p| p.stat().ok()).map_or(0.0, |s| {
+            (s.utime + s.stime) as f64 / procfs::ticks_per_second() as f64
+        })
+    }
+
+    /// Descriptors the daemon has open now.
+    pub fn open_fds(&self) -> usize {
+        self.process().and_then(|p| p.fd_count().ok()).unwrap_or(0)
+    }
+
+    fn process(&self) -> Option<procfs::process::Process> {
+        procfs::process::Process::new(self.pid() as i32).ok()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

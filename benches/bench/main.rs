@@ -1,0 +1,194 @@
+//! `make bench`: direct (client -> server) against proxied (client -> proxy
+//! -> server) throughput, latency, memory and CPU, on loopback.
+//!
+//! The server and the proxy run as separate processes (the release build of
+//! `stopover`), writing every byte to temp dirs on disk under
+//! `target/bench/`. The load comes from `stopover load --json`, the same
+//! tool users run. For each scenario, direct and proxied runs are
+//! *interleaved* (never all of one first) after a warm-up pass, and the
+//! table reports medians. Peak RSS per run is `VmHWM`, reset before each
+//! run by writing `5` to `/proc/<pid>/clear_refs`; CPU is `utime + stime`
+//! from `/proc/<pid>/stat` for the daemons and `getrusage(RUSAGE_CHILDREN)`
+//! for the load generator.
+//!
+//! **Ratios are paired.** This machine's speed drifts by tens of percent
+//! from one minute to the next (a VM sharing its host), so a ratio of two
+//! medians can compare a fast minute with a slow one. Each repetition runs
+//! direct and proxied back to back, and the ratio reported is the median of
+//! the per-repetition ratios: both halves of a pair saw the same machine.
+//!
+//! **CPU bound.** For bulk, the bench also prints the CPU each process
+//! spent per GiB and what that alone allows: with `n` cores, a run can take
+//! no less than `max(busiest process, total CPU / n)`. Comparing that for
+//! direct and proxied gives the best ratio the CPU budget permits, which
+//! tells whether a gap is the relay's cost per byte or something else.
+//!
+//! **A reference relay.** If `haproxy` is installed, bulk and small also run
+//! through it (one thread, `splice` both ways, plain TCP mode): a
+//! well-known relay that stores nothing, measured on the same machine in
+//! the same minute. Its rows are labelled `haproxy`; its memory and CPU
+//! fill the relay columns. Without it the bench runs as before.
+//!
+//! Two traps of this machine are avoided on purpose. Files are never
+//! deleted between runs (after deleting thousands of files, creating new
+//! ones nearby is 10-35x slower for minutes: see
+//! `measure::wait_for_fast_file_creation`, which also holds a run back until that
+//! has passed); large ones are truncated instead to free the disk. And
+//! every scenario is warmed up first, because memory the host took back is
+//! several times slower on first touch.
+//!
+//! Sizes: the full run (default), `BENCH_QUICK=1` (under a minute) and
+//! `BENCH_SMOKE=1` (seconds; `make test` runs it so the bench never rots).
+//! Outputs: the table on stdout, `target/bench/results.json` and
+//! `target/bench/report.svg` (smoke runs write under `target/bench/smoke/`).
+
+//!
+//! Files: `scenarios` (what is measured), `daemons` (the processes under
+//! test), `measure` (one run, and the arithmetic that compares runs),
+//! `report` (the table, the targets, results.json and the chart).
+
+mod daemons;
+mod measure;
+mod report;
+mod scenarios;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use daemons::Daemon;
+use measure::{machine, wait_for_fast_file_creation, Bench, Run, Via};
+use scenarios::{scenarios, warm_up, Preset, Scenario};
+
+fn main() {
+    // `cargo bench` passes --bench. Anything else (`cargo test --benches`,
+    // `cargo test --all-targets`) runs this binary as a test: do nothing,
+    // rather than a full benchmark against a debug build.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "bench: run me with `make bench` (or `cargo bench`); nothing to do under cargo test"
+        );
+        return;
+    }
+    let preset = if std::env::var_os("BENCH_SMOKE").is_some() {
+        Preset::Smoke
+    } else if std::env::var_os("BENCH_QUICK").is_some() {
+        Preset::Quick
+    } else {
+        Preset::Full
+    };
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_stopover"));
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let out_dir = if preset == Preset::Smoke {
+        target.join("smoke")
+    } else {
+        target.clone()
+    };
+    let work = target.join(format!("work-{}", std::process::id()));
+    fs::create_dir_all(&out_dir).expect("create target/bench");
+    fs::create_dir_all(&work).expect("create bench work dir");
+    let started = Instant::now();
+    let m = machine();
+    println!(
+        "stopover bench ({preset:?}) on {} cores, {}, kernel {}",
+        m.cores, m.cpu, m.kernel
+    );
+    println!("binary {}", bin.display());
+    let waited = if preset == Preset::Smoke {
+        Duration::ZERO
+    } else {
+        wait_for_fast_file_creation(&work)
+    };
+
+    let server = Daemon::start(
+        &bin,
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            work.join("received").to_str().unwrap(),
+        ],
+        &work.join("server.log"),
+    );
+    let proxy = Daemon::start(
+        &bin,
+        &[
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &server.addr,
+            "--dir",
+            work.join("spool").to_str().unwrap(),
+        ],
+        &work.join("proxy.log"),
+    );
+    let haproxy = if preset == Preset::Smoke {
+        None
+    } else {
+        Daemon::start_haproxy(&server.addr, &work)
+    };
+    let bench = Bench {
+        bin,
+        work: work.clone(),
+        server,
+        proxy,
+        haproxy,
+    };
+    let scenarios = scenarios(preset);
+    // The paths each scenario is run over. HAProxy, when installed, is the
+    // reference for the two scenarios the targets compare with it.
+    let paths = |s: &Scenario| {
+        let mut v = vec![("direct", Via::Direct), ("proxied", Via::Proxy)];
+        if bench.haproxy.is_some() && matches!(s.name, "bulk" | "small") {
+            v.push(("haproxy", Via::Haproxy));
+        }
+        v
+    };
+
+    // Warm up every scenario on every path before measuring anything.
+    if preset != Preset::Smoke {
+        for s in &scenarios {
+            let w = warm_up(s);
+            for (_, via) in paths(s) {
+                bench.run(&w, via);
+            }
+        }
+    }
+
+    let mut results: BTreeMap<&str, BTreeMap<&str, Vec<Run>>> = BTreeMap::new();
+    for s in &scenarios {
+        let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
+        for rep in 0..s.reps {
+            // Interleave, alternating which of direct and proxied goes
+            // first; the reference relay, if any, runs last.
+            let mut order = paths(s);
+            if rep % 2 == 1 {
+                order.swap(0, 1);
+            }
+            for (name, via) in order {
+                runs.entry(name).or_default().push(bench.run(s, via));
+            }
+        }
+        results.insert(s.name, runs);
+    }
+    drop(bench);
+
+    let report = report::report(preset, &scenarios, &results, &m);
+    let wall = started.elapsed().as_secs_f64();
+    report::footer(preset, wall, waited);
+    report::write(&out_dir, preset, &m, wall, waited, &report);
+
+    // Deleting is safe now: nothing in this run creates files after it. The
+    // next run would pay for it (see wait_for_fast_file_creation), so say so.
+    let _ = fs::remove_dir_all(&work);
+    if preset != Preset::Smoke {
+        println!("note: this run deleted its files; a bench started in the next few minutes waits until file creation is fast again");
+    }
+    if report.errors > 0 {
+        eprintln!("bench: {} transfers failed", report.errors);
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,288 @@
+//! Measuring one run, and the arithmetic that makes runs comparable: paired
+//! ratios, the CPU bound, and the wait for file creation to be fast.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use stopover::load::Summary;
+
+use crate::daemons::Daemon;
+use crate::scenarios::Scenario;
+
+/// One measured run.
+#[derive(Clone, Debug)]
+pub struct Run {
+    /// What `stopover load --json` reported.
+    pub load: Summary,
+    pub proxy_rss_kib: Option<u64>,
+    pub proxy_cpu_s: Option<f64>,
+    pub server_rss_kib: u64,
+    pub server_cpu_s: f64,
+    pub server_peak_conns: usize,
+    pub proxy_peak_conns: Option<usize>,
+    /// CPU seconds of the load generator itself.
+    pub load_cpu_s: f64,
+}
+
+impl Run {
+    pub fn mb_per_s(&self) -> f64 {
+        self.load.mb_per_s
+    }
+    pub fn transfers_per_s(&self) -> f64 {
+        self.load.transfers_per_s
+    }
+    pub fn failed(&self) -> u64 {
+        self.load.transfers_failed
+    }
+}
+
+/// The way a run's transfers take to the server.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Via {
+    /// Client -> server.
+    Direct,
+    /// Client -> stopover proxy -> server.
+    Proxy,
+    /// Client -> HAProxy -> server: a reference relay that stores nothing.
+    Haproxy,
+}
+
+pub struct Bench {
+    pub bin: PathBuf,
+    pub work: PathBuf,
+    pub server: Daemon,
+    pub proxy: Daemon,
+    /// HAProxy, if it is installed (the reference row).
+    pub haproxy: Option<Daemon>,
+}
+
+impl Bench {
+    fn relay(&self, via: Via) -> Option<&Daemon> {
+        match via {
+            Via::Direct => None,
+            Via::Proxy => Some(&self.proxy),
+            Via::Haproxy => self.haproxy.as_ref(),
+        }
+    }
+
+    pub fn run(&self, s: &Scenario, via: Via) -> Run {
+        let relay = self.relay(via);
+        let to = relay.map_or(&self.server.addr, |r| &r.addr);
+        self.server.reset_peak();
+        if let Some(r) = relay {
+            r.reset_peak();
+        }
+        let (s_cpu, p_cpu) = (self.server.cpu_s(), relay.map_or(0.0, Daemon::cpu_s));
+        let proxied = via == Via::Proxy;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "-q",
+            "load",
+            "--json",
+            "--no-progress",
+            "--timeout",
+            "120s",
+            "--to",
+            to,
+        ])
+        .args([
+            "--clients",
+            &s.clients.to_string(),
+            "--size",
+            &s.size.to_string(),
+        ]);
+        if s.all_at_once {
+            cmd.args(["--all-at-once", "--hold-open", "1s"]);
+        } else {
+            cmd.args(["--transfers", &s.transfers.to_string()]);
+        }
+        // Sample the receiving daemons' open descriptors while the load runs,
+        // to report the concurrency they really reached.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = std::thread::scope(|scope| {
+            let sampler = scope.spawn(|| {
+                let mut peak = (0usize, 0usize);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak.0 = peak.0.max(self.server.open_fds());
+                    peak.1 = peak.1.max(self.proxy.open_fds());
+                    std::thread::sleep(Duration::from_millis(10)); // sampling interval
+                }
+                peak
+            });
+            let fds0 = (self.server.open_fds(), self.proxy.open_fds());
+            let load_cpu0 = children_cpu_s();
+            let out = cmd
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("run stopover load");
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            (sampler.join().unwrap_or((0, 0)), fds0, load_cpu0, out)
+        });
+        let ((s_fds, p_fds), (s_fds0, p_fds0), load_cpu0, out) = sampler;
+        let load: Summary = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "load output is not a summary ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        let run = Run {
+            load,
+            proxy_rss_kib: relay.map(Daemon::peak_rss_kib),
+            proxy_cpu_s: relay.map(|r| r.cpu_s() - p_cpu),
+            server_rss_kib: self.server.peak_rss_kib(),
+            server_cpu_s: self.server.cpu_s() - s_cpu,
+            // Two descriptors per server connection, three per proxy transfer.
+            server_peak_conns: s_fds.saturating_sub(s_fds0) / 2,
+            proxy_peak_conns: proxied.then_some(p_fds.saturating_sub(p_fds0) / 3),
+            load_cpu_s: children_cpu_s() - load_cpu0,
+        };
+        self.free_disk();
+        run
+    }
+
+    /// Truncates large stored files (never deletes: see the module docs).
+    fn free_disk(&self) {
+        for dir in ["received", "spool"] {
+            let Ok(entries) = fs::read_dir(self.work.join(dir)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if e.metadata()
+                    .is_ok_and(|m| m.is_file() && m.len() > 256 * 1024)
+                {
+                    if let Ok(f) = fs::OpenOptions::new().write(true).open(e.path()) {
+                        let _ = f.set_len(0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Creating files is normally ~25 us each here; this is "slow".
+pub const SLOW_CREATE_US: f64 = 80.0;
+/// How long to wait for file creation to recover before measuring anyway.
+const CREATE_WAIT_LIMIT: Duration = Duration::from_secs(8 * 60);
+
+/// Microseconds to create one file (and write 1 KiB to it) in a new
+/// directory under `dir`, from a sample of 300. The files stay: deleting
+/// them would cause the very slowness this measures.
+fn create_cost_us(dir: &Path) -> f64 {
+    let sample = (0..10_000)
+        .map(|i| dir.join(format!("sample-{i}")))
+        .find(|p| fs::create_dir(p).is_ok())
+        .expect("create a probe directory");
+    let t = Instant::now();
+    for i in 0..300 {
+        let _ = fs::write(sample.join(format!("f{i}")), [0u8; 1024]);
+    }
+    t.elapsed().as_secs_f64() * 1e6 / 300.0
+}
+
+/// Waits (bounded) until creating files in `work` runs at its usual speed,
+/// and returns how long it waited.
+///
+/// Without a journal, ext4 will not reuse an inode freed in the last 60 s
+/// (up to 6 minutes while its inode table block is still dirty), and checks
+/// that for every candidate it passes over. After a run that deleted
+/// thousands of files nearby (the last bench's, for one), every `create`
+/// walks past thousands of them: 10-20x slower, which once made the small
+/// scenario measure 2,000 transfers/s instead of 11,000. The bench's own
+/// directory sits next to the last run's, so it probes there.
+pub fn wait_for_fast_file_creation(work: &Path) -> Duration {
+    let probes = work.join("create-probe");
+    let _ = fs::create_dir_all(&probes);
+    let since = Instant::now();
+    loop {
+        let cost = create_cost_us(&probes);
+        if cost < SLOW_CREATE_US {
+            println!("file creation: {cost:.0} us per file");
+            return since.elapsed();
+        }
+        if since.elapsed() > CREATE_WAIT_LIMIT {
+            println!("WARNING: file creation is still slow ({cost:.0} us per file); small and medium will read low");
+            return since.elapsed();
+        }
+        println!(
+            "file creation is slow right now ({cost:.0} us per file, usually ~25): files were deleted nearby recently, waiting for ext4 to let go of them ({:.0} s so far)",
+            since.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_secs(20)); // the condition ages out in minutes
+    }
+}
+
+/// CPU seconds (user + system) of this process's children that have ended
+/// and been waited for. The daemons run until the end, so between two calls
+/// around a run this is the load generator's CPU.
+fn children_cpu_s() -> f64 {
+    use procfs::process::Process;
+    Process::myself().and_then(|p| p.stat()).map_or(0.0, |s| {
+        (s.cutime + s.cstime) as f64 / procfs::ticks_per_second() as f64
+    })
+}
+
+/// The shortest a run can take on `cores` cores, from the CPU each of its
+/// processes needs: no process can go faster than one core, and all of
+/// them together no faster than all cores.
+pub fn cpu_bound_s(per_process: &[f64], cores: f64) -> f64 {
+    let busiest = per_process.iter().copied().fold(0.0, f64::max);
+    busiest.max(per_process.iter().sum::<f64>() / cores)
+}
+
+/// The median over repetitions of `other[i] / direct[i]` for the figure
+/// `f` picks: repetition i ran both back to back (see the module docs).
+pub fn paired_ratio(direct: &[Run], other: &[Run], f: fn(&Run) -> f64) -> f64 {
+    median(
+        direct
+            .iter()
+            .zip(other)
+            .filter(|(d, _)| f(d) > 0.0)
+            .map(|(d, o)| f(o) / f(d))
+            .collect(),
+    )
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The machine the bench ran on, for the table's title and results.json.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub kernel: String,
+    pub mem_gib: f64,
+}
+
+pub fn machine() -> Machine {
+    use procfs::Current;
+    let cpu = procfs::CpuInfo::current()
+        .ok()
+        .and_then(|c| c.model_name(0).map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = procfs::Meminfo::current().map_or(0, |m| m.mem_total);
+    Machine {
+        cpu,
+        cores,
+        kernel,
+        mem_gib: (mem as f64 / (1u64 << 30) as f64 * 10.0).round() / 10.0,
+    }
+}

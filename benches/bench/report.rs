@@ -1,0 +1,447 @@
+//! What the bench prints and writes: the table, the targets, the CPU
+//! lines, `results.json` and the chart (`report.svg`).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+use stopover::load::Summary;
+
+use crate::measure::{cpu_bound_s, median, paired_ratio, Machine, Run};
+use crate::scenarios::{Preset, Scenario};
+
+/// The medians of one path (direct, proxied, haproxy) of one scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathRow {
+    pub mb_per_s: f64,
+    pub transfers_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub proxy_peak_rss_mib: Option<f64>,
+    pub proxy_cpu_s: Option<f64>,
+    pub server_peak_rss_mib: f64,
+    pub server_cpu_s: f64,
+    pub load_cpu_s: f64,
+    pub server_peak_conns: Option<usize>,
+    pub proxy_peak_conns: Option<usize>,
+    pub errors: u64,
+    pub runs: usize,
+}
+
+impl PathRow {
+    fn of(runs: &[Run]) -> PathRow {
+        let med = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        PathRow {
+            mb_per_s: med(&|r| r.load.mb_per_s),
+            transfers_per_s: med(&|r| r.load.transfers_per_s),
+            p50_ms: med(&|r| r.load.latency_ms.p50),
+            p99_ms: med(&|r| r.load.latency_ms.p99),
+            proxy_peak_rss_mib: runs
+                .iter()
+                .filter_map(|r| r.proxy_rss_kib)
+                .max()
+                .map(|k| k as f64 / 1024.0),
+            proxy_cpu_s: runs
+                .iter()
+                .any(|r| r.proxy_cpu_s.is_some())
+                .then(|| med(&|r| r.proxy_cpu_s.unwrap_or(0.0))),
+            server_peak_rss_mib: runs.iter().map(|r| r.server_rss_kib).max().unwrap_or(0) as f64
+                / 1024.0,
+            server_cpu_s: med(&|r| r.server_cpu_s),
+            load_cpu_s: med(&|r| r.load_cpu_s),
+            server_peak_conns: runs.iter().map(|r| r.server_peak_conns).max(),
+            proxy_peak_conns: runs.iter().filter_map(|r| r.proxy_peak_conns).max(),
+            errors: runs.iter().map(Run::failed).sum(),
+            runs: runs.len(),
+        }
+    }
+}
+
+/// One scenario's line in results.json.
+#[derive(Debug, Serialize)]
+pub struct ScenarioRow {
+    pub scenario: &'static str,
+    pub what: String,
+    pub direct: PathRow,
+    pub proxied: PathRow,
+    pub ratio_mb_per_s: f64,
+    pub ratio_transfers_per_s: f64,
+    pub ratios_per_repetition: Vec<f64>,
+    /// Every run's summary, by path.
+    pub raw: BTreeMap<String, Vec<Summary>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub haproxy: Option<PathRow>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub haproxy_ratio_mb_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub haproxy_ratio_transfers_per_s: Option<f64>,
+}
+
+/// One target and whether the run met it.
+#[derive(Debug, Serialize)]
+pub struct Target {
+    pub target: &'static str,
+    pub met: bool,
+}
+
+/// Everything the run found.
+pub struct Report {
+    pub rows: Vec<ScenarioRow>,
+    pub targets: Vec<Target>,
+    pub errors: u64,
+}
+
+/// Prints the table, the CPU lines and the targets; returns them.
+pub fn report(
+    preset: Preset,
+    scenarios: &[Scenario],
+    results: &BTreeMap<&str, BTreeMap<&str, Vec<Run>>>,
+    m: &Machine,
+) -> Report {
+    let mut rows = Vec::new();
+    let mut errors = 0u64;
+    println!();
+    println!(
+        "{:<12} {:<9} {:>9} {:>11} {:>9} {:>9} {:>10} {:>9} {:>10} {:>9} {:>7} {:>6}",
+        "scenario",
+        "path",
+        "MB/s",
+        "transfers/s",
+        "p50 ms",
+        "p99 ms",
+        "relay MiB",
+        "relay s",
+        "server MiB",
+        "server s",
+        "load s",
+        "errors"
+    );
+    for s in scenarios {
+        let runs = &results[s.name];
+        let mut summary = BTreeMap::new();
+        for path in ["direct", "proxied", "haproxy"] {
+            let Some(runs) = runs.get(path) else {
+                continue;
+            };
+            let row = PathRow::of(runs);
+            errors += row.errors;
+            let opt = |v: Option<f64>, digits: usize| {
+                v.map_or("-".to_string(), |x| format!("{x:.digits$}"))
+            };
+            println!(
+                "{:<12} {:<9} {:>9.1} {:>11.0} {:>9.2} {:>9.2} {:>10} {:>9} {:>10.1} {:>9.2} {:>7.2} {:>6}",
+                s.name,
+                path,
+                row.mb_per_s,
+                row.transfers_per_s,
+                row.p50_ms,
+                row.p99_ms,
+                opt(row.proxy_peak_rss_mib, 1),
+                opt(row.proxy_cpu_s, 2),
+                row.server_peak_rss_mib,
+                row.server_cpu_s,
+                row.load_cpu_s,
+                row.errors
+            );
+            summary.insert(path, row);
+        }
+        let direct = &runs["direct"];
+        let (r_mb, r_tps) = (
+            paired_ratio(direct, &runs["proxied"], Run::mb_per_s),
+            paired_ratio(direct, &runs["proxied"], Run::transfers_per_s),
+        );
+        println!("{:<12} {:<9} {:>8.2}x {:>10.2}x", "", "ratio", r_mb, r_tps);
+        let reference = runs.get("haproxy").map(|reference| {
+            let (h_mb, h_tps) = (
+                paired_ratio(direct, reference, Run::mb_per_s),
+                paired_ratio(direct, reference, Run::transfers_per_s),
+            );
+            println!(
+                "{:<12} {:<9} {:>8.2}x {:>10.2}x",
+                "", "haproxy/d", h_mb, h_tps
+            );
+            (h_mb, h_tps)
+        });
+        rows.push(ScenarioRow {
+            scenario: s.name,
+            what: s.what.clone(),
+            direct: summary["direct"].clone(),
+            proxied: summary["proxied"].clone(),
+            ratio_mb_per_s: r_mb,
+            ratio_transfers_per_s: r_tps,
+            ratios_per_repetition: direct
+                .iter()
+                .zip(&runs["proxied"])
+                .map(|(d, p)| p.mb_per_s() / d.mb_per_s().max(f64::MIN_POSITIVE))
+                .collect(),
+            raw: runs
+                .iter()
+                .map(|(path, runs)| {
+                    (
+                        path.to_string(),
+                        runs.iter().map(|r| r.load.clone()).collect(),
+                    )
+                })
+                .collect(),
+            haproxy: summary.get("haproxy").cloned(),
+            haproxy_ratio_mb_per_s: reference.map(|r| r.0),
+            haproxy_ratio_transfers_per_s: reference.map(|r| r.1),
+        });
+    }
+
+    // ---- Targets (reported, not enforced: speed is not a test) ----
+    let row = |name: &str| rows.iter().find(|r| r.scenario == name);
+    let conc = row("concurrency");
+    let conc_clients = scenarios
+        .iter()
+        .find(|s| s.name == "concurrency")
+        .map_or(1, |s| s.clients) as f64;
+    let proxy_mib = conc
+        .and_then(|c| c.proxied.proxy_peak_rss_mib)
+        .unwrap_or(f64::MAX);
+    let targets = vec![
+        Target {
+            target: "bulk: proxied MB/s >= 0.5x direct",
+            met: row("bulk").is_some_and(|r| r.ratio_mb_per_s >= 0.5),
+        },
+        Target {
+            target: "small: proxied transfers/s >= 0.5x direct",
+            met: row("small").is_some_and(|r| r.ratio_transfers_per_s >= 0.5),
+        },
+        Target {
+            target: "concurrency: proxy peak RSS <= 16 KiB per transfer",
+            met: proxy_mib * 1024.0 / conc_clients <= 16.0,
+        },
+        Target {
+            target: "no scenario shows errors",
+            met: errors == 0,
+        },
+    ];
+    println!();
+    if let (Some(bulk), Some(b)) = (scenarios.iter().find(|s| s.name == "bulk"), row("bulk")) {
+        let gib = bulk.size as f64 / (1u64 << 30) as f64;
+        let (dl, ds) = (b.direct.load_cpu_s / gib, b.direct.server_cpu_s / gib);
+        let (pl, pp, ps) = (
+            b.proxied.load_cpu_s / gib,
+            b.proxied.proxy_cpu_s.unwrap_or(0.0) / gib,
+            b.proxied.server_cpu_s / gib,
+        );
+        let cores = (m.cores as f64).max(1.0);
+        let ceiling = cpu_bound_s(&[dl, ds], cores) / cpu_bound_s(&[pl, pp, ps], cores);
+        println!(
+            "bulk CPU per GiB: direct load {dl:.2} + server {ds:.2} = {:.2} s; proxied load {pl:.2} + proxy {pp:.2} + server {ps:.2} = {:.2} s",
+            dl + ds,
+            pl + pp + ps
+        );
+        println!(
+            "on {cores} cores that CPU alone allows a bulk ratio of at most {ceiling:.2}x (measured {:.2}x)",
+            b.ratio_mb_per_s
+        );
+    }
+    println!(
+        "proxy peak RSS in the concurrency scenario: {proxy_mib:.1} MiB = {:.1} KiB per concurrent transfer",
+        proxy_mib * 1024.0 / conc_clients
+    );
+    let shown = |v: Option<usize>| v.map_or("null".to_string(), |n| n.to_string());
+    println!(
+        "concurrency reached (from open descriptors): proxy {} transfers, server {} connections (proxied run), server {} (direct run)",
+        shown(conc.and_then(|c| c.proxied.proxy_peak_conns)),
+        shown(conc.and_then(|c| c.proxied.server_peak_conns)),
+        shown(conc.and_then(|c| c.direct.server_peak_conns))
+    );
+    if preset != Preset::Full {
+        println!("({preset:?} run: the targets are set for the full run; at these sizes they are only indicative)");
+    }
+    for t in &targets {
+        println!(
+            "target {}: {}",
+            if t.met { "met   " } else { "MISSED" },
+            t.target
+        );
+    }
+    Report {
+        rows,
+        targets,
+        errors,
+    }
+}
+
+/// The closing line: how long the run took, and how to run it again.
+pub fn footer(preset: Preset, wall: f64, waited: Duration) {
+    let waited_note = if waited.as_secs() > 0 {
+        format!(
+            " (of which {:.0} s waiting for file creation)",
+            waited.as_secs_f64()
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "bench wall time {wall:.0} s{waited_note}; reproduce with: {}",
+        match preset {
+            Preset::Full => "make bench",
+            Preset::Quick => "BENCH_QUICK=1 make bench",
+            Preset::Smoke => "BENCH_SMOKE=1 make bench",
+        }
+    );
+}
+
+/// The whole of results.json.
+#[derive(Serialize)]
+struct Results<'a> {
+    preset: String,
+    machine: &'a Machine,
+    wall_s: f64,
+    waited_for_file_creation_s: f64,
+    scenarios: &'a [ScenarioRow],
+    targets: &'a [Target],
+}
+
+/// Writes `results.json` and `report.svg` into `out_dir`.
+pub fn write(
+    out_dir: &Path,
+    preset: Preset,
+    m: &Machine,
+    wall: f64,
+    waited: Duration,
+    report: &Report,
+) {
+    let results = Results {
+        preset: format!("{preset:?}"),
+        machine: m,
+        wall_s: wall,
+        waited_for_file_creation_s: waited.as_secs_f64(),
+        scenarios: &report.rows,
+        targets: &report.targets,
+    };
+    let json_path = out_dir.join("results.json");
+    let text = serde_json::to_string_pretty(&results).expect("results serialize");
+    fs::write(&json_path, text).expect("write results.json");
+    let svg_path = out_dir.join("report.svg");
+    fs::write(&svg_path, svg_report(&report.rows, m, preset)).expect("write report.svg");
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
+}
+
+/// A self-contained SVG: for each scenario, throughput and latency bars,
+/// direct against proxied, each panel on its own scale.
+fn svg_report(rows: &[ScenarioRow], machine: &Machine, preset: Preset) -> String {
+    const W: f64 = 220.0;
+    const H: f64 = 205.0;
+    let (cols, panel_rows) = (rows.len().max(1) as f64, 2.0);
+    let width = 40.0 + cols * W;
+    let height = 80.0 + panel_rows * H;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"20\" y=\"24\" font-size=\"16\">stopover bench ({preset:?}): direct vs proxied</text>\n\
+         <text x=\"20\" y=\"42\" fill=\"#555\">{} cores, {}, kernel {}</text>\n\
+         <rect x=\"{}\" y=\"14\" width=\"10\" height=\"10\" fill=\"#4c78a8\"/><text x=\"{}\" y=\"23\">direct</text>\n\
+         <rect x=\"{}\" y=\"14\" width=\"10\" height=\"10\" fill=\"#f58518\"/><text x=\"{}\" y=\"23\">proxied</text>\n",
+        machine.cores,
+        xml_escape(&machine.cpu),
+        xml_escape(&machine.kernel),
+        width - 150.0,
+        width - 136.0,
+        width - 80.0,
+        width - 66.0,
+    );
+    for (i, row) in rows.iter().enumerate() {
+        let x0 = 30.0 + i as f64 * W;
+        let (name, what) = (row.scenario, row.what.as_str());
+        // Throughput: MB/s for bulk and medium, transfers/s where small
+        // payloads make MB/s meaningless.
+        let (d, p, unit) = if name == "small" || name == "concurrency" {
+            (
+                row.direct.transfers_per_s,
+                row.proxied.transfers_per_s,
+                "transfers/s",
+            )
+        } else {
+            (row.direct.mb_per_s, row.proxied.mb_per_s, "MB/s")
+        };
+        svg += &bar_panel(
+            x0,
+            60.0,
+            &format!("{name}: {unit}"),
+            what,
+            &[("", d, p)],
+            |v| format!("{v:.0}"),
+        );
+        let lat = [
+            ("p50", row.direct.p50_ms, row.proxied.p50_ms),
+            ("p99", row.direct.p99_ms, row.proxied.p99_ms),
+        ];
+        svg += &bar_panel(
+            x0,
+            60.0 + H,
+            &format!("{name}: latency ms"),
+            "",
+            &lat,
+            |v| format!("{v:.1}"),
+        );
+    }
+    svg += "</svg>\n";
+    svg
+}
+
+/// One panel: groups of (label, direct, proxied) bars on a shared scale.
+fn bar_panel(
+    x0: f64,
+    y0: f64,
+    title: &str,
+    subtitle: &str,
+    groups: &[(&str, f64, f64)],
+    fmt: impl Fn(f64) -> String,
+) -> String {
+    let plot_h = 120.0;
+    let base = y0 + 44.0 + plot_h;
+    let max = groups
+        .iter()
+        .flat_map(|g| [g.1, g.2])
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let mut s = format!(
+        "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{}</text>\n<text x=\"{x0}\" y=\"{}\" fill=\"#555\">{}</text>\n\
+         <line x1=\"{x0}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\" stroke=\"#999\"/>\n",
+        y0 + 4.0,
+        xml_escape(title),
+        y0 + 18.0,
+        xml_escape(subtitle),
+        x0 + 190.0
+    );
+    let group_w = 180.0 / groups.len() as f64;
+    for (gi, (label, d, p)) in groups.iter().enumerate() {
+        let gx = x0 + 10.0 + gi as f64 * group_w;
+        let bw = (group_w - 20.0) / 2.0;
+        for (j, (v, color)) in [(*d, "#4c78a8"), (*p, "#f58518")].into_iter().enumerate() {
+            let h = v / max * plot_h;
+            let x = gx + j as f64 * bw;
+            s += &format!(
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{color}\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+                base - h,
+                bw - 4.0,
+                x + (bw - 4.0) / 2.0,
+                base - h - 3.0,
+                fmt(v)
+            );
+        }
+        if !label.is_empty() {
+            s += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>\n",
+                gx + bw,
+                base + 14.0
+            );
+        }
+    }
+    s
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

@@ -1,0 +1,450 @@
+//! The listening side of a loop, the same for both roles: bind, accept until
+//! `WouldBlock`, the accept gate, out-of-descriptors back-off, and the
+//! graceful stop (with the signals and the handle that start it).
+//!
+//! ```text
+//!   Acceptor
+//!     listener     None once stopping: new clients are refused, not queued
+//!     AcceptGate   at capacity? backing off after EMFILE? then do not accept
+//!     GracefulStop first request: close the listener, give transfers `grace`
+//!     StopHandle   another thread's (or a signal's) way to ask for a stop
+//! ```
+//!
+//! The loop ([`super::run`]) asks [`Acceptor::accept`] for connections until
+//! it says `None`, hands each to the role, and asks [`Acceptor::should_stop`]
+//! after every round of events. The acceptor's two deadlines (end of a
+//! back-off, end of the grace period) are few and fixed, so they are plain
+//! fields that the loop folds into its `poll` timeout, not timers.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Waker};
+use signal_hook_mio::v1_0::Signals;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::{LISTENER, SIGNALS, WAKER};
+use crate::error::Context;
+use crate::sys;
+
+/// How many not-yet-accepted connections the kernel may queue for us. The
+/// kernel caps it at `net.core.somaxconn` (4096 on current kernels). A load
+/// test opening thousands of connections at once needs a deep queue: with
+/// the common default of 128, the excess SYNs are dropped and retried a full
+/// second later, which shows up as a 1 s latency cliff.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// What a role tells the acceptor about itself.
+#[derive(Debug, Clone)]
+pub struct AcceptConfig {
+    /// The role's name, for log lines.
+    pub role: &'static str,
+    /// Where to listen (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Descriptors one connection costs (sockets and files).
+    pub per_conn: u64,
+    /// `--max-conns`, if given.
+    pub max_conns: Option<usize>,
+    /// `--grace`: how long transfers in flight may take on shutdown.
+    pub grace: Duration,
+}
+
+/// The listening side of a loop. See the module docs.
+pub struct Acceptor {
+    role: &'static str,
+    /// `None` once stopping.
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    gate: AcceptGate,
+    stop: GracefulStop,
+    handle: StopHandle,
+    signals: Option<Signals>,
+    /// A connection closed while the gate was shut: look at the listener
+    /// again (edge-triggered readiness will not repeat itself).
+    resume: bool,
+}
+
+impl Acceptor {
+    /// Binds the listener and registers it (and the stop handle's waker).
+    pub fn bind(config: &AcceptConfig, registry: &Registry) -> io::Result<Acceptor> {
+        let role = config.role;
+        let mut listener = bind_listener(config.listen, role)?;
+        let local_addr = listener
+            .local_addr()
+            .with_context(|| format!("{role}: reading bound address"))?;
+        registry
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .with_context(|| format!("{role}: registering listener"))?;
+        let handle = StopHandle::new(registry)?;
+        let gate = AcceptGate::new(role, config.per_conn, config.max_conns);
+        Ok(Acceptor {
+            role,
+            listener: Some(listener),
+            local_addr,
+            gate,
+            stop: GracefulStop::new(role, config.grace),
+            handle,
+            signals: None,
+            resume: false,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that stops the loop from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.handle.clone()
+    }
+
+    /// Makes SIGINT and SIGTERM stop the loop (gracefully the first time,
+    /// at once the second). Signal handlers cannot safely do anything but
+    /// write to a pipe; the pipe's read end is what the loop polls
+    /// (signal-hook-mio does this), on the [`SIGNALS`] token.
+    pub fn handle_signals(&mut self, registry: &Registry) -> io::Result<()> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+        registry
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .context("registering signals")?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    /// The signal pipe is readable: each pending signal is a stop request.
+    pub fn on_signals(&mut self) {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let Some(signals) = self.signals.as_mut() else {
+            return;
+        };
+        for signal in signals.pending() {
+            let name = match signal {
+                SIGINT => "SIGINT",
+                SIGTERM => "SIGTERM",
+                _ => "a signal",
+            };
+            log::info!("{}: received {name}", self.role);
+            self.handle.shutdown();
+        }
+    }
+
+    /// The next connection to accept while `open` are open, or `None` when
+    /// the loop should stop accepting for now: nobody is waiting
+    /// (`WouldBlock`), the gate is shut (capacity, back-off), or the loop is
+    /// stopping. Call until `None`: readiness is edge-triggered, so a
+    /// connection left in the queue would produce no second event.
+    pub fn accept(&mut self, open: usize) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            if self.stop.is_draining() || !self.gate.admits(open) {
+                return None;
+            }
+            let listener = self.listener.as_ref()?;
+            match listener.accept() {
+                Ok(pair) => return Some(pair),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    log::trace!("{}: accept WouldBlock", self.role);
+                    return None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_out_of_descriptors(&e) => {
+                    self.out_of_descriptors(&e, open);
+                    return None;
+                }
+                // ECONNABORTED and friends: that one connection is gone,
+                // the listener is fine.
+                Err(e) => log::debug!("{}: accept: {e}", self.role),
+            }
+        }
+    }
+
+    /// Something ran out of descriptors (`accept`, or a role creating a
+    /// file): stop accepting for [`AcceptGate::BACKOFF`].
+    pub fn out_of_descriptors(&mut self, e: &io::Error, open: usize) {
+        self.gate.out_of_descriptors(e, open);
+    }
+
+    /// A connection closed. If the gate had stopped accepting, the loop
+    /// looks at the listener again ([`Acceptor::take_resume`]).
+    pub fn connection_closed(&mut self) {
+        if self.gate.connection_closed() {
+            self.resume = true;
+        }
+    }
+
+    /// True (once) when the loop should try to accept again.
+    pub fn take_resume(&mut self, now: Instant) -> bool {
+        if self.gate.backoff_over(now) {
+            self.resume = true;
+        }
+        std::mem::take(&mut self.resume)
+    }
+
+    /// The acceptor's next deadline, for the loop's `poll` timeout.
+    pub fn deadline(&self) -> Option<Instant> {
+        match (self.gate.backoff_until, self.stop.until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Checked after each round of events: starts the graceful stop at the
+    /// first request, and says whether the loop should end now.
+    pub fn should_stop(&mut self, open: usize, registry: &Registry) -> bool {
+        self.stop
+            .should_stop(&self.handle, open, &mut self.listener, registry)
+    }
+}
+
+/// Binds a non-blocking TCP listener on `addr` (port 0 picks a free port).
+/// The role logs `listening on <addr>` once it is completely ready, since
+/// tests and scripts take that line as the signal to connect.
+fn bind_listener(addr: SocketAddr, role: &str) -> io::Result<TcpListener> {
+    let what = || format!("{role}: binding {addr}");
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .with_context(what)?;
+    // SO_REUSEADDR: a restarted server can bind while old connections of
+    // the previous run sit in TIME_WAIT.
+    socket.set_reuse_address(true).with_context(what)?;
+    socket.bind(&addr.into()).with_context(what)?;
+    socket.listen(LISTEN_BACKLOG).with_context(what)?;
+    socket.set_nonblocking(true).with_context(what)?;
+    let listener = TcpListener::from_std(socket.into());
+    let local = listener.local_addr().with_context(what)?;
+    if !local.ip().is_loopback() {
+        log::warn!(
+            "{role}: bound to non-loopback address {local}: anyone who can reach it can write files to this disk"
+        );
+    }
+    Ok(listener)
+}
+
+/// True for the errors that mean "out of file descriptors".
+///
+/// After a failed `accept` the pending connection stays in the kernel's
+/// queue, so the listener stays readable: a loop that simply retries would
+/// spin at 100% CPU. The remedy is to stop accepting for a moment.
+pub fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// Decides when the listener may accept, so that a loop never runs out of
+/// file descriptors in the middle of setting up a connection.
+///
+/// Each connection costs a known number of descriptors (the server: socket
+/// and file; the proxy: two sockets and a spool file). At startup the gate
+/// raises the soft open-files limit to the hard one and works out how many
+/// connections fit; with `--max-conns`, the smaller of the two is the
+/// *capacity*. At capacity the loop simply stops calling `accept`: new
+/// clients wait in the kernel's listen backlog (their connect succeeds, and
+/// their first bytes sit in socket buffers) until a connection closes.
+///
+/// If `accept` fails with `EMFILE`/`ENFILE` anyway (something else took
+/// descriptors), the gate backs off for [`AcceptGate::BACKOFF`] instead of
+/// retrying in a hot loop.
+///
+/// Both situations are logged at most once a minute as a warning, so a
+/// sustained overload cannot flood the log.
+#[derive(Debug)]
+struct AcceptGate {
+    role: &'static str,
+    capacity: usize,
+    at_capacity: bool,
+    /// While backing off after running out of descriptors: until when.
+    backoff_until: Option<Instant>,
+    last_warning: Option<Instant>,
+}
+
+impl AcceptGate {
+    /// How long to stop accepting after running out of descriptors.
+    const BACKOFF: Duration = Duration::from_millis(50);
+    /// Descriptors kept free for everything that is not a connection
+    /// (stdio, the poll instance, the waker, the listener, log files...).
+    const RESERVED: u64 = 16;
+
+    fn new(role: &'static str, per_conn: u64, max_conns: Option<usize>) -> AcceptGate {
+        let limit = match sys::raise_nofile_limit() {
+            Ok(limit) => limit,
+            Err(e) => {
+                log::warn!("{role}: raising RLIMIT_NOFILE: {e}");
+                1024
+            }
+        };
+        let in_use =
+            std::fs::read_dir("/proc/self/fd").map_or(Self::RESERVED, |d| d.count() as u64);
+        let budget =
+            (limit.saturating_sub(in_use + Self::RESERVED) / per_conn.max(1)).max(1) as usize;
+        let capacity = max_conns.map_or(budget, |m| m.min(budget));
+        log::info!(
+            "{role}: up to {capacity} concurrent connections (open-files limit {limit}, {per_conn} descriptors per connection{})",
+            max_conns.map_or(String::new(), |m| format!(", --max-conns {m}"))
+        );
+        AcceptGate {
+            role,
+            capacity,
+            at_capacity: false,
+            backoff_until: None,
+            last_warning: None,
+        }
+    }
+
+    /// May the loop accept another connection while `open` are open?
+    fn admits(&mut self, open: usize) -> bool {
+        if self.backoff_until.is_some() {
+            return false;
+        }
+        if open >= self.capacity {
+            if !self.at_capacity {
+                self.at_capacity = true;
+                self.warn(format!(
+                    "at capacity ({open} connections): new clients wait in the listen backlog until one finishes"
+                ));
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Out of descriptors: back off (unless already backing off).
+    fn out_of_descriptors(&mut self, err: &io::Error, open: usize) {
+        if self.backoff_until.is_some() {
+            return;
+        }
+        self.backoff_until = Some(Instant::now() + Self::BACKOFF);
+        self.warn(format!(
+            "accept failed ({err}) with {open} connections open: pausing accepts until descriptors free up"
+        ));
+    }
+
+    /// True (once) when a back-off has run its course at `now`.
+    fn backoff_over(&mut self, now: Instant) -> bool {
+        if self.backoff_until.is_some_and(|t| now >= t) {
+            self.backoff_until = None;
+            return true;
+        }
+        false
+    }
+
+    /// A connection closed, freeing descriptors. Returns true if the gate
+    /// had stopped accepting.
+    fn connection_closed(&mut self) -> bool {
+        let was_stopped = self.at_capacity || self.backoff_until.is_some();
+        self.at_capacity = false;
+        self.backoff_until = None;
+        was_stopped
+    }
+
+    fn warn(&mut self, message: String) {
+        let now = Instant::now();
+        if self
+            .last_warning
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            self.last_warning = Some(now);
+            log::warn!("{}: {message}", self.role);
+        } else {
+            log::debug!("{}: {message}", self.role);
+        }
+    }
+}
+
+/// A handle that stops a running loop from another thread.
+///
+/// The first request starts a graceful stop (stop accepting, let transfers
+/// in flight finish for up to the grace period); a second one stops at
+/// once. SIGINT and SIGTERM, when the role handles signals, count as
+/// requests too.
+#[derive(Clone, Debug)]
+pub struct StopHandle {
+    waker: Arc<Waker>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl StopHandle {
+    fn new(registry: &Registry) -> io::Result<StopHandle> {
+        Ok(StopHandle {
+            waker: Arc::new(Waker::new(registry, WAKER).context("creating waker")?),
+            requests: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Asks the loop to stop: gracefully the first time, at once the second.
+    pub fn shutdown(&self) {
+        self.request(1);
+    }
+
+    /// Asks the loop to stop at once, whatever is in flight.
+    pub fn shutdown_now(&self) {
+        self.request(2);
+    }
+
+    fn request(&self, n: usize) {
+        self.requests.fetch_add(n, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            log::warn!("waking loop for shutdown: {e}");
+        }
+    }
+
+    /// How many times a stop was asked for (0: keep running).
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// Graceful stop, the same for both roles.
+///
+/// The first stop request closes the listener at once, so new clients are
+/// refused rather than left in a backlog nobody will accept from, and gives
+/// the transfers in flight `grace` to finish. The loop stops when none are
+/// left, when the grace period is over, or at a second request.
+#[derive(Debug)]
+struct GracefulStop {
+    role: &'static str,
+    grace: Duration,
+    until: Option<Instant>,
+}
+
+impl GracefulStop {
+    fn new(role: &'static str, grace: Duration) -> GracefulStop {
+        GracefulStop {
+            role,
+            grace,
+            until: None,
+        }
+    }
+
+    fn is_draining(&self) -> bool {
+        self.until.is_some()
+    }
+
+    fn should_stop(
+        &mut self,
+        handle: &StopHandle,
+        in_flight: usize,
+        listener: &mut Option<TcpListener>,
+        registry: &Registry,
+    ) -> bool {
+        let requests = handle.requests();
+        if requests == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        if self.until.is_none() {
+            self.until = Some(now + self.grace);
+            if let Some(mut listener) = listener.take() {
+                let _ = registry.deregister(&mut listener);
+            }
+            log::info!(
+                "{}: shutting down: not accepting; {in_flight} transfer(s) in flight get up to {} to finish (again to stop now)",
+                self.role,
+                humantime::format_duration(self.grace)
+            );
+        }
+        requests >= 2 || in_flight == 0 || self.until.is_some_and(|t| now >= t)
+    }
+}

@@ -1,0 +1,39 @@
+//! Output for people, shared by every role: the rates that log lines and
+//! summaries print (so that every role means the same thing by "MB/s"),
+//! and the progress bar of the client and the load generator.
+
+use std::time::Duration;
+
+/// Megabytes (10^6 bytes) per second; 0 for an empty interval.
+pub fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 {
+        bytes as f64 / 1e6 / secs
+    } else {
+        0.0
+    }
+}
+
+/// A progress bar on stderr: a bar for a known `len`, a spinner otherwise,
+/// drawn with `template` (indicatif's syntax).
+pub fn progress_bar(len: Option<u64>, template: &str) -> indicatif::ProgressBar {
+    let bar = match len {
+        Some(len) => indicatif::ProgressBar::new(len),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    let style = indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn megabytes_are_decimal() {
+        assert_eq!(mb_per_s(2_000_000, Duration::from_secs(2)), 1.0);
+        assert_eq!(mb_per_s(5, Duration::ZERO), 0.0);
+    }
+}

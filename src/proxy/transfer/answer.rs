@@ -1,0 +1,131 @@
+//! The answer direction: upstream -> client.
+//!
+//! A plain relay: read into the loop's scratch buffer, write to the client
+//! at once, and keep only what the client did not take, in a small buffer
+//! that exists only while it is not empty. Reads are at most
+//! [`ANSWER_CHUNK`] bytes, so that is also the most a transfer holds while
+//! its client is slow to take its answer. When the upstream's FIN arrives
+//! and every answer byte is delivered, the FIN is passed on.
+
+use crate::error::brief;
+use crate::event_loop::{Io, Peer};
+
+use crate::store::PartFile;
+
+use super::hold::Held;
+use super::upload::{Link, Source};
+use super::{Happened, Policy, Step, Transfer};
+
+/// Largest read of answer bytes from the upstream at once; also the bound on
+/// the answer bytes a transfer may hold while its client is slow to take them.
+const ANSWER_CHUNK: usize = 64 * 1024;
+
+impl Link {
+    /// Relays answer bytes as they come, and the upstream's FIN after them.
+    pub fn relay_answer(&mut self, client: &mut Peer, scratch: &mut [u8], policy: &Policy) -> Step {
+        let mut moved = false;
+        loop {
+            if !self.answer.is_empty() {
+                match client.write(&self.answer) {
+                    Io::Data(n) => {
+                        self.answer.drain(..n);
+                        if self.answer.is_empty() {
+                            self.answer = Vec::new(); // give the memory back
+                        }
+                        moved = true;
+                        continue;
+                    }
+                    Io::Failed(e) => return Err(Happened::ClientLost(e)),
+                    Io::Blocked | Io::Eof => break,
+                }
+            }
+            if self.up.eof() {
+                break;
+            }
+            let chunk_len = ANSWER_CHUNK.min(scratch.len());
+            let chunk = &mut scratch[..chunk_len];
+            match self.up.read(chunk) {
+                Io::Eof => {
+                    moved = true;
+                    if self.answer_bytes == 0 {
+                        let why = "closed the connection without answering".to_string();
+                        return Err(Happened::UpstreamFailed(why));
+                    }
+                }
+                Io::Data(n) => {
+                    self.answer_bytes += n as u64;
+                    moved = true;
+                    // Straight to the client; keep only what it won't take.
+                    let (taken, failed) = client.write_ready(&chunk[..n]);
+                    if let Some(e) = failed {
+                        return Err(Happened::ClientLost(e));
+                    }
+                    self.answer.extend_from_slice(&chunk[taken..n]);
+                }
+                Io::Blocked => break,
+                Io::Failed(e) => {
+                    self.up.end_reads();
+                    moved = true;
+                    if self.answer_bytes == 0 {
+                        return Err(Happened::UpstreamFailed(brief(&e)));
+                    }
+                    log::warn!(
+                        "proxy: #{} upstream {} failed after {} answer bytes: {e}",
+                        self.up.who().key,
+                        policy.upstream,
+                        self.answer_bytes
+                    );
+                }
+            }
+        }
+        // The answer is over and relayed: pass the upstream's FIN on.
+        if self.up.eof() && self.answer.is_empty() && !client.shut() {
+            client.shutdown_write();
+            moved = true;
+        }
+        Ok(moved)
+    }
+
+    /// Streaming is over when both directions are: the whole upload went
+    /// upstream (or the upstream stopped taking it after answering) with our
+    /// FIN after it, and the whole answer went to the client with its FIN.
+    pub fn is_done(&self, client: &Peer) -> bool {
+        client.eof() && (self.up.shut() || self.up.broken()) && self.up.eof() && client.shut()
+    }
+}
+
+impl Transfer {
+    /// The transfer's one info line, once the answer has reached the client.
+    pub(super) fn log_relayed(&self, spool: &PartFile, link: &Link, policy: &Policy) {
+        if !log::log_enabled!(log::Level::Info) {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        if let Source::Held(Held { len, crc, .. }) = &link.source {
+            let edited = *len != spool.bytes() || *crc != spool.crc32c();
+            log::info!(
+                "proxy: relayed held {} -> {}: received {} bytes crc32c={:08x}, forwarded {} bytes crc32c={crc:08x}{}, answer {} bytes, {:.3}s in all",
+                spool.name(),
+                policy.upstream,
+                spool.bytes(),
+                spool.crc32c(),
+                link.forwarded,
+                if edited { " (edited during hold)" } else { "" },
+                link.answer_bytes,
+                elapsed.as_secs_f64()
+            );
+            return;
+        }
+        log::info!(
+            "proxy: relayed {} -> {}: up {} bytes, down {} bytes in {:.3}s ({:.1} MB/s) spool={} crc32c={:08x}",
+            self.client_addr,
+            policy.upstream,
+            spool.bytes(),
+            link.answer_bytes,
+            elapsed.as_secs_f64(),
+            crate::human::mb_per_s(spool.bytes(), elapsed),
+            spool.name(),
+            spool.crc32c()
+        );
+    }
+}

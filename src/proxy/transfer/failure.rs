@@ -1,0 +1,207 @@
+//! Every way a transfer can go wrong, and what is kept when it does.
+//!
+//! Each function here is one arm of [`Transfer::on`]: it takes the parts
+//! of the old state by value and returns the new state. The rules:
+//!
+//! - **Nothing acknowledged is lost, and nothing partial looks whole.** An
+//!   upstream that holds part of an upload that will never be finished
+//!   through it is *reset*, not closed, so it cannot mistake the part for
+//!   the whole; our own copy is kept as `NAME.incomplete`.
+//! - **The client always learns the outcome** when it is still there: our
+//!   own `ERR` line (`Replying`), saying what was kept.
+//! - **The upstream failing is not the client's problem** (`Salvaging`):
+//!   we go on reading the upload into the spool and answer `ERR upstream
+//!   unavailable ... (kept as NAME)` at its end.
+
+use std::io;
+
+use crate::answer::Answer;
+use crate::error::brief;
+use crate::event_loop::Reply;
+use crate::store::PartFile;
+
+use super::upload::Link;
+use super::{Outcome, Policy, State, Transfer};
+
+impl State {
+    /// The resources a state holds, for the failure paths to dispose of.
+    fn into_parts(self) -> (Option<PartFile>, Option<Link>) {
+        match self {
+            State::Receiving { spool }
+            | State::Holding { spool, .. }
+            | State::Salvaging { spool, .. } => (Some(spool), None),
+            State::Connecting { spool, link, .. } | State::Streaming { spool, link } => {
+                (Some(spool), Some(link))
+            }
+            State::Replying(_) | State::Done(_) => (None, None),
+        }
+    }
+}
+
+/// Where a spool file is now, for log lines.
+fn shown(spool: &Option<PartFile>) -> String {
+    spool
+        .as_ref()
+        .map_or_else(String::new, |s| s.path().display().to_string())
+}
+
+impl Transfer {
+    /// The upstream failed before it answered: drop it and salvage.
+    pub(super) fn upstream_failed(
+        &mut self,
+        spool: PartFile,
+        link: Link,
+        reason: String,
+        policy: &Policy,
+    ) -> State {
+        log::debug!(
+            "proxy: #{} upstream {} failed: {reason}",
+            self.key,
+            policy.upstream
+        );
+        if self.client.eof() {
+            drop(link.up);
+        } else {
+            // It holds part of an upload that will never be finished
+            // through it: a reset keeps it from mistaking it for whole.
+            link.up.reset();
+        }
+        self.upstream_unavailable(spool, &reason)
+    }
+
+    /// No upstream: go on storing the upload (`Salvaging`), or, if it is
+    /// complete, tell the client it was kept but not delivered.
+    pub(super) fn upstream_unavailable(&mut self, spool: PartFile, reason: &str) -> State {
+        if !self.client.eof() {
+            return State::Salvaging {
+                spool,
+                reason: reason.to_string(),
+            };
+        }
+        log::warn!(
+            "proxy: {} upload of {} bytes not delivered: upstream unavailable: {reason}; kept as {}",
+            self.client_addr,
+            spool.bytes(),
+            spool.path().display()
+        );
+        State::Replying(Reply::new(&Answer::err(format!(
+            "upstream unavailable: {reason} (kept as {})",
+            spool.name()
+        ))))
+    }
+
+    /// Hold mode: the held file could not be read back mid-way. The
+    /// upstream has part of it: reset it, and say so.
+    pub(super) fn held_file_failed(&mut self, spool: PartFile, link: Link, e: io::Error) -> State {
+        log::warn!(
+            "proxy: #{} reading held file {}: {e}",
+            self.key,
+            spool.name()
+        );
+        link.up.reset(); // the upstream must not take a partial file for whole
+        State::Replying(Reply::new(&Answer::err(format!(
+            "held file {} is gone: {}",
+            spool.name(),
+            brief(&e)
+        ))))
+    }
+
+    /// The upload passed `--max-bytes`: refuse it. The partial spool is
+    /// removed (a refused upload is nobody's copy), the upstream reset so
+    /// the server discards its partial too.
+    pub(super) fn too_large(&mut self, old: State, limit: u64) -> State {
+        log::warn!(
+            "proxy: upload from {} passed --max-bytes {limit}: refused",
+            self.client_addr
+        );
+        let (spool, link) = old.into_parts();
+        if let Some(link) = link {
+            link.up.reset();
+        }
+        if let Some(spool) = spool {
+            spool.discard();
+        }
+        State::Replying(Reply::new(&Answer::err(format!(
+            "too large: limit {limit} bytes"
+        ))))
+    }
+
+    /// The spool file could not be written: refuse the upload, keeping what
+    /// was written as `.incomplete`.
+    pub(super) fn spool_failed(&mut self, old: State, e: io::Error) -> State {
+        log::warn!(
+            "proxy: {} spool write failed: {e}; upload refused",
+            self.client_addr
+        );
+        let (spool, link) = old.into_parts();
+        if let Some(link) = link {
+            link.up.close_or_reset();
+        }
+        if let Some(spool) = spool {
+            match spool.keep_incomplete() {
+                Ok(path) => log::warn!("proxy: partial spool kept as {}", path.display()),
+                Err(e) => log::warn!("proxy: {e}"),
+            }
+        }
+        State::Replying(Reply::new(&Answer::err(format!(
+            "proxy cannot store upload: {}",
+            brief(&e)
+        ))))
+    }
+
+    /// The client's connection failed (reset, idle, or lost while we wrote
+    /// to it). Nobody is left to answer.
+    pub(super) fn client_lost(&mut self, old: State, e: io::Error) -> State {
+        let holding = matches!(old, State::Holding { .. });
+        let (spool, link) = old.into_parts();
+        if holding {
+            log::warn!(
+                "proxy: client {} went away during its hold ({e}); nothing was sent upstream; upload kept as {}",
+                self.client_addr,
+                shown(&spool)
+            );
+        } else if self.client.eof() {
+            // The upload was complete; only the answer could not be given.
+            log::warn!(
+                "proxy: client {} went away before its answer ({e}); upload kept as {}",
+                self.client_addr,
+                shown(&spool)
+            );
+        } else {
+            if let Some(link) = link {
+                link.up.reset();
+            }
+            let bytes = spool.as_ref().map_or(0, |s| s.bytes());
+            let kept = match spool.map(PartFile::keep_incomplete) {
+                Some(Ok(path)) => path.display().to_string(),
+                Some(Err(e)) => format!("(not kept: {e})"),
+                None => "(no spool)".to_string(),
+            };
+            log::warn!(
+                "proxy: client {} aborted its upload after {bytes} bytes ({e}); kept as {kept}",
+                self.client_addr
+            );
+        }
+        State::Done(Outcome::Aborted)
+    }
+
+    /// Called when the proxy shuts down with this transfer unfinished: an
+    /// upstream that has not had our FIN is reset, an unfinished spool is
+    /// kept as `.incomplete`.
+    pub fn abandon(self) {
+        let (spool, link) = self.state.into_parts();
+        if let Some(link) = link {
+            link.up.close_or_reset();
+        }
+        if let Some(spool) = spool.filter(|s| !s.is_finished()) {
+            match spool.keep_incomplete() {
+                Ok(path) => log::warn!(
+                    "proxy: unfinished upload from {} kept as {}",
+                    self.client_addr,
+                    path.display()
+                ),
+                Err(e) => log::warn!("proxy: {e}"),
+            }
+        }
+    }
+}

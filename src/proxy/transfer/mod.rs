@@ -1,0 +1,493 @@
+//! One proxied transfer: a client socket, an upstream socket, a spool file,
+//! and the state machine that moves bytes between them.
+//!
+//! ```text
+//!        accept: create spool,                 accept (--hold): create spool
+//!        start non-blocking connect               |
+//!                 |                               v
+//!                 |                           Receiving   client -> spool only
+//!                 |                               | client EOF: rename spool, arm the hold timer
+//!                 |                               v
+//!                 |                           Holding     a person may edit the file
+//!                 |                               | timer fires: reopen the file by name, connect
+//!                 v                               v
+//!   +------- Connecting <-------------------------+
+//!   |   client bytes -> spool (up to LAG_LIMIT ahead)
+//!   |             | connect completes              connect fails or times out
+//!   |             v                                    |
+//!   |         Streaming ---- upstream fails ------> Salvaging
+//!   |   client -> upstream + spool;   before       client -> spool only;
+//!   |   answer upstream -> client;    answering    on client EOF:
+//!   |   each FIN passed on once its                "ERR upstream unavailable"
+//!   |   direction is drained                             |
+//!   |             | both directions done                 v
+//!   |             v                                  Replying --> Done(Refused)
+//!   |        Done(Relayed)                       our own line, then a clean close
+//!   |
+//!   +-- too large, spool write fails, held file unreadable --> Replying
+//!   client resets before its FIN: upstream reset, spool kept as .incomplete, Done(Aborted)
+//!   client resets while Holding: timer cancelled, nothing sent upstream, Done(Aborted)
+//! ```
+//!
+//! **Everything that decides what happens next is in [`State`].** The spool
+//! exists in the states that have one, the upstream link in the states
+//! that have one, a hold's deadline in `Holding`, the end in `Done`. The
+//! only other facts are per socket (readiness, EOF read, FIN sent), kept by
+//! each side's [`Peer`]. Every transition goes through one function,
+//! [`Transfer::on`], which takes the old state by value and what happened
+//! ([`Happened`]), and returns the new state; the I/O code never assigns a
+//! state, it reports what happened.
+//!
+//! The code is split by concept: `upload` (client -> spool -> upstream,
+//! with back-pressure), `answer` (upstream -> client), `hold` (store and
+//! forward), `failure` (every way a transfer can go wrong, and what is kept).
+
+mod answer;
+mod failure;
+mod hold;
+mod upload;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::net::TcpStream;
+
+use crate::event_loop::{Context, Peer, Reply, ReplyStep, TimerId, Who};
+use crate::store::PartFile;
+
+use super::Timer;
+use upload::Link;
+
+pub use upload::LAG_LIMIT;
+
+/// Which socket of a transfer an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a transfer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upload reached the upstream and its answer reached the client.
+    Relayed,
+    /// We answered `ERR` ourselves (upstream unavailable, spool failure).
+    Refused,
+    /// The client went away; the upload was abandoned or never answered.
+    Aborted,
+}
+
+/// What the loop should do with a transfer after driving it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Keep,
+    Close(Outcome),
+}
+
+/// The per-transfer rules, from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// The server every upload goes to.
+    pub upstream: SocketAddr,
+    /// Hold mode (`--hold`): how long to hold a complete upload.
+    pub hold: Option<Duration>,
+    /// Largest upload accepted (`--max-bytes`).
+    pub max_bytes: Option<u64>,
+    /// Longest an upstream connect may take (`--connect-timeout`).
+    pub connect_timeout: Duration,
+}
+
+/// Where a transfer is in its life. See the module docs for the diagram.
+#[derive(Debug)]
+enum State {
+    /// Hold mode: the upload goes to the spool only; the upstream is not
+    /// contacted until the hold is over.
+    Receiving { spool: PartFile },
+    /// Hold mode: the upload is complete and final in the spool; waiting for
+    /// the deadline (a timer in the loop, never a sleep) while a person may
+    /// edit the file.
+    Holding { spool: PartFile, timer: TimerId },
+    /// The upstream connect is in flight; `timer` is its time limit.
+    /// Client bytes go to the spool, up to [`LAG_LIMIT`] ahead.
+    Connecting {
+        spool: PartFile,
+        link: Link,
+        timer: TimerId,
+    },
+    /// Both sockets up: upload to spool and upstream, answer back.
+    Streaming { spool: PartFile, link: Link },
+    /// The upstream failed before answering. The rest of the upload goes to
+    /// the spool only; at the client's EOF we answer `ERR` ourselves.
+    Salvaging { spool: PartFile, reason: String },
+    /// Our own answer line to the client, then a clean close
+    /// (`event_loop::reply`).
+    Replying(Reply),
+    /// Over: the loop closes the transfer.
+    Done(Outcome),
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Receiving { .. } => "Receiving",
+            State::Holding { .. } => "Holding",
+            State::Connecting { .. } => "Connecting",
+            State::Streaming { .. } => "Streaming",
+            State::Salvaging { .. } => "Salvaging",
+            State::Replying(_) => "Replying",
+            State::Done(_) => "Done",
+        }
+    }
+
+    /// The timer this state owns, if any.
+    fn timer(&self) -> Option<TimerId> {
+        match self {
+            State::Holding { timer, .. } | State::Connecting { timer, .. } => Some(*timer),
+            _ => None,
+        }
+    }
+}
+
+/// What happened to a transfer: the input of [`Transfer::on`], reported by
+/// the I/O code and the timers.
+#[derive(Debug)]
+enum Happened {
+    /// The client's EOF: the upload is complete, and the spool has its
+    /// final name.
+    UploadComplete,
+    /// The upstream connect completed.
+    Connected,
+    /// The upstream failed before answering (or a connect timed out).
+    UpstreamFailed(String),
+    /// The hold timer fired.
+    HoldOver,
+    /// The held file could not be read back while being forwarded.
+    HeldFileFailed(io::Error),
+    /// The upload passed `--max-bytes`.
+    TooLarge(u64),
+    /// The spool could not be written.
+    SpoolFailed(io::Error),
+    /// The client's connection failed (reset, idle, lost while we wrote).
+    ClientLost(io::Error),
+    /// Both directions are done: the answer reached the client.
+    Relayed,
+    /// Our own reply is over (delivered, or the client gave up on it).
+    ReplyEnded,
+}
+
+/// A step of the I/O code: `Ok(moved)` (did any byte move?), or `Err` with
+/// what happened, for [`Transfer::on`] to turn into a new state.
+type Step = Result<bool, Happened>;
+
+/// One client's transfer through the proxy.
+pub struct Transfer {
+    key: usize,
+    /// Unique for the proxy's lifetime (slab keys are reused).
+    id: u64,
+    client: Peer,
+    client_addr: SocketAddr,
+    started: Instant,
+    /// Last time a byte moved either way (for the idle timeout).
+    last_active: Instant,
+    idle_timer: Option<TimerId>,
+    state: State,
+}
+
+impl Transfer {
+    /// A new transfer for an accepted (and registered) client: in hold
+    /// mode it starts `Receiving`; otherwise it starts connecting upstream
+    /// at once, so the upload can stream.
+    pub fn new(
+        key: usize,
+        id: u64,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        spool: PartFile,
+        cx: &mut Context<Timer>,
+        policy: &Policy,
+    ) -> Transfer {
+        let now = Instant::now();
+        let who = Who {
+            role: "proxy",
+            key,
+            side: Side::Client.name(),
+        };
+        let mut t = Transfer {
+            key,
+            id,
+            client: Peer::accepted(client, who),
+            client_addr,
+            started: now,
+            last_active: now,
+            idle_timer: None,
+            state: State::Done(Outcome::Aborted),
+        };
+        t.state = match policy.hold {
+            Some(_) => State::Receiving { spool },
+            None => t.connect(spool, upload::Source::Spool, cx, policy),
+        };
+        t
+    }
+
+    /// This transfer's identity (slab keys are reused; ids are not).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Records what an event says about one of our sockets.
+    pub fn on_event(&mut self, side: Side, event: &Event) {
+        match (side, &mut self.state) {
+            (Side::Client, _) => self.client.on_event(event),
+            (Side::Upstream, State::Connecting { link, .. } | State::Streaming { link, .. }) => {
+                link.up.on_event(event)
+            }
+            (Side::Upstream, _) => {} // stale: an upstream we dropped
+        }
+    }
+
+    /// Makes all the progress readiness allows, and says whether the
+    /// transfer is over. Each step reports whether it moved anything; we
+    /// go round until nothing moves, because progress on one side can
+    /// unblock the other (the upstream draining lets us read the client).
+    pub fn drive(&mut self, cx: &mut Context<Timer>, policy: &Policy) -> Next {
+        loop {
+            match self.step(&mut cx.scratch, policy) {
+                Ok(false) => return Next::Keep,
+                Ok(true) => self.last_active = Instant::now(),
+                Err(what) => {
+                    self.last_active = Instant::now();
+                    self.on(what, cx, policy);
+                }
+            }
+            if let State::Done(outcome) = self.state {
+                return Next::Close(outcome);
+            }
+        }
+    }
+
+    /// One round of I/O in the current state.
+    fn step(&mut self, scratch: &mut [u8], policy: &Policy) -> Step {
+        let client = &mut self.client;
+        match &mut self.state {
+            State::Receiving { spool } | State::Salvaging { spool, .. } => {
+                upload::read_client(client, spool, None, scratch, policy)
+            }
+            State::Holding { .. } => hold::watch_client(client, scratch),
+            State::Connecting { spool, link, .. } => {
+                link.check_connect(policy)?;
+                upload::read_client(client, spool, Some(link), scratch, policy)
+            }
+            State::Streaming { spool, link } => {
+                let mut moved = link.forward(spool, scratch)?;
+                moved |= upload::read_client(client, spool, Some(link), scratch, policy)?;
+                moved |= link.pass_eof(client, spool);
+                moved |= link.relay_answer(client, scratch, policy)?;
+                if link.is_done(client) {
+                    return Err(Happened::Relayed);
+                }
+                Ok(moved)
+            }
+            State::Replying(reply) => match reply.drive(client, scratch) {
+                ReplyStep::Pending(moved) => Ok(moved),
+                ReplyStep::Done => Err(Happened::ReplyEnded),
+                ReplyStep::Failed(e) => {
+                    log::debug!("proxy: #{} sending our answer: {e}", self.key);
+                    Err(Happened::ReplyEnded)
+                }
+                ReplyStep::Flooded => {
+                    log::warn!(
+                        "proxy: client {} kept sending after being refused: closed",
+                        self.client_addr
+                    );
+                    Err(Happened::ReplyEnded)
+                }
+            },
+            State::Done(_) => Ok(false),
+        }
+    }
+
+    /// **The one place where a transfer changes state.** Takes the old state
+    /// by value (so its spool and sockets can be handed on, kept or reset),
+    /// and returns the new one. A state's timer is cancelled when the state
+    /// is left.
+    fn on(&mut self, what: Happened, cx: &mut Context<Timer>, policy: &Policy) {
+        let old = std::mem::replace(&mut self.state, State::Done(Outcome::Aborted));
+        let (from, old_timer) = (old.name(), old.timer());
+        let next = match (old, what) {
+            (State::Receiving { spool }, Happened::UploadComplete) => self.hold(spool, cx, policy),
+            (State::Holding { spool, .. }, Happened::HoldOver) => self.resume(spool, cx, policy),
+            (State::Connecting { spool, link, .. }, Happened::Connected) => {
+                State::Streaming { spool, link }
+            }
+            // The upload ended while streaming: nothing changes until the
+            // upstream has it all and has answered.
+            (
+                s @ (State::Connecting { .. } | State::Streaming { .. }),
+                Happened::UploadComplete,
+            ) => s,
+            (State::Salvaging { spool, reason }, Happened::UploadComplete) => {
+                self.upstream_unavailable(spool, &reason)
+            }
+            (
+                State::Connecting { spool, link, .. } | State::Streaming { spool, link },
+                Happened::UpstreamFailed(reason),
+            ) => self.upstream_failed(spool, link, reason, policy),
+            (State::Streaming { spool, link }, Happened::HeldFileFailed(e)) => {
+                self.held_file_failed(spool, link, e)
+            }
+            (old, Happened::TooLarge(limit)) => self.too_large(old, limit),
+            (old, Happened::SpoolFailed(e)) => self.spool_failed(old, e),
+            (old, Happened::ClientLost(e)) => self.client_lost(old, e),
+            (State::Streaming { spool, link }, Happened::Relayed) => {
+                self.log_relayed(&spool, &link, policy);
+                State::Done(Outcome::Relayed)
+            }
+            (State::Replying(_), Happened::ReplyEnded) => State::Done(Outcome::Refused),
+            (old, what) => {
+                log::debug!("proxy: #{} {what:?} ignored in {}", self.key, old.name());
+                old
+            }
+        };
+        if let Some(timer) = old_timer.filter(|t| next.timer() != Some(*t)) {
+            cx.timers.cancel(timer);
+        }
+        if from != next.name() {
+            log::trace!("proxy: #{} state {from} -> {}", self.key, next.name());
+        }
+        self.state = next;
+    }
+
+    /// Starts the upstream connect for `spool`'s bytes (from `source`):
+    /// `Connecting` with its time limit armed, or, if the connect cannot
+    /// even start, the upstream is unavailable.
+    fn connect(
+        &mut self,
+        spool: PartFile,
+        source: upload::Source,
+        cx: &mut Context<Timer>,
+        policy: &Policy,
+    ) -> State {
+        match super::connect_upstream(&cx.registry, self.key, policy.upstream) {
+            Ok(sock) => {
+                let who = Who {
+                    role: "proxy",
+                    key: self.key,
+                    side: Side::Upstream.name(),
+                };
+                let at = Instant::now() + policy.connect_timeout;
+                let (key, id) = (self.key, self.id);
+                State::Connecting {
+                    spool,
+                    link: Link::new(Peer::connecting(sock, who), source),
+                    timer: cx.timers.schedule(at, Timer::ConnectTimeout { key, id }),
+                }
+            }
+            Err(e) => self.upstream_unavailable(
+                spool,
+                &format!(
+                    "connecting to {}: {}",
+                    policy.upstream,
+                    crate::error::brief(&e)
+                ),
+            ),
+        }
+    }
+
+    /// The timers this transfer may have pending, for the loop to cancel
+    /// when the transfer ends.
+    pub fn timers(&self) -> impl Iterator<Item = TimerId> {
+        [self.state.timer(), self.idle_timer].into_iter().flatten()
+    }
+
+    /// Records the transfer's (re-armed) idle timer.
+    pub fn set_idle_timer(&mut self, id: TimerId) {
+        self.idle_timer = Some(id);
+    }
+
+    /// The connect timer fired: if still connecting, the upstream failed.
+    pub fn connect_timed_out(&mut self, cx: &mut Context<Timer>, policy: &Policy) {
+        if let State::Connecting { .. } = self.state {
+            let reason = format!(
+                "connect timed out after {}",
+                humantime::format_duration(policy.connect_timeout)
+            );
+            self.on(Happened::UpstreamFailed(reason), cx, policy);
+        }
+    }
+
+    /// The hold timer fired.
+    pub fn hold_over(&mut self, cx: &mut Context<Timer>, policy: &Policy) {
+        if let State::Holding { .. } = self.state {
+            self.on(Happened::HoldOver, cx, policy);
+        }
+    }
+
+    /// The idle timer fired. Returns when to check again, or `None` when
+    /// the transfer is being ended.
+    ///
+    /// Nothing moved for `idle`: whose fault is it? If we are waiting on
+    /// the upstream (it will not take the upload, or will not answer), the
+    /// upstream has failed: salvage the upload and answer `ERR`. Otherwise
+    /// the client has gone quiet mid-upload (or will not read our answer):
+    /// abort. A held transfer is idle on purpose and is left alone.
+    pub fn check_idle(
+        &mut self,
+        cx: &mut Context<Timer>,
+        policy: &Policy,
+        idle: Duration,
+    ) -> Option<Instant> {
+        self.idle_timer = None;
+        let now = Instant::now();
+        if let State::Holding { .. } = self.state {
+            return Some(now + idle);
+        }
+        let due = self.last_active + idle;
+        if now < due {
+            return Some(due);
+        }
+        log::trace!("proxy: #{} timer fired: idle", self.key);
+        let waiting_on_upstream = match &self.state {
+            State::Connecting { spool, link, .. } | State::Streaming { spool, link } => {
+                self.client.eof() || (link.forwarding() && link.lag(spool) >= LAG_LIMIT)
+            }
+            _ => false,
+        };
+        let for_how_long = humantime::format_duration(idle);
+        if waiting_on_upstream {
+            let reason = format!("no progress for {for_how_long}");
+            self.on(Happened::UpstreamFailed(reason), cx, policy);
+            self.last_active = now;
+            return Some(now + idle);
+        }
+        if let State::Replying(_) = self.state {
+            log::warn!(
+                "proxy: client {} idle for {for_how_long} after our answer: closed",
+                self.client_addr
+            );
+            self.on(Happened::ReplyEnded, cx, policy);
+        } else {
+            let e = io::Error::new(io::ErrorKind::TimedOut, format!("idle for {for_how_long}"));
+            self.on(Happened::ClientLost(e), cx, policy);
+        }
+        None
+    }
+}

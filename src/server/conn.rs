@@ -1,0 +1,232 @@
+//! One server connection: a socket, a file, and the two states between
+//! accept and close.
+//!
+//! ```text
+//!   accept ──> Receiving ──── client EOF: rename <name>.part to <name> ───> Answering ──> close
+//!              read until WouldBlock,           (or refuse: too large,     our line, then
+//!              append to <name>.part             write failed) ──────────> a clean close
+//!      └─ client resets or goes idle: remove <name>.part, close
+//! ```
+//!
+//! `Answering` is a [`Reply`]: the `OK` line (or `ERR`), and the bounded
+//! drain that keeps a refused client from turning our close into a reset
+//! that would destroy the line before it is read (see `event_loop::reply`).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::answer::Answer;
+use crate::error::brief;
+use crate::event_loop::{Io, Peer, Reply, ReplyStep, TimerId};
+use crate::human::mb_per_s;
+use crate::store::PartFile;
+
+use super::Stats;
+
+/// One client connection.
+pub(super) struct Conn {
+    /// Unique for the server's lifetime (slab keys are reused; ids are not).
+    pub id: u64,
+    pub peer: Peer,
+    pub addr: SocketAddr,
+    pub started: Instant,
+    /// Last time a byte moved either way (for the idle timeout).
+    pub last_active: Instant,
+    pub idle_timer: Option<TimerId>,
+    pub state: State,
+}
+
+/// The life of one server connection. See the module docs.
+pub(super) enum State {
+    /// The upload is streaming into `<name>.part`.
+    Receiving(PartFile),
+    /// Writing our answer line, then closing cleanly.
+    Answering(Reply),
+}
+
+/// The per-upload rules a connection needs while it is driven.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Policy {
+    pub max_bytes: Option<u64>,
+    pub fsync: bool,
+}
+
+/// What the loop should do with a connection after driving it.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Next {
+    Keep,
+    Close,
+}
+
+impl State {
+    /// The state for refusing an upload with `reason`.
+    pub fn refusal(reason: &str) -> State {
+        State::Answering(Reply::new(&Answer::err(reason)))
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            State::Receiving(_) => "Receiving",
+            State::Answering(_) => "Answering",
+        }
+    }
+}
+
+impl Conn {
+    /// Moves to `next`, tracing the change. Every transition goes through
+    /// here; the old state is returned for the caller to dispose of.
+    fn set_state(&mut self, next: State) -> State {
+        log::trace!(
+            "{} state {} -> {}",
+            self.peer.who(),
+            self.state.name(),
+            next.name()
+        );
+        std::mem::replace(&mut self.state, next)
+    }
+
+    /// Refuses the upload in progress: removes its partial file and
+    /// queues `ERR reason`.
+    fn refuse(&mut self, reason: &str, stats: &mut Stats) {
+        stats.refused += 1;
+        if let State::Receiving(part) = self.set_state(State::refusal(reason)) {
+            part.discard();
+        }
+    }
+
+    /// Makes all the progress the socket's readiness allows.
+    pub fn drive(&mut self, scratch: &mut [u8], stats: &mut Stats, policy: Policy) -> Next {
+        loop {
+            match &mut self.state {
+                State::Receiving(part) => {
+                    // Seed step 2: read the data. Drain until WouldBlock:
+                    // edge-triggered readiness will not tell us again about
+                    // bytes we leave behind.
+                    match self.peer.read(scratch) {
+                        Io::Data(n) => {
+                            self.last_active = Instant::now();
+                            if let Some(limit) = policy.max_bytes {
+                                if part.bytes() + n as u64 > limit {
+                                    log::warn!(
+                                        "server: upload from {} passed --max-bytes {limit}: refused",
+                                        self.addr
+                                    );
+                                    self.refuse(&format!("too large: limit {limit} bytes"), stats);
+                                    continue;
+                                }
+                            }
+                            // Seed step 3: store the data.
+                            if let Err(e) = part.write(&scratch[..n]) {
+                                log::warn!(
+                                    "server: writing {} for {}: {e}; upload refused",
+                                    part.path().display(),
+                                    self.addr
+                                );
+                                self.refuse(
+                                    &format!("storing upload failed: {}", brief(&e)),
+                                    stats,
+                                );
+                            }
+                        }
+                        Io::Eof => {
+                            // The client's half-close: the upload is complete.
+                            self.last_active = Instant::now();
+                            let finished = self.finish_upload(stats, policy);
+                            let answer = finished.as_ref().unwrap_or_else(|refusal| refusal);
+                            let old = self.set_state(State::Answering(Reply::new(answer)));
+                            if let (Err(_), State::Receiving(part)) = (finished, old) {
+                                part.discard();
+                            }
+                        }
+                        Io::Blocked => return Next::Keep,
+                        Io::Failed(e) => {
+                            // A reset (or any error) before EOF: the upload
+                            // is not complete, so it must not get a final
+                            // name. Nobody is left to answer.
+                            log::warn!(
+                                "server: upload from {} aborted after {} bytes ({e}); removed {}",
+                                self.addr,
+                                part.bytes(),
+                                part.path().display()
+                            );
+                            stats.aborted += 1;
+                            return Next::Close;
+                        }
+                    }
+                }
+                // Seed steps 4 and 5: send the answer, close.
+                State::Answering(reply) => match reply.drive(&mut self.peer, scratch) {
+                    ReplyStep::Pending(moved) => {
+                        if moved {
+                            self.last_active = Instant::now();
+                        }
+                        return Next::Keep;
+                    }
+                    ReplyStep::Done => return Next::Close,
+                    ReplyStep::Failed(e) => {
+                        if !reply.line_sent() {
+                            log::warn!("server: sending answer to {}: {e}", self.addr);
+                        }
+                        return Next::Close;
+                    }
+                    ReplyStep::Flooded => {
+                        log::warn!(
+                            "server: client {} kept sending after being refused: closed",
+                            self.addr
+                        );
+                        return Next::Close;
+                    }
+                },
+            }
+        }
+    }
+
+    /// On the client's EOF: give the file its final name and return the
+    /// `OK` answer, or, if that fails, the `ERR` answer (the caller removes
+    /// the file).
+    fn finish_upload(&mut self, stats: &mut Stats, policy: Policy) -> Result<Answer, Answer> {
+        let State::Receiving(part) = &mut self.state else {
+            unreachable!("finish_upload outside Receiving")
+        };
+        let finished = if policy.fsync {
+            part.finish_durable()
+        } else {
+            part.finish()
+        };
+        if let Err(e) = finished {
+            log::warn!("server: {e}; upload from {} refused", self.addr);
+            stats.refused += 1;
+            return Err(Answer::err(format!("storing upload failed: {}", brief(&e))));
+        }
+        stats.stored += 1;
+        stats.bytes += part.bytes();
+        let elapsed = self.started.elapsed();
+        log::info!(
+            "server: stored {} from {}: {} bytes in {:.3}s ({:.1} MB/s) crc32c={:08x}",
+            part.name(),
+            self.addr,
+            part.bytes(),
+            elapsed.as_secs_f64(),
+            mb_per_s(part.bytes(), elapsed),
+            part.crc32c()
+        );
+        Ok(Answer::Ok {
+            bytes: part.bytes(),
+            crc32c: part.crc32c(),
+            file: part.name().to_string(),
+        })
+    }
+
+    /// Closes the connection. An upload still in progress (reset, idle,
+    /// shutdown) loses its partial file: it must never get a final name.
+    /// Returns true if one was.
+    pub fn abort(self) -> bool {
+        match self.state {
+            State::Receiving(part) => {
+                part.discard();
+                true
+            }
+            State::Answering(_) => false,
+        }
+    }
+}

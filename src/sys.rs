@@ -1,0 +1,142 @@
+//! Every direct call into the C library, each with its SAFETY note.
+//!
+//! The standard library, mio and socket2 cover almost everything stopover
+//! does with the kernel. What they do not cover is here, as small safe
+//! functions that take Rust types and return `io::Result`, so that `unsafe`
+//! appears in exactly one file and a reader can audit all of it at once:
+//!
+//! | call | used by | why std does not have it |
+//! |---|---|---|
+//! | `getrlimit`/`setrlimit` | the accept gate, the load generator | no std API |
+//! | `setsockopt(SO_RCVLOWAT)` | the server | neither std nor socket2 |
+//! | `sendfile` | the proxy's upload path | no std API |
+//! | `fallocate(FALLOC_FL_KEEP_SIZE)` | the store | no std API |
+//! | `renameat2(RENAME_NOREPLACE)` | the store | `fs::rename` replaces |
+//!
+//! Every function here is a thin wrapper: no policy, no retries, no logging.
+//! Callers decide what an error means.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the new
+/// soft limit. Each connection costs the server two descriptors and the
+/// proxy three, and the usual soft default of 1024 would cap us far below
+/// what the machine allows.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only into the struct we pass, which lives
+    // for the whole call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lim.rlim_cur = lim.rlim_max;
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Sets `SO_RCVLOWAT`: readiness for reading is reported only once `bytes`
+/// are queued (or at EOF or an error). A non-blocking read still returns
+/// whatever is there.
+pub fn set_recv_low_water(sock: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is open for the duration of the call (the
+    // borrow of `sock` guarantees it); we pass a pointer to a c_int that
+    // outlives the call, and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `sendfile(2)`: copies up to `len` bytes of `file`, starting at
+/// `offset`, to the socket `sock`, without passing them through user space
+/// (over TCP the page-cache pages are handed to the socket by reference).
+/// Returns the bytes sent; a full non-blocking socket gives `WouldBlock`,
+/// exactly like `write`. The file's own offset is not moved.
+pub fn sendfile(sock: &impl AsRawFd, file: &File, offset: u64, len: usize) -> io::Result<usize> {
+    let mut off = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    // SAFETY: both descriptors are open for the duration of the call (the
+    // borrows guarantee it), and `off` is a valid off_t that the kernel may
+    // update and that outlives the call.
+    let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, len) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `fallocate(FALLOC_FL_KEEP_SIZE)`: reserves `len` bytes of disk from
+/// `offset` without changing the file's length.
+pub fn fallocate_keep_size(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "offset out of range",
+        ));
+    };
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is
+    // owned by `file`, which outlives the call.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `renameat2(RENAME_NOREPLACE)`: renames `from` to `to`, failing with
+/// `AlreadyExists` instead of replacing an existing `to`. Kernels or
+/// filesystems without the flag answer `ENOSYS` or `EINVAL`; the caller
+/// chooses the fallback.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let cstr = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+    };
+    let (c_from, c_to) = (cstr(from)?, cstr(to)?);
+    // SAFETY: both arguments are valid NUL-terminated strings that outlive
+    // the call; renameat2 does not keep the pointers.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c_from.as_ptr(),
+            libc::AT_FDCWD,
+            c_to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
