@@ -391,3 +391,97 @@ pub fn is_connection_error(e: &io::Error) -> bool {
             | NetworkUnreachable
     )
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A `Peer` for one end of a loopback connection, and the other end
+    /// as a plain blocking socket.
+    pub(crate) fn pair() -> (Peer, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        // A broken half-close must fail a test, not hang it.
+        other
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let who = Who {
+            role: "test",
+            key: 0,
+            side: "",
+        };
+        (Peer::accepted(TcpStream::from_std(sock), who), other)
+    }
+
+    /// Reads until something other than `Blocked` comes back. Loopback
+    /// delivers in the sender's `write`, so this takes one or two rounds;
+    /// the bound only keeps a broken peer from hanging the test.
+    pub(crate) fn read_ready(peer: &mut Peer, buf: &mut [u8]) -> Io {
+        for _ in 0..10_000 {
+            peer.mark_readable();
+            match peer.read(buf) {
+                Io::Blocked => std::thread::yield_now(),
+                other => return other,
+            }
+        }
+        panic!("nothing arrived on loopback");
+    }
+
+    #[test]
+    fn would_block_clears_the_flag_and_a_clear_flag_costs_no_call() {
+        let (mut peer, mut other) = pair();
+        let mut buf = [0u8; 64];
+        assert!(!peer.is_readable(), "an accepted socket waits for an event");
+        assert!(matches!(peer.read(&mut buf), Io::Blocked));
+        peer.mark_readable();
+        assert!(
+            matches!(peer.read(&mut buf), Io::Blocked),
+            "nothing sent yet"
+        );
+        assert!(!peer.is_readable(), "WouldBlock must clear the flag");
+        other.write_all(b"hello").unwrap();
+        assert!(
+            matches!(peer.read(&mut buf), Io::Blocked),
+            "with the flag clear, the peer must not look until told to"
+        );
+        assert!(matches!(read_ready(&mut peer, &mut buf), Io::Data(5)));
+        assert_eq!(&buf[..5], b"hello");
+        drop(other);
+        assert!(matches!(read_ready(&mut peer, &mut buf), Io::Eof));
+        assert!(peer.eof() && !peer.is_readable());
+        assert!(matches!(peer.read(&mut buf), Io::Eof), "EOF stays EOF");
+    }
+
+    #[test]
+    fn a_write_to_a_reset_peer_fails_and_marks_it_broken() {
+        let (mut peer, other) = pair();
+        socket2::SockRef::from(&other)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(other); // a reset, not a FIN
+        let chunk = [7u8; 64 * 1024];
+        let failed = (0..1000).find_map(|_| match peer.write(&chunk) {
+            Io::Failed(e) => Some(e),
+            Io::Blocked => {
+                peer.writable = true;
+                None
+            }
+            _ => None,
+        });
+        assert!(failed.is_some(), "writing to a reset connection must fail");
+        assert!(peer.broken());
+    }
+
+    #[test]
+    fn shutdown_write_sends_one_fin() {
+        let (mut peer, mut other) = pair();
+        peer.shutdown_write();
+        peer.shutdown_write(); // idempotent
+        assert!(peer.shut());
+        let mut rest = Vec::new();
+        other.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "the other end sees a clean EOF");
+    }
+}

@@ -107,3 +107,82 @@ impl Reply {
         ReplyStep::Pending(moved)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event_loop::peer::tests::pair;
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+
+    /// Drives `reply` until it stops making progress or ends, waking the
+    /// peer's flags the way events would. Bounded.
+    fn drive(reply: &mut Reply, peer: &mut Peer, scratch: &mut [u8]) -> ReplyStep {
+        for _ in 0..10_000 {
+            peer.mark_readable();
+            match reply.drive(peer, scratch) {
+                ReplyStep::Pending(_) => std::thread::yield_now(),
+                end => return end,
+            }
+        }
+        ReplyStep::Pending(false)
+    }
+
+    #[test]
+    fn refusing_a_client_mid_upload_half_closes_and_drains_to_its_eof() {
+        let (mut peer, mut client) = pair();
+        let mut scratch = vec![0u8; 64 * 1024];
+        client.write_all(&[1u8; 100_000]).unwrap(); // still uploading
+        let mut reply = Reply::new(&Answer::err("too large"));
+        // The line goes out, then our FIN; the reply waits for the client.
+        assert!(matches!(
+            drive(&mut reply, &mut peer, &mut scratch),
+            ReplyStep::Pending(_)
+        ));
+        assert!(reply.line_sent() && peer.shut());
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "ERR too large\n", "the line survives, then EOF");
+        // The client gives up its upload: its FIN ends the reply.
+        client.shutdown(Shutdown::Write).unwrap();
+        assert!(matches!(
+            drive(&mut reply, &mut peer, &mut scratch),
+            ReplyStep::Done
+        ));
+    }
+
+    #[test]
+    fn a_client_that_keeps_sending_after_being_refused_is_cut_off() {
+        let (mut peer, client) = pair();
+        let mut scratch = vec![0u8; 64 * 1024];
+        let sender = std::thread::spawn(move || {
+            let mut client = client;
+            let chunk = [2u8; 64 * 1024];
+            // Stops when the refusing side closes on it.
+            for _ in 0..(2 * DISCARD_LIMIT as usize / chunk.len()) {
+                if client.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut reply = Reply::new(&Answer::err("no"));
+        let mut flooded = false;
+        for _ in 0..1_000_000 {
+            peer.mark_readable();
+            match reply.drive(&mut peer, &mut scratch) {
+                ReplyStep::Flooded => {
+                    flooded = true;
+                    break;
+                }
+                ReplyStep::Pending(_) => std::thread::yield_now(),
+                other => panic!("expected Flooded, got {other:?}"),
+            }
+        }
+        assert!(
+            flooded,
+            "more than DISCARD_LIMIT after a refusal must end it"
+        );
+        drop(peer);
+        sender.join().unwrap();
+    }
+}
