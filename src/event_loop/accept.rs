@@ -164,7 +164,7 @@ impl Acceptor {
     }
 
     /// Something ran out of descriptors (`accept`, or a role creating a
-    /// file): stop accepting for [`AcceptGate::BACKOFF`].
+    /// file): stop accepting for a moment (`AcceptGate::BACKOFF`).
     pub fn out_of_descriptors(&mut self, e: &io::Error, open: usize) {
         self.gate.out_of_descriptors(e, open);
     }
@@ -177,11 +177,16 @@ impl Acceptor {
         }
     }
 
-    /// True (once) when the loop should try to accept again.
-    pub fn take_resume(&mut self, now: Instant) -> bool {
+    /// Ends a back-off whose time is up at `now` (the loop then looks at
+    /// the listener again, see [`Acceptor::take_resume`]).
+    pub fn backoff_due(&mut self, now: Instant) {
         if self.gate.backoff_over(now) {
             self.resume = true;
         }
+    }
+
+    /// True (once) when the loop should try to accept again.
+    pub fn take_resume(&mut self) -> bool {
         std::mem::take(&mut self.resume)
     }
 

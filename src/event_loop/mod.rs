@@ -97,6 +97,8 @@ pub fn flags(event: &Event) -> String {
 pub trait Handler {
     /// What the role's timers carry.
     type Timer: std::fmt::Debug;
+    /// The counters the role reports when it stops.
+    type Stats;
     /// The role's name, for log lines.
     const ROLE: &'static str;
 
@@ -109,6 +111,54 @@ pub trait Handler {
     fn connection_event(&mut self, cx: &mut Context<Self::Timer>, event: &Event);
     /// A timer is due.
     fn timer_fired(&mut self, cx: &mut Context<Self::Timer>, timer: Self::Timer);
+    /// The loop has ended: close what is still open, log the summary, and
+    /// return the counters.
+    fn stopped(&mut self) -> Self::Stats;
+}
+
+/// A role bound and ready to run: its poll instance, what the loop owns
+/// ([`Context`]) and the role's own part ([`Handler`]). `Server` and
+/// `Proxy` are this type; each adds only its own `bind`.
+pub struct Daemon<H: Handler> {
+    poll: Poll,
+    cx: Context<H::Timer>,
+    handler: H,
+}
+
+impl<H: Handler> Daemon<H> {
+    /// Binds the listener described by `config` for `handler`.
+    pub fn new(config: &AcceptConfig, handler: H) -> io::Result<Daemon<H>> {
+        let poll = Poll::new().with_context(|| format!("{}: creating poll", H::ROLE))?;
+        let cx = Context::bind(&poll, config)?;
+        Ok(Daemon { poll, cx, handler })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.cx.acceptor.local_addr()
+    }
+
+    /// A handle that stops [`Daemon::run`] from another thread.
+    pub fn shutdown_handle(&self) -> StopHandle {
+        self.cx.acceptor.stop_handle()
+    }
+
+    /// Makes SIGINT and SIGTERM stop the daemon (gracefully the first time,
+    /// at once the second). The binary does this; in-process users (tests)
+    /// use [`Daemon::shutdown_handle`] instead.
+    pub fn handle_signals(&mut self) -> io::Result<()> {
+        self.cx.acceptor.handle_signals(&self.cx.registry)
+    }
+
+    /// Runs the loop until stopped, then lets the role close what is left
+    /// and returns its counters.
+    pub fn run(mut self) -> io::Result<H::Stats> {
+        // This line tells tests and scripts that we are ready: everything is
+        // set up (signals included) and the loop is about to wait.
+        log::info!("{} listening on {}", H::ROLE, self.local_addr());
+        run(&mut self.poll, &mut self.cx, &mut self.handler).context(H::ROLE)?;
+        Ok(self.handler.stopped())
+    }
 }
 
 /// The loop both daemons run: wait for readiness or the next deadline,
@@ -157,17 +207,18 @@ pub fn run<H: Handler>(
                 SIGNALS => cx.acceptor.on_signals(),
                 _ => handler.connection_event(cx, event),
             }
-            resume_accepting(cx, handler, Instant::now());
+            resume_accepting(cx, handler);
         }
         if cx.acceptor.should_stop(handler.open(), &cx.registry) {
             return Ok(());
         }
         let now = Instant::now();
-        resume_accepting(cx, handler, now);
+        cx.acceptor.backoff_due(now);
+        resume_accepting(cx, handler);
         while let Some((_, timer)) = cx.timers.pop_due(now) {
             log::trace!("{}: timer fired: {timer:?}", H::ROLE);
             handler.timer_fired(cx, timer);
-            resume_accepting(cx, handler, now);
+            resume_accepting(cx, handler);
         }
     }
 }
@@ -182,8 +233,8 @@ fn accept_all<H: Handler>(cx: &mut Context<H::Timer>, handler: &mut H) {
 /// If the gate has reopened (a connection closed at capacity, or a back-off
 /// ended), look at the listener again: the clients that queued meanwhile
 /// will not produce a fresh event.
-fn resume_accepting<H: Handler>(cx: &mut Context<H::Timer>, handler: &mut H, now: Instant) {
-    if cx.acceptor.take_resume(now) {
+fn resume_accepting<H: Handler>(cx: &mut Context<H::Timer>, handler: &mut H) {
+    if cx.acceptor.take_resume() {
         accept_all(cx, handler);
     }
 }

@@ -54,6 +54,24 @@ pub enum Io {
     Failed(io::Error),
 }
 
+/// Which call a verdict is for: it decides which flag a `WouldBlock` clears.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Read,
+    Write,
+    Sendfile,
+}
+
+impl Call {
+    fn name(self) -> &'static str {
+        match self {
+            Call::Read => "read",
+            Call::Write => "write",
+            Call::Sendfile => "sendfile",
+        }
+    }
+}
+
 /// Who a peer is, for trace and log lines: `server: #4`, `proxy: #4 client`.
 #[derive(Debug, Clone, Copy)]
 pub struct Who {
@@ -190,7 +208,7 @@ impl Peer {
                     log::trace!("{} read {n}", self.who);
                     return Io::Data(n);
                 }
-                Err(e) => match self.failed(e, "read") {
+                Err(e) => match self.failed(e, Call::Read) {
                     Some(io) => return io,
                     None => continue,
                 },
@@ -238,7 +256,7 @@ impl Peer {
                     log::trace!("{} write {n}", self.who);
                     return Io::Data(n);
                 }
-                Err(e) => match self.failed(e, "write") {
+                Err(e) => match self.failed(e, Call::Write) {
                     Some(io) => {
                         if let Io::Failed(_) = io {
                             self.broken = true;
@@ -280,7 +298,7 @@ impl Peer {
                     log::trace!("{} sendfile {n}", self.who);
                     return Io::Data(n);
                 }
-                Err(e) => match self.failed(e, "sendfile") {
+                Err(e) => match self.failed(e, Call::Sendfile) {
                     Some(io) => {
                         if matches!(&io, Io::Failed(e) if is_connection_error(e)) {
                             self.broken = true;
@@ -294,21 +312,21 @@ impl Peer {
     }
 
     /// The ladder for a failed call: `None` to retry (`EINTR`), `Blocked`
-    /// (clearing the flag) for `WouldBlock`, `Failed` otherwise.
-    fn failed(&mut self, e: io::Error, call: &str) -> Option<Io> {
+    /// (clearing the flag of the call's direction) for `WouldBlock`,
+    /// `Failed` otherwise.
+    fn failed(&mut self, e: io::Error, call: Call) -> Option<Io> {
         match e.kind() {
             io::ErrorKind::Interrupted => None,
             io::ErrorKind::WouldBlock => {
-                log::trace!("{} {call} WouldBlock", self.who);
-                if call == "read" {
-                    self.readable = false;
-                } else {
-                    self.writable = false;
+                log::trace!("{} {} WouldBlock", self.who, call.name());
+                match call {
+                    Call::Read => self.readable = false,
+                    Call::Write | Call::Sendfile => self.writable = false,
                 }
                 Some(Io::Blocked)
             }
             _ => {
-                log::trace!("{} {call} failed: {e}", self.who);
+                log::trace!("{} {} failed: {e}", self.who, call.name());
                 Some(Io::Failed(e))
             }
         }

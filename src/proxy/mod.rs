@@ -36,11 +36,10 @@ use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::net::TcpStream;
-use mio::{Interest, Poll, Registry, Token};
+use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use crate::error::Context as _;
-use crate::event_loop::{self, accept, AcceptConfig, Context, StopHandle};
+use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon};
 use crate::store::Store;
 
 use transfer::{Next, Outcome, Policy, Side, Transfer};
@@ -166,15 +165,11 @@ pub struct Stats {
     pub aborted: u64,
 }
 
-/// A bound proxy, ready to [`run`](Proxy::run).
-pub struct Proxy {
-    poll: Poll,
-    cx: Context<Timer>,
-    core: Core,
-}
+/// A bound proxy, ready to [`run`](Daemon::run).
+pub type Proxy = Daemon<Core>;
 
 /// The proxy's own part of the loop: its transfers and its rules.
-struct Core {
+pub struct Core {
     transfers: Slab<Transfer>,
     store: Store,
     stats: Stats,
@@ -188,9 +183,21 @@ impl Proxy {
     /// Opens the spool directory, binds the listener and sets up the loop.
     pub fn bind(config: &ProxyConfig) -> io::Result<Proxy> {
         let store = Store::open(&config.dir)?;
-        let poll = Poll::new().context("proxy: creating poll")?;
-        let cx = Context::bind(
-            &poll,
+        let spool_dir = store.dir().display().to_string();
+        let core = Core {
+            transfers: Slab::with_capacity(1024),
+            store,
+            stats: Stats::default(),
+            policy: Policy {
+                upstream: config.upstream,
+                hold: config.hold,
+                max_bytes: config.max_bytes,
+                connect_timeout: config.connect_timeout,
+            },
+            idle_timeout: config.idle_timeout,
+            next_id: 0,
+        };
+        let proxy = Daemon::new(
             &AcceptConfig {
                 role: "proxy",
                 listen: config.listen,
@@ -199,6 +206,7 @@ impl Proxy {
                 max_conns: config.max_conns,
                 grace: config.grace,
             },
+            core,
         )?;
         if let Some(hold) = config.hold {
             log::info!(
@@ -207,75 +215,37 @@ impl Proxy {
             );
         }
         log::info!(
-            "proxy: forwarding to {}, spooling to {}",
-            config.upstream,
-            store.dir().display()
+            "proxy: forwarding to {}, spooling to {spool_dir}",
+            config.upstream
         );
-        Ok(Proxy {
-            poll,
-            cx,
-            core: Core {
-                transfers: Slab::with_capacity(1024),
-                store,
-                stats: Stats::default(),
-                policy: Policy {
-                    upstream: config.upstream,
-                    hold: config.hold,
-                    max_bytes: config.max_bytes,
-                    connect_timeout: config.connect_timeout,
-                },
-                idle_timeout: config.idle_timeout,
-                next_id: 0,
-            },
-        })
-    }
-
-    /// The address actually bound (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.cx.acceptor.local_addr()
-    }
-
-    /// A handle that stops [`Proxy::run`] from another thread.
-    pub fn shutdown_handle(&self) -> StopHandle {
-        self.cx.acceptor.stop_handle()
-    }
-
-    /// Makes SIGINT and SIGTERM shut the proxy down (gracefully the first
-    /// time, at once the second). The binary does this; in-process users
-    /// (tests) use [`Proxy::shutdown_handle`] instead.
-    pub fn handle_signals(&mut self) -> io::Result<()> {
-        self.cx.acceptor.handle_signals(&self.cx.registry)
-    }
-
-    /// Runs the loop until shut down. Transfers still open then are closed
-    /// as aborted (an unfinished spool is kept as `.incomplete`).
-    pub fn run(mut self) -> io::Result<Stats> {
-        // This line tells tests and scripts that we are ready: everything is
-        // set up (signals included) and the loop is about to wait.
-        log::info!("proxy listening on {}", self.local_addr());
-        event_loop::run(&mut self.poll, &mut self.cx, &mut self.core).context("proxy")?;
-        let core = &mut self.core;
-        let open = core.transfers.len();
-        for t in core.transfers.drain() {
-            t.abandon();
-            core.stats.aborted += 1;
-        }
-        log::info!(
-            "proxy: stopped: {} relayed, {} refused, {} aborted ({open} open at shutdown)",
-            core.stats.relayed,
-            core.stats.refused,
-            core.stats.aborted
-        );
-        Ok(core.stats)
+        Ok(proxy)
     }
 }
 
 impl event_loop::Handler for Core {
     type Timer = Timer;
+    type Stats = Stats;
     const ROLE: &'static str = "proxy";
 
     fn open(&self) -> usize {
         self.transfers.len()
+    }
+
+    /// Transfers still open are closed as aborted (an unfinished spool is
+    /// kept as `.incomplete`).
+    fn stopped(&mut self) -> Stats {
+        let open = self.transfers.len();
+        for t in self.transfers.drain() {
+            t.abandon();
+            self.stats.aborted += 1;
+        }
+        log::info!(
+            "proxy: stopped: {} relayed, {} refused, {} aborted ({open} open at shutdown)",
+            self.stats.relayed,
+            self.stats.refused,
+            self.stats.aborted
+        );
+        self.stats
     }
 
     /// Seed steps 1 and 4: a client connected. Create its spool file, start

@@ -131,7 +131,8 @@ impl Conn {
                         Io::Eof => {
                             // The client's half-close: the upload is complete.
                             self.last_active = Instant::now();
-                            let finished = self.finish_upload(stats, policy);
+                            let finished =
+                                finish_upload(part, self.addr, self.started, stats, policy);
                             let answer = finished.as_ref().unwrap_or_else(|refusal| refusal);
                             let old = self.set_state(State::Answering(Reply::new(answer)));
                             if let (Err(_), State::Receiving(part)) = (finished, old) {
@@ -181,42 +182,6 @@ impl Conn {
         }
     }
 
-    /// On the client's EOF: give the file its final name and return the
-    /// `OK` answer, or, if that fails, the `ERR` answer (the caller removes
-    /// the file).
-    fn finish_upload(&mut self, stats: &mut Stats, policy: Policy) -> Result<Answer, Answer> {
-        let State::Receiving(part) = &mut self.state else {
-            unreachable!("finish_upload outside Receiving")
-        };
-        let finished = if policy.fsync {
-            part.finish_durable()
-        } else {
-            part.finish()
-        };
-        if let Err(e) = finished {
-            log::warn!("server: {e}; upload from {} refused", self.addr);
-            stats.refused += 1;
-            return Err(Answer::err(format!("storing upload failed: {}", brief(&e))));
-        }
-        stats.stored += 1;
-        stats.bytes += part.bytes();
-        let elapsed = self.started.elapsed();
-        log::info!(
-            "server: stored {} from {}: {} bytes in {:.3}s ({:.1} MB/s) crc32c={:08x}",
-            part.name(),
-            self.addr,
-            part.bytes(),
-            elapsed.as_secs_f64(),
-            mb_per_s(part.bytes(), elapsed),
-            part.crc32c()
-        );
-        Ok(Answer::Ok {
-            bytes: part.bytes(),
-            crc32c: part.crc32c(),
-            file: part.name().to_string(),
-        })
-    }
-
     /// Closes the connection. An upload still in progress (reset, idle,
     /// shutdown) loses its partial file: it must never get a final name.
     /// Returns true if one was.
@@ -229,4 +194,43 @@ impl Conn {
             State::Answering(_) => false,
         }
     }
+}
+
+/// On the client's EOF: give the file its final name and return the
+/// `OK` answer, or, if that fails, the `ERR` answer (the caller removes
+/// the file).
+fn finish_upload(
+    part: &mut PartFile,
+    addr: SocketAddr,
+    started: Instant,
+    stats: &mut Stats,
+    policy: Policy,
+) -> Result<Answer, Answer> {
+    let finished = if policy.fsync {
+        part.finish_durable()
+    } else {
+        part.finish()
+    };
+    if let Err(e) = finished {
+        log::warn!("server: {e}; upload from {} refused", addr);
+        stats.refused += 1;
+        return Err(Answer::err(format!("storing upload failed: {}", brief(&e))));
+    }
+    stats.stored += 1;
+    stats.bytes += part.bytes();
+    let elapsed = started.elapsed();
+    log::info!(
+        "server: stored {} from {}: {} bytes in {:.3}s ({:.1} MB/s) crc32c={:08x}",
+        part.name(),
+        addr,
+        part.bytes(),
+        elapsed.as_secs_f64(),
+        mb_per_s(part.bytes(), elapsed),
+        part.crc32c()
+    );
+    Ok(Answer::Ok {
+        bytes: part.bytes(),
+        crc32c: part.crc32c(),
+        file: part.name().to_string(),
+    })
 }

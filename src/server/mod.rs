@@ -22,11 +22,11 @@
 //!   }
 //! ```
 //!
-//! Each connection is a [`conn::State`]: `Receiving` (the upload is
+//! Each connection is a `conn::State`: `Receiving` (the upload is
 //! streaming into `<name>.part`) or `Answering` (our line is being written,
 //! then the connection closed cleanly; see `event_loop::reply`). This file
 //! is the loop around the connections: config, accept, events, timers,
-//! stop. [`conn`] is one connection.
+//! stop. `conn` is one connection.
 //!
 //! Protections, all on the loop's timers or counters: at most
 //! `--max-conns` connections (the rest wait in the listen backlog); uploads
@@ -51,11 +51,11 @@ use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::net::TcpStream;
-use mio::{Interest, Poll, Token};
+use mio::{Interest, Token};
 use slab::Slab;
 
-use crate::error::{brief, Context as _};
-use crate::event_loop::{self, AcceptConfig, Context, Peer, StopHandle, Who};
+use crate::error::brief;
+use crate::event_loop::{self, AcceptConfig, Context, Daemon, Peer, Who};
 use crate::store::Store;
 use crate::sys;
 
@@ -129,15 +129,11 @@ pub struct Stats {
     pub bytes: u64,
 }
 
-/// A bound server, ready to [`run`](Server::run).
-pub struct Server {
-    poll: Poll,
-    cx: Context<Timer>,
-    core: Core,
-}
+/// A bound server, ready to [`run`](Daemon::run).
+pub type Server = Daemon<Core>;
 
 /// The server's own part of the loop: its connections and its rules.
-struct Core {
+pub struct Core {
     conns: Slab<Conn>,
     store: Store,
     stats: Stats,
@@ -153,9 +149,18 @@ impl Server {
     /// use").
     pub fn bind(config: &ServerConfig) -> io::Result<Server> {
         let store = Store::open(&config.dir)?;
-        let poll = Poll::new().context("server: creating poll")?;
-        let cx = Context::bind(
-            &poll,
+        let core = Core {
+            conns: Slab::with_capacity(1024),
+            store,
+            stats: Stats::default(),
+            policy: Policy {
+                max_bytes: config.max_bytes,
+                fsync: config.fsync,
+            },
+            idle_timeout: config.idle_timeout,
+            next_id: 0,
+        };
+        let server = Daemon::new(
             &AcceptConfig {
                 role: "server",
                 listen: config.listen,
@@ -164,83 +169,47 @@ impl Server {
                 max_conns: config.max_conns,
                 grace: config.grace,
             },
+            core,
         )?;
         if config.fsync {
             log::info!("server: --fsync: each file and its directory entry are synced before OK");
         }
-        Ok(Server {
-            poll,
-            cx,
-            core: Core {
-                conns: Slab::with_capacity(1024),
-                store,
-                stats: Stats::default(),
-                policy: Policy {
-                    max_bytes: config.max_bytes,
-                    fsync: config.fsync,
-                },
-                idle_timeout: config.idle_timeout,
-                next_id: 0,
-            },
-        })
-    }
-
-    /// The address actually bound (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.cx.acceptor.local_addr()
-    }
-
-    /// A handle that stops [`Server::run`] from another thread.
-    pub fn shutdown_handle(&self) -> StopHandle {
-        self.cx.acceptor.stop_handle()
-    }
-
-    /// Makes SIGINT and SIGTERM shut the server down (gracefully the first
-    /// time, at once the second). The binary does this; in-process users
-    /// (tests) use [`Server::shutdown_handle`] instead.
-    pub fn handle_signals(&mut self) -> io::Result<()> {
-        self.cx.acceptor.handle_signals(&self.cx.registry)
-    }
-
-    /// Runs the loop until shut down. Connections still open at that point
-    /// are closed as aborted, and their partial files removed.
-    pub fn run(mut self) -> io::Result<Stats> {
-        // This line tells tests and scripts that we are ready: everything is
-        // set up (signals included) and the loop is about to wait.
-        log::info!("server listening on {}", self.local_addr());
-        event_loop::run(&mut self.poll, &mut self.cx, &mut self.core).context("server")?;
-        let core = &mut self.core;
-        let open = core.conns.len();
-        for conn in core.conns.drain() {
-            let (addr, path) = match &conn.state {
-                State::Receiving(part) => (conn.addr, Some(part.path().display().to_string())),
-                State::Answering(_) => (conn.addr, None),
-            };
-            if conn.abort() {
-                log::warn!(
-                    "server: upload from {addr} aborted by shutdown; removed {}",
-                    path.unwrap_or_default()
-                );
-                core.stats.aborted += 1;
-            }
-        }
-        log::info!(
-            "server: stopped: {} stored ({} bytes), {} refused, {} aborted ({open} open at shutdown)",
-            core.stats.stored,
-            core.stats.bytes,
-            core.stats.refused,
-            core.stats.aborted
-        );
-        Ok(core.stats)
+        Ok(server)
     }
 }
 
 impl event_loop::Handler for Core {
     type Timer = Timer;
+    type Stats = Stats;
     const ROLE: &'static str = "server";
 
     fn open(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Connections still open are closed as aborted, and their partial
+    /// files removed.
+    fn stopped(&mut self) -> Stats {
+        let open = self.conns.len();
+        for conn in self.conns.drain() {
+            let addr = conn.addr;
+            let path = match &conn.state {
+                State::Receiving(part) => part.path().display().to_string(),
+                State::Answering(_) => String::new(),
+            };
+            if conn.abort() {
+                log::warn!("server: upload from {addr} aborted by shutdown; removed {path}");
+                self.stats.aborted += 1;
+            }
+        }
+        log::info!(
+            "server: stopped: {} stored ({} bytes), {} refused, {} aborted ({open} open at shutdown)",
+            self.stats.stored,
+            self.stats.bytes,
+            self.stats.refused,
+            self.stats.aborted
+        );
+        self.stats
     }
 
     /// Seed step 1: a client connected. Create its file (or, if we cannot,

@@ -29,13 +29,13 @@
 //!   client resets while Holding: timer cancelled, nothing sent upstream, Done(Aborted)
 //! ```
 //!
-//! **Everything that decides what happens next is in [`State`].** The spool
+//! **Everything that decides what happens next is in `State`.** The spool
 //! exists in the states that have one, the upstream link in the states
 //! that have one, a hold's deadline in `Holding`, the end in `Done`. The
 //! only other facts are per socket (readiness, EOF read, FIN sent), kept by
 //! each side's [`Peer`]. Every transition goes through one function,
-//! [`Transfer::on`], which takes the old state by value and what happened
-//! ([`Happened`]), and returns the new state; the I/O code never assigns a
+//! `Transfer::on`, which takes the old state by value and what happened
+//! (`Happened`), and returns the new state; the I/O code never assigns a
 //! state, it reports what happened.
 //!
 //! The code is split by concept: `upload` (client -> spool -> upstream,
