@@ -237,6 +237,11 @@ pub fn upload(
     sock.set_write_timeout(io_timeout)
         .and_then(|()| sock.set_read_timeout(io_timeout))
         .map_err(|e| ClientError::Connect(to.to_string(), e))?;
+    // Until the upload is over, closing means "abort": with SO_LINGER 0 the
+    // kernel resets the connection if this process dies (Ctrl-C, kill -9),
+    // instead of sending the FIN that would make a half-sent upload look
+    // complete. The receiver then keeps no final copy of it.
+    set_linger(&sock, Some(Duration::ZERO))?;
 
     // Seed step 3: send the data, chunk by chunk.
     let mut sent_bytes = 0u64;
@@ -269,9 +274,17 @@ pub fn upload(
     if let Err(e) = sock.shutdown(Shutdown::Write) {
         return Err(ClientError::Lost("half-closing", e));
     }
-    // Seed step 4: wait for the answer (seed step 5, close, is the drop).
+    // Seed step 4: wait for the answer (seed step 5, close, is the drop,
+    // a normal one now that the exchange is complete).
     let line = read_answer(&mut sock, timeout)?;
+    set_linger(&sock, None)?;
     finish(line, sent_bytes, sent_crc32c, started)
+}
+
+fn set_linger(sock: &TcpStream, linger: Option<Duration>) -> Result<(), ClientError> {
+    socket2::SockRef::from(sock)
+        .set_linger(linger)
+        .map_err(|e| ClientError::Lost("setting SO_LINGER", e))
 }
 
 fn finish(

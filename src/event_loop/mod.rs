@@ -156,8 +156,11 @@ impl<H: Handler> Daemon<H> {
         // This line tells tests and scripts that we are ready: everything is
         // set up (signals included) and the loop is about to wait.
         log::info!("{} listening on {}", H::ROLE, self.local_addr());
-        run(&mut self.poll, &mut self.cx, &mut self.handler).context(H::ROLE)?;
-        Ok(self.handler.stopped())
+        let ran = run(&mut self.poll, &mut self.cx, &mut self.handler).context(H::ROLE);
+        // Even when the loop failed: every connection still open goes
+        // through the role's abandon path (kept, removed, reset).
+        let stats = self.handler.stopped();
+        ran.map(|()| stats)
     }
 }
 

@@ -111,6 +111,10 @@ pub struct Peer {
 impl Peer {
     /// An accepted socket: writable (its send buffer is empty), readable
     /// once an event says so (or [`Peer::mark_readable`] asks for a read).
+    ///
+    /// Every peer starts out closing abortively (`SO_LINGER` 0): dropped
+    /// without [`Peer::close`], or with the process killed, it resets the
+    /// connection instead of sending a FIN.
     pub fn accepted(sock: TcpStream, who: Who) -> Peer {
         Peer::new(sock, who, true)
     }
@@ -123,6 +127,16 @@ impl Peer {
     }
 
     fn new(sock: TcpStream, who: Who, writable: bool) -> Peer {
+        // Abortive unless we say otherwise: with SO_LINGER {on, 0}, the
+        // kernel closes this socket with a reset, not a FIN, and a FIN is
+        // how the other end learns an upload is complete. So if this
+        // process dies (SIGKILL, the OOM killer, a panic: the kernel closes
+        // every descriptor), no peer mistakes a half-sent upload for a
+        // whole one. A connection that ended well is closed with
+        // [`Peer::close`], which turns lingering back to normal first.
+        if let Err(e) = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO)) {
+            log::debug!("{who} setting SO_LINGER 0: {e}");
+        }
         Peer {
             sock,
             who,
@@ -343,13 +357,20 @@ impl Peer {
         }
     }
 
-    /// Closes abortively: with `SO_LINGER` set to zero, `close` sends a
-    /// reset instead of a FIN, so the other end sees an error rather than an
-    /// EOF that would make a truncated upload look complete.
-    pub fn reset(self) {
-        if let Err(e) = socket2::SockRef::from(&self.sock).set_linger(Some(Duration::ZERO)) {
-            log::debug!("{} setting SO_LINGER 0: {e}", self.who);
+    /// Closes gracefully: whatever we wrote is delivered and followed by a
+    /// FIN. For a connection that ended well.
+    pub fn close(self) {
+        if let Err(e) = socket2::SockRef::from(&self.sock).set_linger(None) {
+            log::debug!("{} clearing SO_LINGER: {e}", self.who);
         }
+        drop(self);
+    }
+
+    /// Closes abortively, with a reset (see [`Peer::accepted`]'s note on
+    /// `SO_LINGER`): the other end sees an error rather than an EOF that
+    /// would make a truncated upload look complete. Dropping a `Peer` does
+    /// the same; this names the intent.
+    pub fn reset(self) {
         drop(self);
     }
 
@@ -357,7 +378,7 @@ impl Peer {
     /// the way to drop a peer that may hold part of an unfinished upload.
     pub fn close_or_reset(self) {
         if self.shut {
-            drop(self);
+            self.close();
         } else {
             self.reset();
         }
@@ -490,6 +511,23 @@ pub(crate) mod tests {
         });
         assert!(failed.is_some(), "writing to a reset connection must fail");
         assert!(peer.broken());
+    }
+
+    #[test]
+    fn a_dropped_peer_resets_and_a_closed_one_ends_cleanly() {
+        let (peer, mut other) = pair();
+        drop(peer); // as when the process dies
+        let mut buf = [0u8; 8];
+        let err = other.read(&mut buf).expect_err("a reset, not an EOF");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        let (mut peer, mut other) = pair();
+        assert!(matches!(peer.write(b"bye"), Io::Data(3)));
+        peer.close();
+        let mut rest = Vec::new();
+        other
+            .read_to_end(&mut rest)
+            .expect("a clean EOF after the data");
+        assert_eq!(rest, b"bye");
     }
 
     #[test]

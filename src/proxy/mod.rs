@@ -329,7 +329,7 @@ impl event_loop::Handler for Core {
 impl Core {
     /// Drives one transfer and closes it if it is finished.
     fn drive(&mut self, cx: &mut Context<Timer>, key: usize) {
-        let Next::Close(outcome) = self.transfers[key].drive(cx, &self.policy) else {
+        let Next::Close { outcome, clean } = self.transfers[key].drive(cx, &self.policy) else {
             return;
         };
         let transfer = self.transfers.remove(key);
@@ -344,9 +344,8 @@ impl Core {
             Outcome::Refused => self.stats.refused += 1,
             Outcome::Aborted => self.stats.aborted += 1,
         }
-        // Seed step 8: close both connections (dropping them closes
-        // them and removes them from the poll set); the listener stays.
-        drop(transfer);
+        // Seed step 8: close both connections; the listener stays.
+        transfer.close(clean);
         cx.acceptor.connection_closed();
     }
 }

@@ -55,7 +55,10 @@ pub(super) struct Policy {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Next {
     Keep,
+    /// Done well: close gracefully (our answer, then a FIN).
     Close,
+    /// Broken or refused past saving: close with a reset.
+    Abort,
 }
 
 impl State {
@@ -151,7 +154,7 @@ impl Conn {
                                 part.path().display()
                             );
                             stats.aborted += 1;
-                            return Next::Close;
+                            return Next::Abort;
                         }
                     }
                 }
@@ -168,31 +171,36 @@ impl Conn {
                         if !reply.line_sent() {
                             log::warn!("server: sending answer to {}: {e}", self.addr);
                         }
-                        return Next::Close;
+                        return Next::Abort;
                     }
                     ReplyStep::Flooded => {
                         log::warn!(
                             "server: client {} kept sending after being refused: closed",
                             self.addr
                         );
-                        return Next::Close;
+                        return Next::Abort;
                     }
                 },
             }
         }
     }
 
-    /// Closes the connection. An upload still in progress (reset, idle,
-    /// shutdown) loses its partial file: it must never get a final name.
-    /// Returns true if one was.
-    pub fn abort(self) -> bool {
-        match self.state {
+    /// Closes the connection: gracefully if `clean`, with a reset
+    /// otherwise. An upload still in progress (reset, idle, shutdown)
+    /// loses its partial file: it must never get a final name. Returns
+    /// true if one was.
+    pub fn close(self, clean: bool) -> bool {
+        let receiving = match self.state {
             State::Receiving(part) => {
                 part.discard();
                 true
             }
             State::Answering(_) => false,
+        };
+        if clean {
+            self.peer.close();
         }
+        receiving
     }
 }
 

@@ -197,7 +197,7 @@ impl event_loop::Handler for Core {
                 State::Receiving(part) => part.path().display().to_string(),
                 State::Answering(_) => String::new(),
             };
-            if conn.abort() {
+            if conn.close(false) {
                 log::warn!("server: upload from {addr} aborted by shutdown; removed {path}");
                 self.stats.aborted += 1;
             }
@@ -299,20 +299,22 @@ impl Core {
     /// it if it is finished.
     fn drive(&mut self, cx: &mut Context<Timer>, key: usize) {
         let conn = &mut self.conns[key];
-        if conn.drive(&mut cx.scratch, &mut self.stats, self.policy) == Next::Close {
-            self.close(cx, key);
+        match conn.drive(&mut cx.scratch, &mut self.stats, self.policy) {
+            Next::Keep => {}
+            Next::Close => self.close(cx, key, true),
+            Next::Abort => self.close(cx, key, false),
         }
     }
 
     /// Seed step 5: close. Dropping the socket closes it, which also
     /// removes it from the poll set; an unfinished upload's file goes too.
-    fn close(&mut self, cx: &mut Context<Timer>, key: usize) {
+    fn close(&mut self, cx: &mut Context<Timer>, key: usize, clean: bool) {
         let conn = self.conns.remove(key);
         log::trace!("server: #{key} closed ({})", conn.addr);
         if let Some(id) = conn.idle_timer {
             cx.timers.cancel(id);
         }
-        conn.abort();
+        conn.close(clean);
         cx.acceptor.connection_closed();
     }
 
@@ -363,6 +365,6 @@ impl Core {
                 log::warn!("server: {} idle for {for_how_long}: closed", conn.addr)
             }
         }
-        self.close(cx, key);
+        self.close(cx, key, false);
     }
 }

@@ -21,7 +21,7 @@ use crate::event_loop::Reply;
 use crate::store::PartFile;
 
 use super::upload::Link;
-use super::{Outcome, Policy, State, Transfer};
+use super::{Policy, State, Transfer};
 
 impl State {
     /// The resources a state holds, for the failure paths to dispose of.
@@ -33,7 +33,7 @@ impl State {
             State::Connecting { spool, link, .. } | State::Streaming { spool, link } => {
                 (Some(spool), Some(link))
             }
-            State::Replying(_) | State::Done(_) => (None, None),
+            State::Replying(_) | State::Done { .. } => (None, None),
         }
     }
 }
@@ -59,13 +59,10 @@ impl Transfer {
             self.key,
             policy.upstream
         );
-        if self.client.eof() {
-            drop(link.up);
-        } else {
-            // It holds part of an upload that will never be finished
-            // through it: a reset keeps it from mistaking it for whole.
-            link.up.reset();
-        }
+        // If it does not have our FIN, it holds part of an upload that will
+        // never be finished through it: a reset keeps it from mistaking
+        // that part for the whole.
+        link.up.close_or_reset();
         self.upstream_unavailable(spool, &reason)
     }
 
@@ -182,7 +179,7 @@ impl Transfer {
                 self.client_addr
             );
         }
-        State::Done(Outcome::Aborted)
+        State::aborted()
     }
 
     /// Called when the proxy shuts down with this transfer unfinished: an

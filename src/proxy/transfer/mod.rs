@@ -100,7 +100,11 @@ pub enum Outcome {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
     Keep,
-    Close(Outcome),
+    /// Close it: gracefully if `clean`, with a reset otherwise.
+    Close {
+        outcome: Outcome,
+        clean: bool,
+    },
 }
 
 /// The per-transfer rules, from the command line.
@@ -141,11 +145,22 @@ enum State {
     /// Our own answer line to the client, then a clean close
     /// (`event_loop::reply`).
     Replying(Reply),
-    /// Over: the loop closes the transfer.
-    Done(Outcome),
+    /// Over: the loop closes the transfer; `clean` when the client's
+    /// connection ended well and is closed gracefully (a FIN after our last
+    /// byte), otherwise with a reset.
+    Done { outcome: Outcome, clean: bool },
 }
 
 impl State {
+    /// The end of a transfer whose client went away (also the placeholder
+    /// while [`Transfer::on`] computes the next state).
+    fn aborted() -> State {
+        State::Done {
+            outcome: Outcome::Aborted,
+            clean: false,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             State::Receiving { .. } => "Receiving",
@@ -154,7 +169,7 @@ impl State {
             State::Streaming { .. } => "Streaming",
             State::Salvaging { .. } => "Salvaging",
             State::Replying(_) => "Replying",
-            State::Done(_) => "Done",
+            State::Done { .. } => "Done",
         }
     }
 
@@ -190,8 +205,9 @@ enum Happened {
     ClientLost(io::Error),
     /// Both directions are done: the answer reached the client.
     Relayed,
-    /// Our own reply is over (delivered, or the client gave up on it).
-    ReplyEnded,
+    /// Our own reply is over: `delivered` (and the client finished), or
+    /// the client gave up on it.
+    ReplyEnded { delivered: bool },
 }
 
 /// A step of the I/O code: `Ok(moved)` (did any byte move?), or `Err` with
@@ -239,7 +255,7 @@ impl Transfer {
             started: now,
             last_active: now,
             idle_timer: None,
-            state: State::Done(Outcome::Aborted),
+            state: State::aborted(),
         };
         t.state = match policy.hold {
             Some(_) => State::Receiving { spool },
@@ -278,8 +294,8 @@ impl Transfer {
                     self.on(what, cx, policy);
                 }
             }
-            if let State::Done(outcome) = self.state {
-                return Next::Close(outcome);
+            if let State::Done { outcome, clean } = self.state {
+                return Next::Close { outcome, clean };
             }
         }
     }
@@ -308,20 +324,20 @@ impl Transfer {
             }
             State::Replying(reply) => match reply.drive(client, scratch) {
                 ReplyStep::Pending(moved) => Ok(moved),
-                ReplyStep::Done => Err(Happened::ReplyEnded),
+                ReplyStep::Done => Err(Happened::ReplyEnded { delivered: true }),
                 ReplyStep::Failed(e) => {
                     log::debug!("proxy: #{} sending our answer: {e}", self.key);
-                    Err(Happened::ReplyEnded)
+                    Err(Happened::ReplyEnded { delivered: false })
                 }
                 ReplyStep::Flooded => {
                     log::warn!(
                         "proxy: client {} kept sending after being refused: closed",
                         self.client_addr
                     );
-                    Err(Happened::ReplyEnded)
+                    Err(Happened::ReplyEnded { delivered: false })
                 }
             },
-            State::Done(_) => Ok(false),
+            State::Done { .. } => Ok(false),
         }
     }
 
@@ -330,7 +346,7 @@ impl Transfer {
     /// and returns the new one. A state's timer is cancelled when the state
     /// is left.
     fn on(&mut self, what: Happened, cx: &mut Context<Timer>, policy: &Policy) {
-        let old = std::mem::replace(&mut self.state, State::Done(Outcome::Aborted));
+        let old = std::mem::replace(&mut self.state, State::aborted());
         let (from, old_timer) = (old.name(), old.timer());
         let next = match (old, what) {
             (State::Receiving { spool }, Happened::UploadComplete) => self.hold(spool, cx, policy),
@@ -359,9 +375,16 @@ impl Transfer {
             (old, Happened::ClientLost(e)) => self.client_lost(old, e),
             (State::Streaming { spool, link }, Happened::Relayed) => {
                 self.log_relayed(&spool, &link, policy);
-                State::Done(Outcome::Relayed)
+                link.up.close(); // both directions ended well
+                State::Done {
+                    outcome: Outcome::Relayed,
+                    clean: true,
+                }
             }
-            (State::Replying(_), Happened::ReplyEnded) => State::Done(Outcome::Refused),
+            (State::Replying(_), Happened::ReplyEnded { delivered }) => State::Done {
+                outcome: Outcome::Refused,
+                clean: delivered,
+            },
             (old, what) => {
                 log::debug!("proxy: #{} {what:?} ignored in {}", self.key, old.name());
                 old
@@ -409,6 +432,14 @@ impl Transfer {
                     crate::error::brief(&e)
                 ),
             ),
+        }
+    }
+
+    /// Closes the client connection, gracefully when the transfer ended
+    /// cleanly (see [`Next::Close`]).
+    pub fn close(self, clean: bool) {
+        if clean {
+            self.client.close();
         }
     }
 
@@ -483,7 +514,7 @@ impl Transfer {
                 "proxy: client {} idle for {for_how_long} after our answer: closed",
                 self.client_addr
             );
-            self.on(Happened::ReplyEnded, cx, policy);
+            self.on(Happened::ReplyEnded { delivered: false }, cx, policy);
         } else {
             let e = io::Error::new(io::ErrorKind::TimedOut, format!("idle for {for_how_long}"));
             self.on(Happened::ClientLost(e), cx, policy);
