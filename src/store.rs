@@ -46,7 +46,7 @@
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -103,6 +103,29 @@ impl Store {
         if !meta.is_dir() {
             return Err(not_a_dir());
         }
+        // Uploads land here and, in hold mode, are read back by name: a
+        // directory someone else can write to (or owns) is a way in.
+        let me = sys::effective_uid();
+        if meta.uid() != me {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "refusing directory {}: it is owned by uid {}, not by this process (uid {me})",
+                    dir.display(),
+                    meta.uid()
+                ),
+            ));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "refusing directory {}: other users can write to it (mode {:o}); chmod go-w it",
+                    dir.display(),
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
         let mut store = Store {
             dir: dir.to_path_buf(),
             pid: std::process::id(),
@@ -110,11 +133,18 @@ impl Store {
         };
         // Probe: the cheapest honest test of "can we create files here" is to
         // create one. Permission bits alone lie (root, ACLs, read-only mounts).
-        let probe = store.dir.join(format!(".stopover-probe-{}", store.pid));
+        // O_EXCL and O_NOFOLLOW, like every file we create: never open what
+        // someone else put there.
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let probe = store
+            .dir
+            .join(format!(".stopover-probe-{}-{nanos}", store.pid));
         OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(0o600)
             .open(&probe)
             .with_context(|| format!("directory {} is not writable", dir.display()))?;

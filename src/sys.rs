@@ -12,6 +12,7 @@
 //! | `sendfile` | the proxy's upload path | no std API |
 //! | `fallocate(FALLOC_FL_KEEP_SIZE)` | the store | no std API |
 //! | `renameat2(RENAME_NOREPLACE)` | the store | `fs::rename` replaces |
+//! | `geteuid` | the store (who owns a directory) | no std API |
 //!
 //! Every function here is a thin wrapper: no policy, no retries, no logging.
 //! Callers decide what an error means.
@@ -139,4 +140,10 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The effective user id of this process: who owns what we create.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
+    unsafe { libc::geteuid() }
 }

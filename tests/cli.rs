@@ -249,3 +249,46 @@ fn help_is_available_for_every_subcommand() {
         );
     }
 }
+
+#[test]
+fn a_directory_other_users_can_write_or_own_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let open = parent.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for role in ["server", "proxy"] {
+        let out = run(&[
+            role,
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            open.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{role}");
+        assert!(
+            stderr(&out).contains("other users can write to it"),
+            "{role}: {}",
+            stderr(&out)
+        );
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        return; // only root can give a directory away
+    }
+    let theirs = parent.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(12345), Some(12345)).unwrap();
+    let out = run(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        theirs.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("owned by uid 12345"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -218,3 +218,156 @@ fn a_client_that_leaves_during_its_hold_sends_nothing_upstream() {
     );
     assert!(rx.try_recv().is_err(), "nothing else reached the upstream");
 }
+
+/// Starts one held upload through `proxy` on a thread; returns the spool
+/// path from the proxy's log and the thread that waits for the answer.
+fn hold_one(
+    proxy: &Spawned,
+    data: &'static [u8],
+) -> (
+    String,
+    std::thread::JoinHandle<Result<stopover::client::Receipt, stopover::client::ClientError>>,
+) {
+    let addr = proxy.addr;
+    let client = std::thread::spawn(move || send(addr, data));
+    (held_path(&proxy.wait_for_log("holding ")), client)
+}
+
+#[test]
+fn a_held_file_replaced_by_a_symlink_is_refused_not_followed() {
+    let dirs = tempfile::tempdir().unwrap();
+    let server = start_server(&dirs.path().join("r"));
+    let proxy = held_proxy(server.addr, &dirs.path().join("s"), "2s");
+    let secret = dirs.path().join("secret");
+    std::fs::write(&secret, b"not for the upstream").unwrap();
+    let (path, client) = hold_one(&proxy, b"the real upload");
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&secret, &path).unwrap();
+    let receipt = client.join().unwrap().expect("an answer comes back");
+    let name = std::path::Path::new(&path)
+        .file_name()
+        .unwrap()
+        .to_string_lossy();
+    assert_eq!(
+        receipt.line,
+        format!("ERR held file {name} is not a regular file")
+    );
+    assert!(
+        final_files(&dirs.path().join("r")).is_empty(),
+        "the server received nothing (least of all the secret)"
+    );
+}
+
+#[test]
+fn a_held_file_replaced_by_a_fifo_is_refused_and_the_loop_keeps_running() {
+    let dirs = tempfile::tempdir().unwrap();
+    let server = start_server(&dirs.path().join("r"));
+    let proxy = held_proxy(server.addr, &dirs.path().join("s"), "1s");
+    let (path, client) = hold_one(&proxy, b"about to become a fifo");
+    std::fs::remove_file(&path).unwrap();
+    let c_path = std::ffi::CString::new(path.as_str()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    // Opening a FIFO for reading blocks until a writer comes: a proxy that
+    // did so would answer nobody, ever.
+    let receipt = client.join().unwrap().expect("an answer comes back");
+    assert!(
+        receipt.line.ends_with("is not a regular file"),
+        "{}",
+        receipt.line
+    );
+    assert_eq!(
+        send(proxy.addr, b"the next one").unwrap().verdict(),
+        Verdict::Verified,
+        "the loop still serves"
+    );
+}
+
+#[test]
+fn a_shutdown_during_a_hold_answers_err_and_keeps_the_upload() {
+    let dirs = tempfile::tempdir().unwrap();
+    let server = start_server(&dirs.path().join("r"));
+    let mut proxy = spawn_proxy(
+        server.addr,
+        &dirs.path().join("s"),
+        &["--hold", "1h", "--grace", "200ms"],
+    );
+    let (path, client) = hold_one(&proxy, b"held when the proxy stops");
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
+    let receipt = client.join().unwrap().expect("an answer comes back");
+    let name = std::path::Path::new(&path)
+        .file_name()
+        .unwrap()
+        .to_string_lossy();
+    assert_eq!(
+        receipt.line,
+        format!("ERR proxy shutting down: kept as {name}, not forwarded")
+    );
+    assert_eq!(proxy.child.wait().unwrap().code(), Some(0));
+    let warning = proxy.wait_for_log("not forwarded");
+    assert!(warning.contains(&path), "the log names the file: {warning}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"held when the proxy stops");
+    assert!(final_files(&dirs.path().join("r")).is_empty());
+}
+
+#[test]
+fn held_transfers_near_the_open_files_limit_are_all_forwarded() {
+    // Each held transfer needs four descriptors once its hold ends (client,
+    // spool, the reopened file, upstream). Budgeting three made the last
+    // ones fail with "Too many open files" instead of waiting their turn.
+    const CLIENTS: usize = 70;
+    let dirs = tempfile::tempdir().unwrap();
+    let server = start_server(&dirs.path().join("r"));
+    let mut cmd = proxy_command(server.addr, &dirs.path().join("s"), &["--hold", "1s"]);
+    limit_child(&mut cmd, libc::RLIMIT_NOFILE, 200);
+    let proxy = spawn_with(&mut cmd);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let addr = proxy.addr;
+            std::thread::spawn(move || send(addr, &random_bytes(1000 + i, i as u64)))
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        let receipt = c.join().unwrap().expect("an answer comes back");
+        assert_eq!(
+            receipt.verdict(),
+            Verdict::Verified,
+            "client {i}: {}",
+            receipt.line
+        );
+    }
+}
+
+#[test]
+fn after_a_hold_the_idle_clock_restarts_so_a_slow_connect_gets_its_own_timeout() {
+    // An upstream whose accept queue is full: the kernel drops the proxy's
+    // SYN, so its connect hangs (retried after a second). Only the connect
+    // timeout should end it, not an idle check counting from before the hold.
+    let upstream =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    upstream.bind(&loopback0().into()).unwrap();
+    upstream.listen(0).unwrap();
+    let up_addr = upstream.local_addr().unwrap().as_socket().unwrap();
+    // With a backlog of 0 the queue holds one connection: this one.
+    let _queued = TcpStream::connect_timeout(&up_addr, Duration::from_secs(5)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = spawn_proxy(
+        up_addr,
+        dir.path(),
+        &[
+            "--hold",
+            "1500ms",
+            "--idle-timeout",
+            "1s",
+            "--connect-timeout",
+            "700ms",
+        ],
+    );
+    let receipt = send(proxy.addr, b"held, then a slow connect").expect("an answer comes back");
+    assert!(
+        receipt
+            .line
+            .starts_with("ERR upstream unavailable: connect timed out after 700ms"),
+        "{}",
+        receipt.line
+    );
+}

@@ -201,8 +201,9 @@ impl Proxy {
             &AcceptConfig {
                 role: "proxy",
                 listen: config.listen,
-                // Three descriptors per transfer: client, upstream, spool file.
-                per_conn: 3,
+                // Descriptors per transfer: client, upstream, spool file,
+                // and in hold mode the held file, reopened when the hold ends.
+                per_conn: if config.hold.is_some() { 4 } else { 3 },
                 max_conns: config.max_conns,
                 grace: config.grace,
             },

@@ -20,7 +20,7 @@ use crate::error::brief;
 use crate::event_loop::Reply;
 use crate::store::PartFile;
 
-use super::upload::Link;
+use super::upload::{Link, Source};
 use super::{Policy, State, Transfer};
 
 impl State {
@@ -184,11 +184,41 @@ impl Transfer {
 
     /// Called when the proxy shuts down with this transfer unfinished: an
     /// upstream that has not had our FIN is reset, an unfinished spool is
-    /// kept as `.incomplete`.
+    /// kept as `.incomplete`. A held upload that was never forwarded is
+    /// complete and kept under its final name, and its client is told so:
+    /// `ERR proxy shutting down: kept as NAME, not forwarded`.
     pub fn abandon(self) {
+        let never_forwarded = match &self.state {
+            State::Holding { .. } => true,
+            State::Connecting { link, .. } => matches!(link.source, Source::Held(_)),
+            _ => false,
+        };
         let (spool, link) = self.state.into_parts();
         if let Some(link) = link {
             link.up.close_or_reset();
+        }
+        if let (true, Some(spool)) = (never_forwarded, spool.as_ref()) {
+            log::warn!(
+                "proxy: shutting down: held upload from {} kept as {}, not forwarded",
+                self.client_addr,
+                spool.path().display()
+            );
+            let answer = Answer::err(format!(
+                "proxy shutting down: kept as {}, not forwarded",
+                spool.name()
+            ));
+            // One short line into an idle socket's empty send buffer: it is
+            // taken at once (and if not, the client learns from the close).
+            let mut client = self.client;
+            let (_, failed) = client.write_ready(answer.to_line().as_bytes());
+            match failed {
+                None => client.close(),
+                Some(e) => log::debug!(
+                    "proxy: telling {} about the shutdown: {e}",
+                    self.client_addr
+                ),
+            }
+            return;
         }
         if let Some(spool) = spool.filter(|s| !s.is_finished()) {
             match spool.keep_incomplete() {

@@ -13,8 +13,10 @@
 //! it has at that moment is sent, and the CRC-32C of what was sent is
 //! logged beside the one received, so an edit shows in the log.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::time::Instant;
 
 use crate::answer::Answer;
@@ -79,35 +81,59 @@ impl Transfer {
         policy: &Policy,
     ) -> State {
         log::trace!("proxy: #{} timer fired: hold over", self.key);
+        // Nothing moved during the hold on purpose: the idle clock starts
+        // again now, so the first idle check cannot blame an upstream whose
+        // connect has barely begun.
+        self.last_active = Instant::now();
         let path = spool.path().to_path_buf();
-        let reopened = File::open(&path).and_then(|f| {
-            let meta = f.metadata()?;
-            if meta.is_file() {
-                Ok((f, meta.len()))
-            } else {
-                Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "not a regular file",
-                ))
-            }
-        });
-        match reopened {
+        match reopen(&path) {
             Ok((file, len)) => {
                 let held = Held { file, len, crc: 0 };
                 // Seed step 4, after the hold: connect, non-blocking as ever.
                 self.connect(spool, Source::Held(held), cx, policy)
             }
             Err(e) => {
+                let why = match (e.kind(), e.raw_os_error()) {
+                    (io::ErrorKind::NotFound, _) => format!("is gone: {}", brief(&e)),
+                    // ELOOP: O_NOFOLLOW met a symlink; no errno: fstat said so.
+                    (_, Some(libc::ELOOP)) | (_, None) => "is not a regular file".to_string(),
+                    _ => format!("cannot be opened: {}", brief(&e)),
+                };
                 log::warn!(
-                    "proxy: held file {} is gone: {e}; answering ERR",
+                    "proxy: held file {} {why} ({e}); answering ERR",
                     path.display()
                 );
                 State::Replying(Reply::new(&Answer::err(format!(
-                    "held file {} is gone: {}",
-                    spool.name(),
-                    brief(&e)
+                    "held file {} {why}",
+                    spool.name()
                 ))))
             }
         }
     }
+}
+
+/// Reopens the held file by name, safely: a name is only a name, and
+/// anyone who can write the spool directory can point it elsewhere.
+///
+/// - `O_NOFOLLOW`: a symlink is refused (`ELOOP`), so the proxy cannot be
+///   made to send a file it can read but the uploader never sent;
+/// - `O_NONBLOCK`: opening a FIFO (or a device) returns at once instead of
+///   freezing the loop's one thread until a writer appears;
+/// - `fstat` on what was opened: only a regular file is sent.
+///
+/// An editor that saves by writing a new file and renaming it over the old
+/// name still works: the name then points at a new regular file.
+fn reopen(path: &Path) -> io::Result<(File, u64)> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok((file, meta.len()))
 }
