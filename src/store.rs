@@ -347,14 +347,33 @@ impl PartFile {
     /// Like [`PartFile::finish`], but durable: the file's data is synced
     /// before the rename and the directory entry after it, so once this
     /// returns, the upload survives a power cut under its final name.
+    ///
+    /// If the directory cannot be synced, the final name's survival is not
+    /// promised, so the file is removed and the error returned: the client
+    /// is told `ERR` and its retry stores the upload once, not twice.
     pub fn finish_durable(&mut self) -> io::Result<()> {
+        self.finish_durable_with(|dir| File::open(dir).and_then(|d| d.sync_all()))
+    }
+
+    fn finish_durable_with(
+        &mut self,
+        sync_dir: impl FnOnce(&Path) -> io::Result<()>,
+    ) -> io::Result<()> {
         self.release_reserve()?;
         self.sync_data()?;
         self.finish()?;
         let dir = self.final_path.parent().unwrap_or(Path::new("."));
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing directory {}", dir.display()))
+        if let Err(e) = sync_dir(dir) {
+            if let Err(rm) = fs::remove_file(&self.final_path) {
+                log::warn!(
+                    "removing {} after a failed sync: {rm}",
+                    self.final_path.display()
+                );
+            }
+            return Err(e)
+                .with_context(|| format!("syncing directory {} (upload removed)", dir.display()));
+        }
+        Ok(())
     }
 
     /// Removes an unfinished file (the server's way with aborted uploads).
@@ -510,6 +529,26 @@ mod tests {
         fs::write(dir.path().join(part.name()), b"someone else's").unwrap();
         let err = part.finish().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+    }
+
+    #[test]
+    fn a_failed_directory_sync_removes_the_final_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut part = store.create().unwrap();
+        part.write(b"synced, but its name is not").unwrap();
+        let err = part
+            .finish_durable_with(|_| Err(io::Error::from_raw_os_error(libc::EIO)))
+            .unwrap_err();
+        assert!(err.to_string().contains("upload removed"), "{err}");
+        assert!(
+            fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "no final (or partial) file is left for a retry to duplicate"
+        );
+        let mut part = store.create().unwrap();
+        part.write(b"fine").unwrap();
+        part.finish_durable().unwrap();
+        assert_eq!(fs::read(dir.path().join(part.name())).unwrap(), b"fine");
     }
 
     #[test]

@@ -8,11 +8,31 @@ use std::process::{Command, Output};
 
 use common::*;
 
+/// Runs `stopover args...` to completion, bounded: a command that should
+/// fail at once but starts serving instead fails the test, not hangs it.
 fn run(args: &[&str]) -> Output {
-    Command::new(bin())
+    let child = Command::new(bin())
         .args(args)
-        .output()
-        .expect("run stopover")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run stopover");
+    let pid = child.id() as i32;
+    let (exited, watch) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let overdue = watch.recv_timeout(PATIENCE).is_err();
+        if overdue {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        overdue
+    });
+    let out = child.wait_with_output().expect("wait for stopover");
+    let _ = exited.send(());
+    assert!(
+        !watchdog.join().unwrap(),
+        "stopover {args:?} was still running after {PATIENCE:?}"
+    );
+    out
 }
 
 fn stderr(o: &Output) -> String {

@@ -540,3 +540,98 @@ fn a_slow_client_below_the_low_water_mark_is_not_mistaken_for_idle() {
         server.log_lines()
     );
 }
+
+// ---- Answers stay one line ----
+
+/// A fake upstream that reads each upload whole, then answers with
+/// whatever `answer` returns for it; `stall` keeps the connection open
+/// afterwards without closing.
+fn fake_upstream(answer: fn(&[u8]) -> Vec<u8>, stall: bool) -> std::net::SocketAddr {
+    let upstream = TcpListener::bind(loopback0()).unwrap();
+    let addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for mut sock in upstream.incoming().flatten() {
+            let data = read_all(&mut sock).unwrap_or_default();
+            let _ = sock.write_all(&answer(&data));
+            if stall {
+                kept.push(sock); // open, silent
+            } else {
+                let _ = sock.shutdown(Shutdown::Write);
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_upstream_that_stalls_mid_answer_is_closed_without_a_second_line() {
+    let up = fake_upstream(|_| b"OK bytes=".to_vec(), true);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = spawn_proxy(up, dir.path(), &["--idle-timeout", "1s"]);
+    let mut sock = TcpStream::connect(proxy.addr).unwrap();
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    sock.write_all(b"some upload").unwrap();
+    sock.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    let read = sock.read_to_end(&mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        read.is_ok(),
+        "{read:?}: {got:?}; proxy log:\n{}",
+        proxy.log_lines().join("\n")
+    );
+    assert_eq!(
+        got, "OK bytes=",
+        "only the server's bytes reach the client, never an ERR line after them"
+    );
+    proxy.wait_for_log("failed after 9 answer bytes");
+}
+
+#[test]
+fn an_overlong_or_multi_line_answer_ends_the_same_way_through_the_proxy() {
+    let long = fake_upstream(|_| vec![b'x'; 10_000], false);
+    let two = fake_upstream(
+        |d| format!("{}ERR and more\n", ok_line(d, "f")).into_bytes(),
+        false,
+    );
+    for (upstream, want) in [
+        (long, "longer than 4096 bytes"),
+        (two, "more than one line"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = spawn_proxy(upstream, dir.path(), &[]);
+        for (path, to) in [("direct", upstream), ("proxied", proxy.addr)] {
+            let err = send(to, b"payload").expect_err("a bad answer is an error");
+            let text = err.to_string();
+            assert!(text.contains(want), "{path}: {text}");
+        }
+    }
+}
+
+#[test]
+fn a_client_silent_mid_upload_is_closed_by_the_proxy_and_its_spool_kept() {
+    let dirs = tempfile::tempdir().unwrap();
+    let server = spawn_server(&dirs.path().join("r"), &[]);
+    let spool = dirs.path().join("s");
+    let proxy = spawn_proxy(server.addr, &spool, &["--idle-timeout", "1s"]);
+    let base = conn_fds(proxy.pid());
+    let mut quiet = TcpStream::connect(proxy.addr).unwrap();
+    quiet.write_all(b"a few bytes, then silence").unwrap();
+    quiet.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut buf = [0u8; 16];
+    match quiet.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the proxy to close on us, got {other:?}"),
+    }
+    proxy.wait_for_log("aborted its upload");
+    wait_until("the proxy releases the transfer", || {
+        proxy.log_lines().iter().any(|l| l.contains("idle for 1s")) && conn_fds(proxy.pid()) == base
+    });
+    let kept = file_names(&spool);
+    assert!(
+        kept.len() == 1 && kept[0].ends_with(".incomplete"),
+        "{kept:?}"
+    );
+}

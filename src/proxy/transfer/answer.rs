@@ -6,7 +6,14 @@
 //! [`ANSWER_CHUNK`] bytes, so that is also the most a transfer holds while
 //! its client is slow to take its answer. When the upstream's FIN arrives
 //! and every answer byte is delivered, the FIN is passed on.
+//!
+//! The proxy does not parse the answer (the client does), but it bounds
+//! it: past [`MAX_LINE`] bytes it stops relaying, so an over-long answer
+//! ends the same way through the proxy as directly (`bad answer: longer
+//! than 4096 bytes` at the client). And once any answer byte has reached
+//! the client, the proxy never adds a line of its own (see `failure`).
 
+use crate::answer::MAX_LINE;
 use crate::error::brief;
 use crate::event_loop::{Io, Peer};
 
@@ -53,8 +60,23 @@ impl Link {
                     }
                 }
                 Io::Data(n) => {
+                    // An answer is one line of at most MAX_LINE bytes. Of a
+                    // longer one we relay MAX_LINE + 1 bytes, enough for the
+                    // client to see it is too long, exactly as it would
+                    // directly, and stop reading: a hostile upstream cannot
+                    // make us relay forever.
+                    let room = (MAX_LINE as u64 + 1).saturating_sub(self.answer_bytes);
+                    let n = n.min(room as usize);
                     self.answer_bytes += n as u64;
                     moved = true;
+                    if self.answer_bytes > MAX_LINE as u64 {
+                        log::warn!(
+                            "proxy: #{} upstream {} answered more than {MAX_LINE} bytes: relayed that much, cut off the rest",
+                            self.up.who().key,
+                            policy.upstream
+                        );
+                        self.up.end_reads();
+                    }
                     // Straight to the client; keep only what it won't take.
                     let (taken, failed) = client.write_ready(&chunk[..n]);
                     if let Some(e) = failed {

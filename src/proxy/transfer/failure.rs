@@ -21,7 +21,7 @@ use crate::event_loop::Reply;
 use crate::store::PartFile;
 
 use super::upload::{Link, Source};
-use super::{Policy, State, Transfer};
+use super::{Outcome, Policy, State, Transfer};
 
 impl State {
     /// The resources a state holds, for the failure paths to dispose of.
@@ -59,6 +59,22 @@ impl Transfer {
             self.key,
             policy.upstream
         );
+        if link.answer_bytes > 0 {
+            // Part of the server's answer is with the client already: a line
+            // of ours after it would make two answers in one. Relay or close,
+            // never add: close, and let the client judge what it got.
+            log::warn!(
+                "proxy: upstream {} failed after {} answer bytes ({reason}); closing the client's connection; upload kept as {}",
+                policy.upstream,
+                link.answer_bytes,
+                spool.path().display()
+            );
+            link.up.reset();
+            return State::Done {
+                outcome: Outcome::Aborted,
+                clean: true,
+            };
+        }
         // If it does not have our FIN, it holds part of an upload that will
         // never be finished through it: a reset keeps it from mistaking
         // that part for the whole.

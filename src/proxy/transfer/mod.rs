@@ -286,6 +286,10 @@ impl Transfer {
     /// unblock the other (the upstream draining lets us read the client).
     pub fn drive(&mut self, cx: &mut Context<Timer>, policy: &Policy) -> Next {
         loop {
+            // First: a timer (idle, connect, hold) may have ended it already.
+            if let State::Done { outcome, clean } = self.state {
+                return Next::Close { outcome, clean };
+            }
             match self.step(&mut cx.scratch, policy) {
                 Ok(false) => return Next::Keep,
                 Ok(true) => self.last_active = Instant::now(),
@@ -293,9 +297,6 @@ impl Transfer {
                     self.last_active = Instant::now();
                     self.on(what, cx, policy);
                 }
-            }
-            if let State::Done { outcome, clean } = self.state {
-                return Next::Close { outcome, clean };
             }
         }
     }
