@@ -194,9 +194,23 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     parse_size::parse_size(text).map_err(|e| format!("{e} (try e.g. 64KiB, 100MB, 1GiB)"))
 }
 
-/// Parses `10s`, `500ms`, `2m`, `1h 30m` (humantime's syntax).
+/// The longest duration any flag takes. Far beyond any real use, and far
+/// below what a clock can add without overflowing (a larger value once
+/// made `--grace` panic on SIGTERM).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Parses `10s`, `500ms`, `2m`, `1h 30m` (humantime's syntax), at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{e} (try e.g. 30s, 500ms, 2m)"))
+    let d =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (try e.g. 30s, 500ms, 2m)"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{text} is longer than the longest allowed, {}",
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -231,5 +245,7 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("10000000000000000000s").is_err());
+        assert_eq!(parse_duration("3650days"), Ok(MAX_DURATION));
     }
 }

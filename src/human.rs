@@ -27,9 +27,37 @@ pub fn progress_bar(len: Option<u64>, template: &str) -> indicatif::ProgressBar 
     bar
 }
 
+/// `text` with every control character escaped (`\u{1b}`), so that what a
+/// peer sent cannot drive the user's terminal when it is printed.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("OK bytes=1"), "OK bytes=1");
+        assert_eq!(
+            printable("ERR \u{1b}[31mred\u{7}"),
+            "ERR \\u{1b}[31mred\\u{7}"
+        );
+    }
 
     #[test]
     fn megabytes_are_decimal() {

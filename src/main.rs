@@ -107,7 +107,9 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 progress: !args.no_progress,
             })
             .map_err(|e| e.to_string())?;
-            println!("{}", receipt.line);
+            // The line comes from the network: escaped, it cannot drive
+            // the user's terminal.
+            println!("{}", stopover::human::printable(&receipt.line));
             match receipt.verdict() {
                 Verdict::Verified => Ok(ExitCode::SUCCESS),
                 Verdict::Refused(_) => Ok(ExitCode::from(EXIT_FAILURE)),

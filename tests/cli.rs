@@ -124,6 +124,29 @@ fn client_exits_1_on_an_err_answer_and_on_a_garbled_one() {
 }
 
 #[test]
+fn the_client_escapes_control_characters_in_the_answer_it_prints() {
+    let fake = TcpListener::bind(loopback0()).unwrap();
+    let addr = fake.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut sock, _) = fake.accept().unwrap();
+        let _ = read_all(&mut sock);
+        answer_and_close(&mut sock, "ERR \x1b]0;owned\x07\x1b[2Jcleared\n");
+    });
+    let out = Command::new(bin())
+        .args(["client", "--to", &addr.to_string(), "-"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        !stdout.contains('\x1b') && !stdout.contains('\x07'),
+        "raw control characters reached the terminal: {stdout:?}"
+    );
+    assert_eq!(stdout, "ERR \\u{1b}]0;owned\\u{7}\\u{1b}[2Jcleared\n");
+}
+
+#[test]
 fn bad_input_gets_one_clear_line_and_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let plain_file = dir.path().join("plain");
@@ -199,6 +222,14 @@ fn bad_input_gets_one_clear_line_and_exit_1() {
                 "f".into(),
             ],
             "invalid value",
+        ),
+        (
+            vec![
+                "server".into(),
+                "--grace".into(),
+                "10000000000000000000s".into(),
+            ],
+            "longer than the longest allowed",
         ),
         (vec!["teleport".into()], "unrecognized subcommand"),
     ];

@@ -152,19 +152,23 @@ impl Acceptor {
                     return None;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_out_of_descriptors(&e) => {
+                // ECONNABORTED and friends: that one connection is gone,
+                // the listener is fine; take the next.
+                Err(e) if is_per_connection(&e) => log::debug!("{}: accept: {e}", self.role),
+                // Out of descriptors, of memory or buffers, or anything we
+                // do not know: the pending connection stays queued and the
+                // listener stays readable, so retrying now would spin.
+                Err(e) => {
                     self.out_of_descriptors(&e, open);
                     return None;
                 }
-                // ECONNABORTED and friends: that one connection is gone,
-                // the listener is fine.
-                Err(e) => log::debug!("{}: accept: {e}", self.role),
             }
         }
     }
 
-    /// Something ran out of descriptors (`accept`, or a role creating a
-    /// file): stop accepting for a moment (`AcceptGate::BACKOFF`).
+    /// Something ran out of descriptors or other resources (`accept`, or a
+    /// role creating a file): stop accepting for a moment
+    /// (`AcceptGate::BACKOFF`).
     pub fn out_of_descriptors(&mut self, e: &io::Error, open: usize) {
         self.gate.out_of_descriptors(e, open);
     }
@@ -236,6 +240,29 @@ fn bind_listener(addr: SocketAddr, role: &str) -> io::Result<TcpListener> {
 /// spin at 100% CPU. The remedy is to stop accepting for a moment.
 pub fn is_out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// True for the `accept` errors that concern only the one connection being
+/// accepted (it was aborted, refused by a firewall, or hit a network error
+/// that Linux reports on accept): the listener is fine. Every other error
+/// (EMFILE, ENFILE, ENOBUFS, ENOMEM, ...) is the loop's problem, and the
+/// loop backs off instead of retrying at once.
+pub fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
 }
 
 /// Decides when the listener may accept, so that a loop never runs out of
@@ -451,5 +478,30 @@ impl GracefulStop {
             );
         }
         requests >= 2 || in_flight == 0 || self.until.is_some_and(|t| now >= t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_per_connection_accept_errors_are_retried_at_once() {
+        let err = io::Error::from_raw_os_error;
+        for errno in [libc::ECONNABORTED, libc::EPROTO, libc::ENETDOWN] {
+            assert!(is_per_connection(&err(errno)), "errno {errno}");
+        }
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EINVAL,
+        ] {
+            assert!(
+                !is_per_connection(&err(errno)),
+                "errno {errno} must back off"
+            );
+        }
     }
 }

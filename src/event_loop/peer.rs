@@ -415,19 +415,26 @@ impl Peer {
     }
 }
 
-/// Errors that mean the connection is gone, as opposed to a file error
-/// reported by the same call (`sendfile` fails for both).
+/// Errors that mean the connection (or the network under it) is gone, as
+/// opposed to a file error reported by the same call (`sendfile` fails for
+/// both).
 pub fn is_connection_error(e: &io::Error) -> bool {
-    use io::ErrorKind::*;
     matches!(
-        e.kind(),
-        BrokenPipe
-            | ConnectionReset
-            | ConnectionAborted
-            | NotConnected
-            | TimedOut
-            | HostUnreachable
-            | NetworkUnreachable
+        e.raw_os_error(),
+        Some(
+            libc::EPIPE
+                | libc::ECONNRESET
+                | libc::ECONNABORTED
+                | libc::ECONNREFUSED
+                | libc::ENOTCONN
+                | libc::ETIMEDOUT
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::ENETDOWN
+                | libc::ENETRESET
+                | libc::EHOSTDOWN
+                | libc::ENONET
+        )
     )
 }
 
@@ -528,6 +535,23 @@ pub(crate) mod tests {
             .read_to_end(&mut rest)
             .expect("a clean EOF after the data");
         assert_eq!(rest, b"bye");
+    }
+
+    #[test]
+    fn network_errors_are_connection_errors_and_disk_errors_are_not() {
+        let err = io::Error::from_raw_os_error;
+        for errno in [
+            libc::EPIPE,
+            libc::ECONNRESET,
+            libc::ENETDOWN,
+            libc::ENETRESET,
+            libc::EHOSTDOWN,
+        ] {
+            assert!(is_connection_error(&err(errno)), "errno {errno}");
+        }
+        for errno in [libc::EIO, libc::ENOSPC, libc::EFBIG] {
+            assert!(!is_connection_error(&err(errno)), "errno {errno}");
+        }
     }
 
     #[test]
