@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::event_loop::MinRate;
+
 /// A client -> proxy -> server file relay on hand-driven mio poll loops.
 ///
 /// The client sends a file to the proxy; the proxy stores it in a spool file
@@ -79,6 +81,12 @@ pub struct Limits {
     /// Close a connection that moves no byte for this long (0s: never).
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+
+    /// Abort an upload that brings in fewer than RATE bytes a second,
+    /// averaged over WINDOW (default 10s): the slowloris defence. `0` turns
+    /// it off. E.g. 128B, 1KiB/30s.
+    #[arg(long, default_value = "128B/10s", value_name = "RATE[/WINDOW]", value_parser = parse_min_rate)]
+    pub min_rate: MinRateArg,
 
     /// On SIGINT/SIGTERM, how long transfers in flight may take to finish
     /// (a second signal stops at once).
@@ -194,6 +202,27 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     parse_size::parse_size(text).map_err(|e| format!("{e} (try e.g. 64KiB, 100MB, 1GiB)"))
 }
 
+/// `--min-rate`: a minimum, or `0` for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinRateArg(pub Option<MinRate>);
+
+/// Parses `0`, `RATE` (bytes a second, e.g. `128B`, `1KiB`) or
+/// `RATE/WINDOW` (e.g. `1KiB/30s`).
+pub fn parse_min_rate(text: &str) -> Result<MinRateArg, String> {
+    if text.trim() == "0" {
+        return Ok(MinRateArg(None));
+    }
+    let (rate, window) = match text.split_once('/') {
+        Some((rate, window)) => (rate, parse_duration(window)?),
+        None => (text, MinRate::WINDOW),
+    };
+    let per_second = parse_bytes(rate)?;
+    if per_second == 0 || window.is_zero() {
+        return Err("use 0 to turn the minimum rate off".into());
+    }
+    Ok(MinRateArg(Some(MinRate { per_second, window })))
+}
+
 /// The longest duration any flag takes. Far beyond any real use, and far
 /// below what a clock can add without overflowing (a larger value once
 /// made `--grace` panic on SIGTERM).
@@ -245,6 +274,19 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_min_rate("0"), Ok(MinRateArg(None)));
+        assert_eq!(
+            parse_min_rate("1KiB/30s"),
+            Ok(MinRateArg(Some(MinRate {
+                per_second: 1024,
+                window: Duration::from_secs(30)
+            })))
+        );
+        assert_eq!(
+            parse_min_rate("128B/10s"),
+            Ok(MinRateArg(Some(MinRate::DEFAULT)))
+        );
+        assert!(parse_min_rate("fast").is_err());
         assert!(parse_duration("10000000000000000000s").is_err());
         assert_eq!(parse_duration("3650days"), Ok(MAX_DURATION));
     }

@@ -73,6 +73,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 max_conns: args.limits.max_conns.map(|n| n as usize),
                 max_bytes: args.limits.max_bytes,
                 idle_timeout: nonzero(args.limits.idle_timeout),
+                min_rate: args.limits.min_rate.0,
                 grace: args.limits.grace,
                 fsync: args.fsync,
             })
@@ -91,6 +92,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 max_conns: args.limits.max_conns.map(|n| n as usize),
                 max_bytes: args.limits.max_bytes,
                 idle_timeout: nonzero(args.limits.idle_timeout),
+                min_rate: args.limits.min_rate.0,
                 connect_timeout: args.connect_timeout,
                 grace: args.limits.grace,
             })

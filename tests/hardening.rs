@@ -74,7 +74,7 @@ fn upstream_that_never_reads_is_timed_out_and_proxy_memory_stays_bounded() {
     });
     let dir = tempfile::tempdir().unwrap();
     let proxy = spawn_proxy(up_addr, dir.path(), &["--idle-timeout", "1s"]);
-    let baseline = proxy.rss_kib();
+    let baseline = peak_rss_kib(proxy.pid());
     let data = random_bytes(48 << 20, 61);
     let receipt = send(proxy.addr, &data).expect("an answer comes back");
     assert!(
@@ -84,10 +84,12 @@ fn upstream_that_never_reads_is_timed_out_and_proxy_memory_stays_bounded() {
         "{}",
         receipt.line
     );
-    let peak = proxy.rss_kib();
+    // The peak (VmHWM), not the RSS after the fact: memory held during the
+    // transfer and released since must count.
+    let peak = peak_rss_kib(proxy.pid());
     assert!(
         peak < baseline + 8 * 1024,
-        "proxy RSS {baseline} -> {peak} KiB"
+        "proxy peak RSS {baseline} -> {peak} KiB"
     );
     drop(hold_rx);
 }
@@ -131,18 +133,61 @@ fn two_thousand_connect_then_close_peers_leave_both_daemons_serving() {
     wait_until("every connection is released", || {
         (conn_fds(proxy.pid()), conn_fds(server.pid())) == base
     });
-    assert!(proxy
+    let logs: Vec<String> = proxy
         .log_lines()
-        .iter()
-        .chain(server.log_lines().iter())
-        .all(|l| !l.contains("panicked")));
+        .into_iter()
+        .chain(server.log_lines())
+        .collect();
+    assert!(logs.iter().all(|l| !l.contains("panicked")));
+    // What they leave: a reset before any byte leaves nothing (and no
+    // warning); a clean close is an empty upload, stored as an empty file
+    // on both daemons (see README, "Faults, limits and hostile peers").
+    for dir in [dirs.path().join("r"), dirs.path().join("s")] {
+        let names = file_names(&dir);
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.ends_with(".part") && !n.ends_with(".incomplete")),
+            "{}: partials left: {:?}",
+            dir.display(),
+            names
+                .iter()
+                .filter(|n| n.contains("."))
+                .take(5)
+                .collect::<Vec<_>>()
+        );
+        let empty = names
+            .iter()
+            .filter(|n| std::fs::metadata(dir.join(n)).is_ok_and(|m| m.len() == 0))
+            .count();
+        assert_eq!(
+            empty,
+            1000,
+            "{}: one empty file per clean close",
+            dir.display()
+        );
+    }
+    let warnings = logs.iter().filter(|l| l.contains("WARN")).count();
+    assert!(
+        warnings <= 2,
+        "the resets flooded the log: {warnings} warnings"
+    );
 }
 
 #[test]
-fn three_hundred_slowloris_peers_do_not_stop_a_good_client() {
-    let sys = start_system();
-    let mut slow: Vec<TcpStream> = (0..300)
-        .map(|_| TcpStream::connect(sys.proxy.addr).unwrap())
+fn slowloris_peers_at_capacity_are_cut_and_a_good_client_is_served() {
+    // Every slot taken by a peer trickling one byte every 50 ms: just
+    // enough to never be idle. Only --min-rate frees the slots.
+    const SLOTS: usize = 50;
+    let dirs = tempfile::tempdir().unwrap();
+    let server = spawn_server(&dirs.path().join("r"), &[]);
+    let proxy = spawn_proxy(
+        server.addr,
+        &dirs.path().join("s"),
+        &["--max-conns", &SLOTS.to_string(), "--min-rate", "1KiB/1s"],
+    );
+    let mut slow: Vec<TcpStream> = (0..SLOTS)
+        .map(|_| TcpStream::connect(proxy.addr).unwrap())
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let trickler = {
@@ -159,13 +204,46 @@ fn three_hundred_slowloris_peers_do_not_stop_a_good_client() {
             slow
         })
     };
+    proxy.wait_for_log("at capacity");
     let data = random_bytes(8 << 20, 63);
-    let receipt = send(sys.proxy.addr, &data).expect("the good client completes");
+    let receipt = send(proxy.addr, &data).expect("the good client completes");
     assert_eq!(receipt.verdict(), Verdict::Verified);
     stop.store(true, Ordering::SeqCst);
     for s in trickler.join().unwrap() {
         reset(s);
     }
+    proxy.wait_for_log("below --min-rate");
+}
+
+#[test]
+fn the_server_cuts_a_trickling_upload_below_its_minimum_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_server(dir.path(), &["--max-conns", "1", "--min-rate", "1KiB/1s"]);
+    let mut slow = TcpStream::connect(server.addr).unwrap();
+    slow.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut buf = [0u8; 8];
+    let mut cut = false;
+    for _ in 0..100 {
+        // 10 bytes a second: alive, never idle, far too slow.
+        if slow.write_all(b"x").is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100)); // pacing the slow peer
+    }
+    if !cut {
+        cut = matches!(slow.read(&mut buf), Ok(0) | Err(_));
+    }
+    assert!(cut, "the trickling upload was never cut");
+    server.wait_for_log("below --min-rate");
+    assert_eq!(
+        send(server.addr, b"a real upload").unwrap().verdict(),
+        Verdict::Verified,
+        "its slot is free again"
+    );
+    wait_until("the partial is removed", || {
+        file_names(dir.path()).iter().all(|n| !n.ends_with(".part"))
+    });
 }
 
 #[test]
@@ -174,10 +252,15 @@ fn idle_peers_are_closed_after_the_idle_timeout() {
     let server = spawn_server(dir.path(), &["--idle-timeout", "1s"]);
     let mut quiet = TcpStream::connect(server.addr).unwrap();
     quiet.write_all(b"a few bytes, then silence").unwrap();
+    quiet.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut buf = [0u8; 16];
-    // The server closes on us: read sees EOF (or a reset).
-    let n = quiet.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0, "closed without an answer");
+    // The server closes on us (with a reset: the upload was aborted). A
+    // broken idle timeout shows as the read timing out.
+    match quiet.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the server to close without an answer, got {other:?}"),
+    }
     server.wait_for_log("idle for 1s: upload aborted");
     wait_until("the partial file is removed", || {
         file_names(dir.path()).is_empty()
@@ -246,11 +329,13 @@ fn max_bytes_refuses_large_uploads_and_removes_the_partial() {
             "at the limit is fine"
         );
     }
+    // A refused upload is nobody's copy: no .part at the server and no
+    // .part or .incomplete at the proxy.
     wait_until("no partial files remain", || {
         file_names(&recv)
             .iter()
             .chain(file_names(&spool).iter())
-            .all(|n| !n.ends_with(".part"))
+            .all(|n| !n.ends_with(".part") && !n.ends_with(".incomplete"))
     });
     assert_eq!(final_files(&recv).len(), 2);
     assert_eq!(
@@ -291,7 +376,7 @@ fn sigterm_lets_transfers_in_flight_finish_then_exits_0() {
 fn shutdown_grace_runs_out_and_unfinished_uploads_are_kept_incomplete() {
     let dirs = tempfile::tempdir().unwrap();
     let (recv, spool) = (dirs.path().join("r"), dirs.path().join("s"));
-    let mut server = spawn_server(&recv, &["--grace", "300ms"]);
+    let server = spawn_server(&recv, &["--grace", "300ms"]);
     let mut proxy = spawn_proxy(server.addr, &spool, &["--grace", "300ms"]);
     let mut stuck = TcpStream::connect(proxy.addr).unwrap();
     stuck.write_all(b"never finished").unwrap();
@@ -307,14 +392,21 @@ fn shutdown_grace_runs_out_and_unfinished_uploads_are_kept_incomplete() {
         kept.len() == 1 && kept[0].ends_with(".incomplete"),
         "{kept:?}"
     );
-    // And a second signal stops at once, whatever the grace.
+    drop(server);
+    // And a second signal stops at once: with an hour of grace, only the
+    // second signal can end it before the watchdog does.
+    let mut server = spawn_server(&recv, &["--grace", "1h"]);
     let mut hanging = TcpStream::connect(server.addr).unwrap();
     hanging.write_all(b"x").unwrap();
     wait_until("the server has it", || !file_names(&recv).is_empty());
     unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
     server.wait_for_log("shutting down");
     unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
-    assert_eq!(server.child.wait().unwrap().code(), Some(0));
+    let pid = server.pid();
+    wait_until("the second signal stops the server", || {
+        matches!(server.child.try_wait(), Ok(Some(_)))
+    });
+    assert_eq!(server.child.wait().unwrap().code(), Some(0), "pid {pid}");
     assert!(
         final_files(&recv).is_empty(),
         "no final name for an unfinished upload"
@@ -505,12 +597,10 @@ fn proxy_spool_write_failure_gets_err_and_the_server_keeps_nothing() {
         file_names(&recv).iter().all(|n| !n.ends_with(".part"))
     });
     assert!(final_files(&recv).is_empty());
+    let kept = file_names(&spool);
     assert!(
-        file_names(&spool)
-            .iter()
-            .all(|n| n.ends_with(".incomplete")),
-        "{:?}",
-        file_names(&spool)
+        kept.len() == 1 && kept[0].ends_with(".incomplete"),
+        "the partial spool is kept as .incomplete: {kept:?}"
     );
     // Still serving.
     assert_eq!(

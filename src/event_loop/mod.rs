@@ -10,6 +10,7 @@
 //! - [`peer`]: a socket and its readiness, where every read, write and
 //!   `sendfile` goes through one verdict, [`Io`];
 //! - [`reply`]: our own answer line, then a clean close;
+//! - [`guard`]: the minimum upload rate, and throttled warnings;
 //! - [`timer`]: deadlines the loop waits on instead of sleeping.
 //!
 //! Reserved tokens live here too. Connection tokens are derived from slab
@@ -17,6 +18,7 @@
 //! ones sit at the very top of the token space where no key can reach.
 
 pub mod accept;
+pub mod guard;
 pub mod peer;
 pub mod reply;
 pub mod timer;
@@ -32,6 +34,7 @@ use mio::{Events, Poll, Registry, Token};
 use crate::error::Context as _;
 
 pub use accept::{AcceptConfig, Acceptor, StopHandle};
+pub use guard::{MinRate, RateWindow, Throttle};
 pub use peer::{Io, Peer, Who};
 pub use reply::{Reply, ReplyStep, DISCARD_LIMIT};
 pub use timer::{TimerId, Timers};
@@ -58,6 +61,8 @@ pub struct Context<T> {
     pub scratch: Box<[u8]>,
     /// The listening side: accept, gate, stop.
     pub acceptor: Acceptor,
+    /// Warnings about aborted uploads, throttled (see [`Throttle`]).
+    pub aborts: Throttle,
 }
 
 impl<T> Context<T> {
@@ -73,6 +78,7 @@ impl<T> Context<T> {
             timers: Timers::new(),
             scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
             acceptor,
+            aborts: Throttle::default(),
         })
     }
 }

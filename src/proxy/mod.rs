@@ -39,7 +39,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon};
+use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon, MinRate};
 use crate::store::Store;
 
 use transfer::{Next, Outcome, Policy, Side, Transfer};
@@ -62,6 +62,8 @@ pub struct ProxyConfig {
     pub max_bytes: Option<u64>,
     /// Close a transfer that moves no byte for this long (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// Abort an upload slower than this (`None`: no minimum).
+    pub min_rate: Option<MinRate>,
     /// Give up on an upstream connect after this long.
     pub connect_timeout: Duration,
     /// On shutdown, how long transfers in flight may take to finish.
@@ -78,6 +80,7 @@ impl Default for ProxyConfig {
             max_conns: None,
             max_bytes: None,
             idle_timeout: Some(Duration::from_secs(60)),
+            min_rate: Some(MinRate::DEFAULT),
             connect_timeout: Duration::from_secs(5),
             grace: Duration::from_secs(10),
         }
@@ -152,6 +155,8 @@ pub enum Timer {
     ConnectTimeout { key: usize, id: u64 },
     /// Check whether the transfer has been idle too long.
     Idle { key: usize, id: u64 },
+    /// A `--min-rate` window is over.
+    Rate { key: usize, id: u64 },
 }
 
 /// Counters reported when the proxy stops.
@@ -192,6 +197,7 @@ impl Proxy {
                 upstream: config.upstream,
                 hold: config.hold,
                 max_bytes: config.max_bytes,
+                min_rate: config.min_rate,
                 connect_timeout: config.connect_timeout,
             },
             idle_timeout: config.idle_timeout,
@@ -306,7 +312,8 @@ impl event_loop::Handler for Core {
         let (key, id) = match timer {
             Timer::HoldOver { key, id }
             | Timer::ConnectTimeout { key, id }
-            | Timer::Idle { key, id } => (key, id),
+            | Timer::Idle { key, id }
+            | Timer::Rate { key, id } => (key, id),
         };
         let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) else {
             return; // its transfer is gone
@@ -322,6 +329,7 @@ impl event_loop::Handler for Core {
                     t.set_idle_timer(cx.timers.schedule(at, Timer::Idle { key, id }));
                 }
             }
+            Timer::Rate { .. } => t.check_rate(cx, &self.policy),
         }
         self.drive(cx, key);
     }

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use crate::answer::Answer;
 use crate::error::brief;
-use crate::event_loop::{Io, Peer, Reply, ReplyStep, TimerId};
+use crate::event_loop::{Io, Peer, RateWindow, Reply, ReplyStep, Throttle, TimerId};
 use crate::human::mb_per_s;
 use crate::store::PartFile;
 
@@ -33,6 +33,9 @@ pub(super) struct Conn {
     /// Last time a byte moved either way (for the idle timeout).
     pub last_active: Instant,
     pub idle_timer: Option<TimerId>,
+    /// The `--min-rate` window, and its timer while the upload runs.
+    pub rate: RateWindow,
+    pub rate_timer: Option<TimerId>,
     pub state: State,
 }
 
@@ -62,6 +65,14 @@ pub(super) enum Next {
 }
 
 impl State {
+    /// Upload bytes received so far, while receiving.
+    pub fn received(&self) -> Option<u64> {
+        match self {
+            State::Receiving(part) => Some(part.bytes()),
+            State::Answering(_) => None,
+        }
+    }
+
     /// The state for refusing an upload with `reason`.
     pub fn refusal(reason: &str) -> State {
         State::Answering(Reply::new(&Answer::err(reason)))
@@ -98,7 +109,13 @@ impl Conn {
     }
 
     /// Makes all the progress the socket's readiness allows.
-    pub fn drive(&mut self, scratch: &mut [u8], stats: &mut Stats, policy: Policy) -> Next {
+    pub fn drive(
+        &mut self,
+        scratch: &mut [u8],
+        stats: &mut Stats,
+        policy: Policy,
+        aborts: &mut Throttle,
+    ) -> Next {
         loop {
             match &mut self.state {
                 State::Receiving(part) => {
@@ -146,13 +163,22 @@ impl Conn {
                         Io::Failed(e) => {
                             // A reset (or any error) before EOF: the upload
                             // is not complete, so it must not get a final
-                            // name. Nobody is left to answer.
-                            log::warn!(
-                                "server: upload from {} aborted after {} bytes ({e}); removed {}",
-                                self.addr,
-                                part.bytes(),
-                                part.path().display()
-                            );
+                            // name. Nobody is left to answer. (A connection
+                            // reset before its first byte is a port scan or
+                            // a change of mind: not worth a warning.)
+                            if part.bytes() == 0 {
+                                log::debug!(
+                                    "server: {} reset before sending anything ({e})",
+                                    self.addr
+                                );
+                            } else {
+                                aborts.warn(format_args!(
+                                    "server: upload from {} aborted after {} bytes ({e}); removed {}",
+                                    self.addr,
+                                    part.bytes(),
+                                    part.path().display()
+                                ));
+                            }
                             stats.aborted += 1;
                             return Next::Abort;
                         }

@@ -55,7 +55,7 @@ use mio::{Interest, Token};
 use slab::Slab;
 
 use crate::error::brief;
-use crate::event_loop::{self, AcceptConfig, Context, Daemon, Peer, Who};
+use crate::event_loop::{self, AcceptConfig, Context, Daemon, MinRate, Peer, RateWindow, Who};
 use crate::store::Store;
 use crate::sys;
 
@@ -89,6 +89,8 @@ pub struct ServerConfig {
     pub max_bytes: Option<u64>,
     /// Close a connection that moves no byte for this long (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// Abort an upload slower than this (`None`: no minimum).
+    pub min_rate: Option<MinRate>,
     /// On shutdown, how long transfers in flight may take to finish.
     pub grace: Duration,
     /// Sync each file and its directory entry before answering `OK`.
@@ -103,6 +105,7 @@ impl Default for ServerConfig {
             max_conns: None,
             max_bytes: None,
             idle_timeout: Some(Duration::from_secs(60)),
+            min_rate: Some(MinRate::DEFAULT),
             grace: Duration::from_secs(10),
             fsync: false,
         }
@@ -114,6 +117,8 @@ impl Default for ServerConfig {
 pub enum Timer {
     /// Check whether connection `key` (identity `id`) has been idle too long.
     Idle { key: usize, id: u64 },
+    /// A `--min-rate` window of connection `key` is over.
+    Rate { key: usize, id: u64 },
 }
 
 /// Counters reported when the server stops.
@@ -139,6 +144,7 @@ pub struct Core {
     stats: Stats,
     policy: Policy,
     idle_timeout: Option<Duration>,
+    min_rate: Option<MinRate>,
     /// Identity for the next connection (slab keys are reused; ids are not).
     next_id: u64,
 }
@@ -158,6 +164,7 @@ impl Server {
                 fsync: config.fsync,
             },
             idle_timeout: config.idle_timeout,
+            min_rate: config.min_rate,
             next_id: 0,
         };
         let server = Daemon::new(
@@ -258,6 +265,13 @@ impl event_loop::Handler for Core {
         let idle_timer = self
             .idle_timeout
             .map(|idle| cx.timers.schedule(now + idle, Timer::Idle { key, id }));
+        let rate_timer = match (&state, self.min_rate) {
+            (State::Receiving(_), Some(rate)) => Some(
+                cx.timers
+                    .schedule(now + rate.window, Timer::Rate { key, id }),
+            ),
+            _ => None,
+        };
         // Optimistic: data may have arrived with the connection, and a
         // read that finds nothing just returns WouldBlock.
         let mut peer = Peer::accepted(sock, who);
@@ -269,6 +283,8 @@ impl event_loop::Handler for Core {
             started: now,
             last_active: now,
             idle_timer,
+            rate: RateWindow::new(now, 0),
+            rate_timer,
             state,
         });
         log::debug!("server: accepted {addr} as #{key}");
@@ -290,6 +306,7 @@ impl event_loop::Handler for Core {
     fn timer_fired(&mut self, cx: &mut Context<Timer>, timer: Timer) {
         match timer {
             Timer::Idle { key, id } => self.check_idle(cx, key, id),
+            Timer::Rate { key, id } => self.check_rate(cx, key, id),
         }
     }
 }
@@ -299,7 +316,12 @@ impl Core {
     /// it if it is finished.
     fn drive(&mut self, cx: &mut Context<Timer>, key: usize) {
         let conn = &mut self.conns[key];
-        match conn.drive(&mut cx.scratch, &mut self.stats, self.policy) {
+        match conn.drive(
+            &mut cx.scratch,
+            &mut self.stats,
+            self.policy,
+            &mut cx.aborts,
+        ) {
             Next::Keep => {}
             Next::Close => self.close(cx, key, true),
             Next::Abort => self.close(cx, key, false),
@@ -311,7 +333,7 @@ impl Core {
     fn close(&mut self, cx: &mut Context<Timer>, key: usize, clean: bool) {
         let conn = self.conns.remove(key);
         log::trace!("server: #{key} closed ({})", conn.addr);
-        if let Some(id) = conn.idle_timer {
+        for id in [conn.idle_timer, conn.rate_timer].into_iter().flatten() {
             cx.timers.cancel(id);
         }
         conn.close(clean);
@@ -353,12 +375,12 @@ impl Core {
         let for_how_long = humantime::format_duration(idle);
         match &conn.state {
             State::Receiving(part) => {
-                log::warn!(
+                cx.aborts.warn(format_args!(
                     "server: {} idle for {for_how_long}: upload aborted after {} bytes; removed {}",
                     conn.addr,
                     part.bytes(),
                     part.path().display()
-                );
+                ));
                 self.stats.aborted += 1;
             }
             State::Answering(_) => {
@@ -366,5 +388,39 @@ impl Core {
             }
         }
         self.close(cx, key, false);
+    }
+
+    /// A `--min-rate` window of connection `key` is over: an upload that
+    /// brought in too little is aborted (the slowloris defence: see
+    /// `event_loop::guard`).
+    fn check_rate(&mut self, cx: &mut Context<Timer>, key: usize, id: u64) {
+        let Some(rate) = self.min_rate else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == id) else {
+            return;
+        };
+        conn.rate_timer = None;
+        // Count what is queued too (see check_idle: the low-water mark).
+        conn.peer.mark_readable();
+        self.drive(cx, key);
+        let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == id) else {
+            return;
+        };
+        let Some(received) = conn.state.received() else {
+            return; // the upload is over: nothing left to judge
+        };
+        match conn.rate.check(&rate, Instant::now(), received) {
+            Ok(next) => conn.rate_timer = Some(cx.timers.schedule(next, Timer::Rate { key, id })),
+            Err(came) => {
+                cx.aborts.warn(format_args!(
+                    "server: {} too slow: {came} bytes in {}, below --min-rate {rate}; upload aborted",
+                    conn.addr,
+                    humantime::format_duration(rate.window)
+                ));
+                self.stats.aborted += 1;
+                self.close(cx, key, false);
+            }
+        }
     }
 }

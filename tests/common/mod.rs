@@ -170,6 +170,12 @@ pub fn rss_kib(pid: u32) -> u64 {
     status.vmrss.expect("VmRSS in /proc status")
 }
 
+/// Peak resident set size in KiB (VmHWM): the most a process has held.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = process(pid).status().expect("read /proc status");
+    status.vmhwm.expect("VmHWM in /proc status")
+}
+
 /// CPU seconds (user + system) a process has used.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = process(pid).stat().expect("read /proc stat");

@@ -17,11 +17,11 @@ use std::io;
 
 use crate::answer::Answer;
 use crate::error::brief;
-use crate::event_loop::Reply;
+use crate::event_loop::{Context, Reply};
 use crate::store::PartFile;
 
 use super::upload::{Link, Source};
-use super::{Outcome, Policy, State, Transfer};
+use super::{Outcome, Policy, State, Timer, Transfer};
 
 impl State {
     /// The resources a state holds, for the failure paths to dispose of.
@@ -164,7 +164,12 @@ impl Transfer {
 
     /// The client's connection failed (reset, idle, or lost while we wrote
     /// to it). Nobody is left to answer.
-    pub(super) fn client_lost(&mut self, old: State, e: io::Error) -> State {
+    pub(super) fn client_lost(
+        &mut self,
+        old: State,
+        e: io::Error,
+        cx: &mut Context<Timer>,
+    ) -> State {
         let holding = matches!(old, State::Holding { .. });
         let (spool, link) = old.into_parts();
         if holding {
@@ -184,16 +189,30 @@ impl Transfer {
             if let Some(link) = link {
                 link.up.reset();
             }
-            let bytes = spool.as_ref().map_or(0, |s| s.bytes());
-            let kept = match spool.map(PartFile::keep_incomplete) {
-                Some(Ok(path)) => path.display().to_string(),
-                Some(Err(e)) => format!("(not kept: {e})"),
-                None => "(no spool)".to_string(),
-            };
-            log::warn!(
-                "proxy: client {} aborted its upload after {bytes} bytes ({e}); kept as {kept}",
-                self.client_addr
-            );
+            match spool {
+                // Nothing was sent: a port scan, or a change of mind. No
+                // file and no warning; a flood of them must not fill the
+                // directory or the log.
+                Some(spool) if spool.bytes() == 0 => {
+                    log::debug!(
+                        "proxy: client {} went away before sending anything ({e})",
+                        self.client_addr
+                    );
+                    spool.discard();
+                }
+                spool => {
+                    let bytes = spool.as_ref().map_or(0, |s| s.bytes());
+                    let kept = match spool.map(PartFile::keep_incomplete) {
+                        Some(Ok(path)) => path.display().to_string(),
+                        Some(Err(e)) => format!("(not kept: {e})"),
+                        None => "(no spool)".to_string(),
+                    };
+                    cx.aborts.warn(format_args!(
+                        "proxy: client {} aborted its upload after {bytes} bytes ({e}); kept as {kept}",
+                        self.client_addr
+                    ));
+                }
+            }
         }
         State::aborted()
     }

@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::TcpStream;
 
-use crate::event_loop::{Context, Peer, Reply, ReplyStep, TimerId, Who};
+use crate::event_loop::{Context, MinRate, Peer, RateWindow, Reply, ReplyStep, TimerId, Who};
 use crate::store::PartFile;
 
 use super::Timer;
@@ -116,6 +116,8 @@ pub struct Policy {
     pub hold: Option<Duration>,
     /// Largest upload accepted (`--max-bytes`).
     pub max_bytes: Option<u64>,
+    /// Slowest upload accepted (`--min-rate`).
+    pub min_rate: Option<MinRate>,
     /// Longest an upstream connect may take (`--connect-timeout`).
     pub connect_timeout: Duration,
 }
@@ -225,6 +227,9 @@ pub struct Transfer {
     /// Last time a byte moved either way (for the idle timeout).
     last_active: Instant,
     idle_timer: Option<TimerId>,
+    /// The `--min-rate` window, and its timer while the upload runs.
+    rate: RateWindow,
+    rate_timer: Option<TimerId>,
     state: State,
 }
 
@@ -255,6 +260,10 @@ impl Transfer {
             started: now,
             last_active: now,
             idle_timer: None,
+            rate: RateWindow::new(now, 0),
+            rate_timer: policy
+                .min_rate
+                .map(|r| cx.timers.schedule(now + r.window, Timer::Rate { key, id })),
             state: State::aborted(),
         };
         t.state = match policy.hold {
@@ -373,7 +382,7 @@ impl Transfer {
             }
             (old, Happened::TooLarge(limit)) => self.too_large(old, limit),
             (old, Happened::SpoolFailed(e)) => self.spool_failed(old, e),
-            (old, Happened::ClientLost(e)) => self.client_lost(old, e),
+            (old, Happened::ClientLost(e)) => self.client_lost(old, e, cx),
             (State::Streaming { spool, link }, Happened::Relayed) => {
                 self.log_relayed(&spool, &link, policy);
                 link.up.close(); // both directions ended well
@@ -447,7 +456,9 @@ impl Transfer {
     /// The timers this transfer may have pending, for the loop to cancel
     /// when the transfer ends.
     pub fn timers(&self) -> impl Iterator<Item = TimerId> {
-        [self.state.timer(), self.idle_timer].into_iter().flatten()
+        [self.state.timer(), self.idle_timer, self.rate_timer]
+            .into_iter()
+            .flatten()
     }
 
     /// Records the transfer's (re-armed) idle timer.
@@ -471,6 +482,48 @@ impl Transfer {
         if let State::Holding { .. } = self.state {
             self.on(Happened::HoldOver, cx, policy);
         }
+    }
+
+    /// A `--min-rate` window is over: abort an upload that brought in too
+    /// little, unless we were the ones not reading (back-pressure) or the
+    /// upload is already complete. Re-arms itself while the upload runs.
+    pub fn check_rate(&mut self, cx: &mut Context<Timer>, policy: &Policy) {
+        self.rate_timer = None;
+        let Some(rate) = policy.min_rate else {
+            return;
+        };
+        if self.client.eof() {
+            return; // the upload is over: nothing left to judge
+        }
+        let now = Instant::now();
+        let (received, our_fault) = match &self.state {
+            State::Receiving { spool } | State::Salvaging { spool, .. } => (spool.bytes(), false),
+            State::Connecting { spool, link, .. } | State::Streaming { spool, link } => (
+                spool.bytes(),
+                link.forwarding() && link.lag(spool) >= LAG_LIMIT,
+            ),
+            _ => return,
+        };
+        let next = if our_fault {
+            self.rate.restart(now, received, &rate)
+        } else {
+            match self.rate.check(&rate, now, received) {
+                Ok(next) => next,
+                Err(came) => {
+                    let e = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "too slow: {came} bytes in {}, below --min-rate {rate}",
+                            humantime::format_duration(rate.window)
+                        ),
+                    );
+                    self.on(Happened::ClientLost(e), cx, policy);
+                    return;
+                }
+            }
+        };
+        let (key, id) = (self.key, self.id);
+        self.rate_timer = Some(cx.timers.schedule(next, Timer::Rate { key, id }));
     }
 
     /// The idle timer fired. Returns when to check again, or `None` when
