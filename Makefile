@@ -3,7 +3,7 @@
 CARGO ?= cargo
 BIN   := target/release/stopover
 
-.PHONY: build test lint bench demo demo-trace diagrams run-server run-proxy clean
+.PHONY: build test lint bench demo demo-trace diagrams run-server run-proxy install clean
 
 ## build: release build of the `stopover` binary
 build:
@@ -43,6 +43,21 @@ run-server: build
 ## run-proxy: a proxy in the foreground on the defaults (127.0.0.1:8000 -> :9000, ./spool)
 run-proxy: build
 	$(BIN) proxy
+
+## install: the binary, shell completions (bash, zsh, fish) and the man
+## page, all generated from the same clap definitions, under PREFIX
+## (default /usr/local; e.g. `make install PREFIX=$$HOME/.local`)
+PREFIX ?= /usr/local
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)$(PREFIX)/share/zsh/site-functions \
+		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/stopover
+	$(BIN) manpage > $(DESTDIR)$(PREFIX)/share/man/man1/stopover.1
+	$(BIN) completions bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/stopover
+	$(BIN) completions zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_stopover
+	$(BIN) completions fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/stopover.fish
 
 ## clean: remove build output and demo files
 clean:

@@ -3,7 +3,6 @@
 //! Only parsing lives here; `main.rs` turns the parsed arguments into the
 //! roles' config structs and runs them.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,15 +17,21 @@ use crate::event_loop::MinRate;
 /// `OK bytes=<n> crc32c=<hex> file=<name>`, and the answer travels back to
 /// the client, which checks it against what it sent.
 #[derive(Debug, Parser)]
-#[command(name = "stopover", version, propagate_version = true)]
+#[command(name = "stopover", version, propagate_version = true, after_help = EXIT_CODES)]
 pub struct Cli {
     /// More logging: -v for debug (connection life cycle), -vv for trace
     /// (every readiness event and every read and write).
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Global options")]
     pub verbose: u8,
 
     /// Less logging: warnings and errors only.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = "Global options"
+    )]
     pub quiet: bool,
 
     #[command(subcommand)]
@@ -37,21 +42,75 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Store each upload in its own file and answer with its size and CRC-32C.
+    #[command(after_help = SERVER_EXAMPLES)]
     Server(ServerArgs),
     /// Relay uploads to a server, keeping a copy of each in a spool directory.
+    #[command(after_help = PROXY_EXAMPLES)]
     Proxy(ProxyArgs),
     /// Send one file and verify the answer (exit 0 verified, 1 failed, 3 mismatch).
+    #[command(after_help = CLIENT_EXAMPLES)]
     Client(ClientArgs),
     /// Run many concurrent verifying clients and summarize throughput and latency.
+    #[command(after_help = LOAD_EXAMPLES)]
     Load(LoadArgs),
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `stopover manpage > stopover.1`.
+    Manpage,
 }
+
+const SERVER_EXAMPLES: &str = "\
+Examples:
+  stopover server
+  stopover server --listen 127.0.0.1:9000 --dir /srv/uploads --fsync
+  stopover server --max-conns 500 --max-bytes 1GiB --min-rate 1KiB/30s
+
+Exit codes: 0 stopped by SIGINT/SIGTERM; 1 cannot start (address, directory); 2 usage error.";
+
+const PROXY_EXAMPLES: &str = "\
+Examples:
+  stopover proxy
+  stopover proxy --listen 127.0.0.1:8000 --upstream localhost:9000 --dir spool
+  stopover proxy --hold 30s        # store, hold 30 s for editing, then forward
+
+Exit codes: 0 stopped by SIGINT/SIGTERM; 1 cannot start (address, directory, upstream name); 2 usage error.";
+
+const CLIENT_EXAMPLES: &str = "\
+Examples:
+  stopover client notes.txt
+  stopover client --to 127.0.0.1:9000 big.iso    # straight to a server
+  tar c docs | stopover client -                  # standard input
+
+Prints the answer line on stdout.
+Exit codes: 0 verified (OK, same bytes and CRC-32C); 1 failed (cannot read,
+connect or finish, an ERR or malformed answer); 2 usage error; 3 the server
+stored different bytes than were sent.";
+
+const LOAD_EXAMPLES: &str = "\
+Examples:
+  stopover load -c 64 -n 20000 -s 1KiB
+  stopover load -c 16 -d 30s -s 64KiB..1MiB --json > result.json
+  stopover load -c 2000 -s 64KiB --all-at-once --hold-open 1s
+
+Prints a summary (transfers ok and failed by kind, MB/s, transfers/s,
+latency percentiles), or one JSON object with --json, on stdout.
+Exit codes: 0 every transfer verified; 1 a transfer failed or none ran;
+2 usage error.";
+
+const EXIT_CODES: &str = "\
+Exit codes: 0 success; 1 failure at run time; 2 usage error; 3 (client) the
+server stored different bytes than were sent. `stopover help SUBCOMMAND`
+shows examples.";
 
 /// `stopover server`.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// Address to listen on (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:9000", value_name = "ADDR")]
-    pub listen: SocketAddr,
+    /// Address to listen on, host:port (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:9000", value_name = "ADDR", value_parser = parse_host_port)]
+    pub listen: String,
 
     /// Directory to store uploads in (created if missing, mode 0700).
     #[arg(long, default_value = "received", value_name = "DIR")]
@@ -97,12 +156,12 @@ pub struct Limits {
 /// `stopover proxy`.
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// Address to listen on (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:8000", value_name = "ADDR")]
-    pub listen: SocketAddr,
+    /// Address to listen on, host:port (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8000", value_name = "ADDR", value_parser = parse_host_port)]
+    pub listen: String,
 
     /// The server to forward uploads to (host:port).
-    #[arg(long, default_value = "127.0.0.1:9000", value_name = "ADDR")]
+    #[arg(long, default_value = "127.0.0.1:9000", value_name = "ADDR", value_parser = parse_host_port)]
     pub upstream: String,
 
     /// Directory for spool files (created if missing, mode 0700).
@@ -128,12 +187,12 @@ pub struct ProxyArgs {
 #[derive(Debug, Args)]
 pub struct ClientArgs {
     /// Where to send the file: the proxy, or a server directly (host:port).
-    #[arg(long, default_value = "127.0.0.1:8000", value_name = "ADDR")]
+    #[arg(long, default_value = "127.0.0.1:8000", value_name = "ADDR", value_parser = parse_host_port)]
     pub to: String,
 
     /// Bound on connecting, on any single blocked send, and on waiting for
     /// the answer (e.g. 30s, 2m, 500ms).
-    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = parse_positive_duration)]
     pub timeout: Duration,
 
     /// Never show a progress bar.
@@ -149,19 +208,19 @@ pub struct ClientArgs {
 #[derive(Debug, Args)]
 pub struct LoadArgs {
     /// Where to send: the proxy, or a server directly (host:port).
-    #[arg(long, default_value = "127.0.0.1:8000", value_name = "ADDR")]
+    #[arg(long, default_value = "127.0.0.1:8000", value_name = "ADDR", value_parser = parse_host_port)]
     pub to: String,
 
     /// Concurrent clients (threads, each one blocking client).
-    #[arg(long, short = 'c', default_value_t = 16, value_name = "C")]
-    pub clients: usize,
+    #[arg(long, short = 'c', default_value_t = 16, value_name = "C", value_parser = clap::value_parser!(u32).range(1..))]
+    pub clients: u32,
 
     /// Total transfers to run (default 1000 unless --duration is given).
-    #[arg(long, short = 'n', value_name = "N", conflicts_with = "duration")]
+    #[arg(long, short = 'n', value_name = "N", conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
     pub transfers: Option<u64>,
 
     /// Run for this long instead of a fixed number of transfers (e.g. 30s).
-    #[arg(long, short = 'd', value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, short = 'd', value_name = "DURATION", value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
 
     /// Payload size, or a range to draw sizes from (64KiB, 1MB, 1KiB..1MiB).
@@ -174,12 +233,12 @@ pub struct LoadArgs {
     pub size: crate::load::SizeRange,
 
     /// Per-transfer bound on connecting, any blocked send, and the answer.
-    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_positive_duration)]
     pub timeout: Duration,
 
     /// One transfer per client, all held open half-way until every client
     /// has got that far: C transfers in flight at the same moment.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "duration")]
     pub all_at_once: bool,
 
     /// With --all-at-once: once every client is half-way, keep all the
@@ -195,6 +254,32 @@ pub struct LoadArgs {
     /// Never show a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+/// Checks `host:port` (a name or an address, and a port), without
+/// resolving it: names are resolved when they are used, so a typo in a
+/// host name is a clear runtime error and a missing port a usage error.
+pub fn parse_host_port(text: &str) -> Result<String, String> {
+    let port = text
+        .rsplit_once(':')
+        .map(|(host, port)| (host.trim_start_matches('[').trim_end_matches(']'), port));
+    match port {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(text.to_string())
+        }
+        _ => Err(format!(
+            "{text:?} is not host:port (e.g. 127.0.0.1:8000, localhost:9000, [::1]:8000)"
+        )),
+    }
+}
+
+/// Like [`parse_duration`], but zero is refused (a timeout of nothing).
+pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d.is_zero() {
+        return Err(format!("{text} is zero: give a positive duration"));
+    }
+    Ok(d)
 }
 
 /// Parses `64KiB`, `100MB`, `1GiB` (parse-size's syntax).
@@ -258,15 +343,30 @@ mod tests {
         let Command::Proxy(p) = cli.command else {
             panic!("expected proxy")
         };
-        assert_eq!(p.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(p.listen, "127.0.0.1:8000");
         assert_eq!(p.upstream, "127.0.0.1:9000");
         assert_eq!(p.dir, PathBuf::from("spool"));
         let cli = Cli::try_parse_from(["stopover", "server"]).unwrap();
         let Command::Server(s) = cli.command else {
             panic!("expected server")
         };
-        assert_eq!(s.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(s.listen, "127.0.0.1:9000");
         assert_eq!(s.dir, PathBuf::from("received"));
+    }
+
+    #[test]
+    fn addresses_need_a_port_and_may_be_names() {
+        for good in [
+            "127.0.0.1:0",
+            "localhost:9000",
+            "[::1]:8000",
+            "example.invalid:1",
+        ] {
+            assert_eq!(parse_host_port(good), Ok(good.to_string()));
+        }
+        for bad in ["127.0.0.1", "localhost", ":80", "host:http", "host:70000"] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -274,6 +374,7 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
+        assert!(parse_positive_duration("0s").is_err());
         assert_eq!(parse_min_rate("0"), Ok(MinRateArg(None)));
         assert_eq!(
             parse_min_rate("1KiB/30s"),

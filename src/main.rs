@@ -14,8 +14,11 @@ use stopover::load::{self, LoadConfig, Stop};
 use stopover::proxy::{Proxy, ProxyConfig};
 use stopover::server::{Server, ServerConfig};
 
-/// Exit code for any failure.
+/// Exit code for any failure at run time (a transfer that failed, a
+/// directory or address that cannot be used).
 const EXIT_FAILURE: u8 = 1;
+/// Exit code for a usage error: the command line itself is wrong.
+const EXIT_USAGE: u8 = 2;
 /// Exit code when the server answered OK but stored different bytes.
 const EXIT_MISMATCH: u8 = 3;
 
@@ -24,9 +27,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            // --help and --version are not failures; bad input is exit 1.
+            // --help and --version are not failures; a usage error is 2,
+            // as with every clap-based (and most Unix) tools.
             return if e.use_stderr() {
-                ExitCode::from(EXIT_FAILURE)
+                ExitCode::from(EXIT_USAGE)
             } else {
                 ExitCode::SUCCESS
             };
@@ -46,7 +50,9 @@ fn init_logging(cli: &Cli) {
     // The client's stdout carries the answer and its stderr is for the
     // user, so it logs only warnings unless asked; the daemons log info.
     let base = match cli.command {
-        Command::Client(_) | Command::Load(_) => LevelFilter::Warn,
+        Command::Client(_) | Command::Load(_) | Command::Completions { .. } | Command::Manpage => {
+            LevelFilter::Warn
+        }
         _ => LevelFilter::Info,
     };
     let level = match (cli.quiet, cli.verbose) {
@@ -68,7 +74,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Server(args) => {
             let mut server = Server::bind(&ServerConfig {
-                listen: args.listen,
+                listen: resolve("listen address", &args.listen)?,
                 dir: args.dir,
                 max_conns: args.limits.max_conns.map(|n| n as usize),
                 max_bytes: args.limits.max_bytes,
@@ -83,9 +89,9 @@ fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Proxy(args) => {
-            let upstream = resolve(&args.upstream)?;
+            let upstream = resolve("upstream", &args.upstream)?;
             let mut proxy = Proxy::bind(&ProxyConfig {
-                listen: args.listen,
+                listen: resolve("listen address", &args.listen)?,
                 upstream,
                 dir: args.dir,
                 hold: args.hold,
@@ -121,6 +127,18 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 }
             }
         }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "stopover", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Manpage => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd)
+                .render(&mut std::io::stdout())
+                .map_err(|e| format!("writing the man page: {e}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Load(args) => {
             let stop = match (args.transfers, args.duration) {
                 (_, Some(d)) => Stop::Duration(d),
@@ -129,7 +147,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             };
             let summary = load::run(&LoadConfig {
                 to: args.to,
-                clients: args.clients,
+                clients: args.clients as usize,
                 stop,
                 size: args.size,
                 timeout: args.timeout,
@@ -159,9 +177,9 @@ fn nonzero(d: std::time::Duration) -> Option<std::time::Duration> {
 }
 
 /// Resolves `host:port` once, at startup, so a typo fails now and clearly.
-fn resolve(addr: &str) -> Result<SocketAddr, String> {
+fn resolve(what: &str, addr: &str) -> Result<SocketAddr, String> {
     addr.to_socket_addrs()
-        .map_err(|e| format!("resolving upstream {addr:?}: {e}"))?
+        .map_err(|e| format!("resolving {what} {addr:?}: {e}"))?
         .next()
-        .ok_or_else(|| format!("upstream {addr:?} resolves to no address"))
+        .ok_or_else(|| format!("{what} {addr:?} resolves to no address"))
 }

@@ -147,7 +147,7 @@ fn the_client_escapes_control_characters_in_the_answer_it_prints() {
 }
 
 #[test]
-fn bad_input_gets_one_clear_line_and_exit_1() {
+fn bad_input_gets_one_clear_line_exit_2_for_usage_and_1_at_run_time() {
     let dir = tempfile::tempdir().unwrap();
     let plain_file = dir.path().join("plain");
     std::fs::write(&plain_file, b"").unwrap();
@@ -156,7 +156,32 @@ fn bad_input_gets_one_clear_line_and_exit_1() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
             vec!["server".into(), "--listen".into(), "not-an-address".into()],
-            "invalid socket address",
+            "is not host:port",
+        ),
+        (
+            vec!["server".into(), "--listen".into(), "127.0.0.1".into()],
+            "is not host:port",
+        ),
+        (
+            vec!["load".into(), "-n".into(), "0".into()],
+            "invalid value '0'",
+        ),
+        (
+            vec!["load".into(), "-c".into(), "0".into()],
+            "invalid value '0'",
+        ),
+        (
+            vec!["client".into(), "--timeout".into(), "0s".into(), "f".into()],
+            "is zero",
+        ),
+        (
+            vec![
+                "load".into(),
+                "--all-at-once".into(),
+                "--duration".into(),
+                "1s".into(),
+            ],
+            "cannot be used with",
         ),
         (
             vec![
@@ -233,6 +258,17 @@ fn bad_input_gets_one_clear_line_and_exit_1() {
         ),
         (vec!["teleport".into()], "unrecognized subcommand"),
     ];
+    // What the command line itself gets wrong is a usage error (2); what
+    // only running can find out (a taken port, a bad directory, a name
+    // that does not resolve, a refused connection) is a failure (1).
+    let usage = [
+        "is not host:port",
+        "invalid value",
+        "is zero",
+        "cannot be used with",
+        "longer than the longest allowed",
+        "unrecognized subcommand",
+    ];
     for (args, needle) in cases {
         let out = Command::new(bin())
             .args(&args)
@@ -240,7 +276,12 @@ fn bad_input_gets_one_clear_line_and_exit_1() {
             .output()
             .unwrap();
         let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: stderr {err}");
+        let code = if usage.iter().any(|u| needle.starts_with(u)) {
+            2
+        } else {
+            1
+        };
+        assert_eq!(out.status.code(), Some(code), "{args:?}: stderr {err}");
         assert!(
             err.contains(needle),
             "{args:?}: expected {needle:?} in {err}"
@@ -341,5 +382,44 @@ fn a_directory_other_users_can_write_or_own_is_refused() {
         stderr(&out).contains("owned by uid 12345"),
         "{}",
         stderr(&out)
+    );
+}
+
+#[test]
+fn completions_and_a_man_page_come_from_the_same_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("stopover") && text.contains("min-rate"),
+            "{shell} completions name the flags"
+        );
+    }
+    let out = run(&["manpage"]);
+    assert_eq!(out.status.code(), Some(0));
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(man.contains(".TH stopover 1"), "a roff man page");
+    assert!(man.contains("proxy"), "it lists the subcommands");
+}
+
+#[test]
+fn help_groups_global_options_and_ends_with_examples() {
+    for sub in ["server", "proxy", "client", "load"] {
+        let out = run(&[sub, "--help"]);
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("Global options:"), "{sub}");
+        assert!(help.contains("Examples:\n  stopover "), "{sub}");
+        assert!(help.contains("Exit codes:"), "{sub}");
+    }
+}
+
+#[test]
+fn listen_accepts_a_host_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_server(dir.path(), &["--listen", "localhost:0"]);
+    assert_eq!(
+        send(server.addr, b"by name").unwrap().verdict(),
+        stopover::client::Verdict::Verified
     );
 }
