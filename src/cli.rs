@@ -95,14 +95,18 @@ Examples:
   stopover load -c 16 -d 30s -s 64KiB..1MiB --json > result.json
   stopover load -c 2000 -s 64KiB --all-at-once --hold-open 1s
 
+  stopover load --rate 500 -d 60s --warmup 5s -i 1s --fail-if p99>50ms
+
 Prints a summary (transfers ok and failed by kind, MB/s, transfers/s,
-latency percentiles), or one JSON object with --json, on stdout.
+latency percentiles), or one JSON object with --json, on stdout; with -i,
+one line per interval first.
 Exit codes: 0 every transfer verified; 1 a transfer failed or none ran;
-2 usage error.";
+2 usage error; 4 a --fail-if threshold was crossed.";
 
 const EXIT_CODES: &str = "\
 Exit codes: 0 success; 1 failure at run time; 2 usage error; 3 (client) the
-server stored different bytes than were sent. `stopover help SUBCOMMAND`
+server stored different bytes than were sent; 4 (load) a --fail-if threshold
+was crossed. `stopover help SUBCOMMAND`
 shows examples.";
 
 /// `stopover server`.
@@ -247,6 +251,32 @@ pub struct LoadArgs {
     #[arg(long, default_value = "0s", value_name = "DURATION", value_parser = parse_duration, requires = "all_at_once")]
     pub hold_open: Duration,
 
+    /// Open loop: start R transfers a second on a fixed schedule (as wrk2
+    /// and vegeta do), and measure each latency from its scheduled start,
+    /// so a stall shows up instead of being hidden (coordinated omission).
+    /// Without it, each client sends again as soon as it is answered.
+    #[arg(long, value_name = "R", value_parser = parse_rate, conflicts_with = "all_at_once")]
+    pub rate: Option<f64>,
+
+    /// Run transfers for this long first without counting them.
+    #[arg(long, default_value = "0s", value_name = "DURATION", value_parser = parse_duration)]
+    pub warmup: Duration,
+
+    /// Print a line every interval (elapsed, transfers ok/failed, MB/s,
+    /// transfers/s, p50/p99); with --json, an `intervals` array instead.
+    #[arg(long, short = 'i', value_name = "DURATION", value_parser = parse_positive_duration)]
+    pub interval: Option<Duration>,
+
+    /// Write the latency histogram (one per interval with -i) to FILE in
+    /// the HdrHistogram interval log format.
+    #[arg(long, value_name = "FILE")]
+    pub hdr_log: Option<PathBuf>,
+
+    /// Fail the run (exit 4) if this holds at the end, e.g. p99>50ms,
+    /// errors>0, error_rate>1, transfers_per_s<1000. Repeatable.
+    #[arg(long, value_name = "CONDITION")]
+    pub fail_if: Vec<crate::load::Threshold>,
+
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -269,6 +299,16 @@ pub fn parse_host_port(text: &str) -> Result<String, String> {
         }
         _ => Err(format!(
             "{text:?} is not host:port (e.g. 127.0.0.1:8000, localhost:9000, [::1]:8000)"
+        )),
+    }
+}
+
+/// A positive number of transfers a second.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && r <= 1e7 => Ok(r),
+        _ => Err(format!(
+            "{text:?}: want transfers per second, e.g. 500 or 0.5"
         )),
     }
 }

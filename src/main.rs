@@ -21,6 +21,8 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 /// Exit code when the server answered OK but stored different bytes.
 const EXIT_MISMATCH: u8 = 3;
+/// Exit code when a load run crossed a `--fail-if` threshold.
+const EXIT_THRESHOLD: u8 = 4;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -153,6 +155,12 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 timeout: args.timeout,
                 all_at_once: args.all_at_once,
                 hold_open: args.hold_open,
+                rate: args.rate,
+                warmup: args.warmup,
+                interval: args.interval,
+                print_intervals: !args.json,
+                hdr_log: args.hdr_log,
+                thresholds: args.fail_if,
                 progress: !args.no_progress,
             })?;
             if args.json {
@@ -161,11 +169,13 @@ fn run(command: Command) -> Result<ExitCode, String> {
             } else {
                 println!("{summary}");
             }
-            // Exit 0 only when every transfer was verified.
-            Ok(if summary.all_verified() {
-                ExitCode::SUCCESS
-            } else {
+            // Failed transfers first (1), then crossed thresholds (4).
+            Ok(if !summary.all_verified() {
                 ExitCode::from(EXIT_FAILURE)
+            } else if !summary.thresholds_met() {
+                ExitCode::from(EXIT_THRESHOLD)
+            } else {
+                ExitCode::SUCCESS
             })
         }
     }

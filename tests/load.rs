@@ -242,3 +242,111 @@ fn idle_connections_cost_no_buffers() {
     );
     drop(idle);
 }
+
+#[test]
+fn open_loop_latency_shows_a_stalled_server_and_loses_no_transfer() {
+    // The server is paused (SIGSTOP) for a second in the middle of a
+    // --rate run. Clients that wait for it cannot start the transfers
+    // scheduled meanwhile; measured from their scheduled starts, those
+    // transfers show the stall (coordinated omission corrected), while the
+    // service times, measured from when a client began, mostly do not.
+    const RATE: u64 = 200;
+    const SECONDS: u64 = 3;
+    let dirs = tempfile::tempdir().unwrap();
+    let server = spawn_server(&dirs.path().join("r"), &[]);
+    let proxy = spawn_proxy(server.addr, &dirs.path().join("s"), &[]);
+    let to = proxy.addr.to_string();
+    let run = std::thread::spawn(move || {
+        load(&[
+            "--to",
+            &to,
+            "-c",
+            "20",
+            "--rate",
+            &RATE.to_string(),
+            "-d",
+            &format!("{SECONDS}s"),
+            "-s",
+            "1KiB",
+            "-i",
+            "1s",
+        ])
+    });
+    // The stimulus, timed by the test: a second in, pause the server for a
+    // second.
+    std::thread::sleep(Duration::from_secs(1));
+    unsafe { libc::kill(server.pid() as i32, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(1));
+    unsafe { libc::kill(server.pid() as i32, libc::SIGCONT) };
+    let (out, json) = run.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    // Nothing lost or miscounted: every scheduled transfer ran and was
+    // verified, the queued ones included.
+    assert_eq!(json["transfers_failed"], 0, "{json}");
+    assert_eq!(json["transfers_ok"], RATE * SECONDS, "{json}");
+    assert_eq!(json["rate"]["offered"], RATE as f64);
+    assert!(json["rate"]["started_late"].as_u64().unwrap() > 0, "{json}");
+    let corrected = |q: &str| json["latency_ms"][q].as_f64().unwrap();
+    let service = |q: &str| json["service_time_ms"][q].as_f64().unwrap();
+    assert!(
+        corrected("p99") >= 300.0,
+        "the stall must show in the corrected p99: {}",
+        json["latency_ms"]
+    );
+    assert!(
+        corrected("p90") > service("p90"),
+        "the queued transfers' wait counts: corrected {} vs service {}",
+        json["latency_ms"],
+        json["service_time_ms"]
+    );
+    assert_eq!(json["config"]["mode"], "open");
+    assert_eq!(
+        json["intervals"].as_array().map(Vec::len),
+        Some(SECONDS as usize),
+        "{json}"
+    );
+    eprintln!(
+        "corrected p99 {} ms, service p99 {} ms",
+        corrected("p99"),
+        service("p99")
+    );
+}
+
+#[test]
+fn thresholds_gate_the_exit_code_and_the_histogram_log_is_written() {
+    let sys = start_system();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("latency.hlog");
+    let to = sys.proxy.addr.to_string();
+    let (out, json) = load(&[
+        "--to",
+        &to,
+        "-n",
+        "20",
+        "-c",
+        "2",
+        "--warmup",
+        "0s",
+        "--hdr-log",
+        log.to_str().unwrap(),
+        "--fail-if",
+        "p50<1h",
+        "--fail-if",
+        "errors>0",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "a crossed threshold exits 4: {json}"
+    );
+    assert_eq!(json["thresholds"][0]["met"], false);
+    assert_eq!(json["thresholds"][1]["met"], true);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("#[StartTime: "), "{text}");
+    assert!(
+        text.lines().any(|l| l.contains(",HISTF")),
+        "an encoded histogram line: {text}"
+    );
+    let (out, _) = load(&["--to", &to, "-n", "5", "--fail-if", "p99>1h"]);
+    assert_eq!(out.status.code(), Some(0));
+}

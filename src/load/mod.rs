@@ -12,6 +12,17 @@
 //! random offset and wrapping around, so generating them costs a `memcpy`
 //! and no transfer sends the same bytes as the one before it.
 //!
+//! **Closed or open loop.** By default each client starts its next
+//! transfer as soon as the last one ended (closed loop): the load adapts
+//! to the system under test, which is what a throughput benchmark wants.
+//! With `--rate R` transfers start on a fixed schedule, one every 1/R s
+//! (open loop, as in wrk2 and vegeta), and each latency is measured from
+//! the transfer's *scheduled* start (see `record` on coordinated
+//! omission). `--warmup` runs transfers without counting them; `-i`
+//! reports every interval; `--hdr-log` writes the histograms in the
+//! HdrHistogram log format; `--fail-if` sets thresholds a CI job can gate
+//! on (`report`).
+//!
 //! `--all-at-once` makes every client hold its connection open half-way
 //! through its upload until all clients have got that far (and then for
 //! `--hold-open` longer), so the server or proxy holds `--clients`
@@ -24,20 +35,25 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, IsTerminal};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use hdrhistogram::Histogram;
-use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::client::{self, ClientError, Verdict, CHUNK};
 use crate::sys;
 
 mod payload;
+mod record;
+mod report;
 
 pub use payload::SizeRange;
+pub use report::{
+    IntervalReport, Latency, RateReport, RunEcho, Summary, Threshold, ThresholdResult,
+};
+
 use payload::{random_pool, seed_for, Gate, PoolSource, SplitMix};
+use record::{Done, Recorder};
 
 /// Settings for [`run`].
 #[derive(Debug, Clone)]
@@ -57,6 +73,18 @@ pub struct LoadConfig {
     /// With `all_at_once`: keep holding this long after the last client
     /// got there, so the receiver has time to accept them all.
     pub hold_open: Duration,
+    /// Open loop: start this many transfers a second, on a schedule.
+    pub rate: Option<f64>,
+    /// Run transfers for this long first without counting them.
+    pub warmup: Duration,
+    /// Report every interval of this length.
+    pub interval: Option<Duration>,
+    /// Print interval lines as they close (not with `--json`).
+    pub print_intervals: bool,
+    /// Write the latency histograms here (HdrHistogram interval log).
+    pub hdr_log: Option<PathBuf>,
+    /// `--fail-if` conditions.
+    pub thresholds: Vec<Threshold>,
     /// Progress bar on stderr when it is a terminal.
     pub progress: bool,
 }
@@ -64,84 +92,15 @@ pub struct LoadConfig {
 /// When the load generator stops starting new transfers.
 #[derive(Debug, Clone, Copy)]
 pub enum Stop {
-    /// After this many transfers in total.
+    /// After this many (counted) transfers in total.
     Transfers(u64),
-    /// After this much time.
+    /// After this much (counted) time.
     Duration(Duration),
 }
 
-/// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Latency {
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub max: f64,
-}
-
-/// The result of a load run (also its `--json` form).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Summary {
-    pub to: String,
-    pub clients: usize,
-    pub transfers_ok: u64,
-    pub transfers_failed: u64,
-    /// Failure kind -> count: `connect_refused`, `connect_failed`, `reset`,
-    /// `lost`, `timeout`, `err_answer`, `bad_answer`, `mismatch`.
-    pub failures: BTreeMap<String, u64>,
-    /// Payload bytes of verified transfers.
-    pub bytes: u64,
-    pub wall_s: f64,
-    pub mb_per_s: f64,
-    pub transfers_per_s: f64,
-    pub latency_ms: Latency,
-    /// One example message per failure kind, to say what went wrong.
-    pub failure_examples: BTreeMap<String, String>,
-}
-
-impl Summary {
-    /// True when at least one transfer ran and every one was verified.
-    pub fn all_verified(&self) -> bool {
-        self.transfers_failed == 0 && self.transfers_ok > 0
-    }
-}
-
-impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "stopover load: {} clients -> {}", self.clients, self.to)?;
-        writeln!(f, "  transfers ok      {}", self.transfers_ok)?;
-        write!(f, "  transfers failed  {}", self.transfers_failed)?;
-        if !self.failures.is_empty() {
-            let kinds: Vec<String> = self
-                .failures
-                .iter()
-                .map(|(k, n)| format!("{k}={n}"))
-                .collect();
-            write!(f, " ({})", kinds.join(", "))?;
-        }
-        writeln!(f)?;
-        for (kind, example) in &self.failure_examples {
-            writeln!(f, "    e.g. {kind}: {example}")?;
-        }
-        writeln!(
-            f,
-            "  payload           {:.1} MB in {:.2} s = {:.1} MB/s",
-            self.bytes as f64 / 1e6,
-            self.wall_s,
-            self.mb_per_s
-        )?;
-        writeln!(
-            f,
-            "  rate              {:.0} transfers/s",
-            self.transfers_per_s
-        )?;
-        write!(
-            f,
-            "  latency           p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-            self.latency_ms.p50, self.latency_ms.p90, self.latency_ms.p99, self.latency_ms.max
-        )
-    }
-}
+/// A transfer that starts later than this after its scheduled slot is
+/// reported as late.
+const LATE: Duration = Duration::from_millis(1);
 
 /// What each client thread brings back.
 struct Tally {
@@ -149,8 +108,11 @@ struct Tally {
     bytes: u64,
     failures: BTreeMap<String, u64>,
     examples: BTreeMap<String, String>,
-    /// When the last transfer counted here ended: the end of the wall time.
+    /// When the last counted transfer ended: the end of the wall time.
     ended: Option<Instant>,
+    /// Open loop: counted transfers that began late, and the latest.
+    late: u64,
+    max_late: Duration,
 }
 
 impl Tally {
@@ -161,6 +123,8 @@ impl Tally {
             failures: BTreeMap::new(),
             examples: BTreeMap::new(),
             ended: None,
+            late: 0,
+            max_late: Duration::ZERO,
         }
     }
 
@@ -179,6 +143,8 @@ impl Tally {
             self.examples.entry(k).or_insert(m);
         }
         self.ended = self.ended.max(other.ended);
+        self.late += other.late;
+        self.max_late = self.max_late.max(other.max_late);
     }
 }
 
@@ -198,6 +164,18 @@ pub fn failure_kind(e: &ClientError) -> &'static str {
         ClientError::BadAnswer(_) => "bad_answer",
         ClientError::Source(..) => "source",
     }
+}
+
+/// When and how many: the schedule every client follows.
+struct Plan {
+    /// Transfers intended to start before this are warm-up.
+    counted_from: Instant,
+    /// Open loop: the first slot, and the gap between slots.
+    schedule: Option<(Instant, Duration)>,
+    /// Slots (open loop) or counted transfers (closed loop) to run.
+    total: Option<u64>,
+    /// No transfer starts (or is scheduled) at or after this.
+    deadline: Option<Instant>,
 }
 
 /// Runs the load and returns the summary. Errors are for problems that
@@ -223,28 +201,39 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
             );
         }
     }
-
+    let started_at = SystemTime::now();
+    let started = Instant::now();
+    let counted_from = started + config.warmup;
+    let schedule = config
+        .rate
+        .map(|r| (started, Duration::from_secs_f64(1.0 / r)));
+    let warmup_slots = config
+        .rate
+        .map_or(0, |r| (config.warmup.as_secs_f64() * r).ceil() as u64);
+    let plan = Plan {
+        counted_from,
+        schedule,
+        total: match (config.all_at_once, config.stop) {
+            (true, _) => Some(config.clients as u64),
+            (false, Stop::Transfers(n)) => Some(n + warmup_slots),
+            (false, Stop::Duration(_)) => None,
+        },
+        deadline: match config.stop {
+            Stop::Duration(d) => Some(counted_from + d),
+            Stop::Transfers(_) => None,
+        },
+    };
     let pool = Arc::new(random_pool(config.size.max));
     let claimed = Arc::new(AtomicU64::new(0));
     let finished = Arc::new(AtomicU64::new(0));
     let running = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Gate::new(config.clients));
-    // One histogram for all clients, behind a lock taken once per transfer:
-    // uncontended in practice, and one histogram per thread would cost
-    // hundreds of KiB each, times thousands of clients.
-    let latency = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).map_err(|e| e.to_string())?,
-    ));
-    let started = Instant::now();
-    let deadline = match config.stop {
-        Stop::Duration(d) => Some(started + d),
-        Stop::Transfers(_) => None,
-    };
-    let total = match (config.all_at_once, config.stop) {
-        (true, _) => Some(config.clients as u64),
-        (false, Stop::Transfers(n)) => Some(n),
-        (false, Stop::Duration(_)) => None,
-    };
+    let recorder = Arc::new(Mutex::new(Recorder::new(
+        counted_from,
+        config.interval,
+        config.print_intervals,
+    )));
+    let plan = Arc::new(plan);
     // A chunk buffer per client: large for few clients (fast bulk
     // transfers), small when there are thousands of them.
     let chunk = (config.size.max.clamp(4096, CHUNK as u64) as usize).min(if config.clients > 256 {
@@ -263,9 +252,8 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
             finished: finished.clone(),
             running: running.clone(),
             gate: gate.clone(),
-            latency: latency.clone(),
-            total,
-            deadline,
+            recorder: recorder.clone(),
+            plan: plan.clone(),
             chunk,
             seed: seed_for(index),
         };
@@ -294,7 +282,7 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
         log::warn!("load: {e}");
     }
 
-    watch_progress(config, &finished, &running, total);
+    watch_progress(config, &finished, &running, plan.total, &recorder);
     let mut tally = Tally::new();
     for t in threads {
         match t.join() {
@@ -302,23 +290,30 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
             Err(_) => tally.fail("panic", "a client thread panicked".into()),
         }
     }
-    // From the start to the end of the last transfer, as the clients saw it
-    // (not when this thread noticed: it polls every 50 ms).
-    let wall = tally
-        .ended
-        .unwrap_or_else(Instant::now)
-        .duration_since(started)
-        .as_secs_f64();
+    // From the start of counting to the end of the last counted transfer,
+    // as the clients saw it (not when this thread noticed: it polls).
+    let end = tally.ended.unwrap_or_else(Instant::now);
+    let wall = end.saturating_duration_since(counted_from).as_secs_f64();
     if let Some(e) = spawn_error {
         if tally.ok == 0 {
             return Err(e);
         }
         tally.fail("client_limit", e);
     }
+    let mut rec = recorder.lock().unwrap_or_else(|p| p.into_inner());
+    rec.finish(end);
+    if let Some(path) = &config.hdr_log {
+        record::write_hdr_log(
+            path,
+            started_at + config.warmup,
+            &rec.intervals,
+            (&rec.latency, wall),
+        )
+        .map_err(|e| format!("writing --hdr-log {}: {e}", path.display()))?;
+    }
     let failed: u64 = tally.failures.values().sum();
-    let h = latency.lock().unwrap_or_else(|p| p.into_inner());
-    let ms = |us: u64| us as f64 / 1000.0;
-    Ok(Summary {
+    let per_s = |n: f64| if wall > 0.0 { n / wall } else { 0.0 };
+    let mut summary = Summary {
         to: config.to.clone(),
         clients: config.clients,
         transfers_ok: tally.ok,
@@ -326,32 +321,68 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
         failures: tally.failures,
         bytes: tally.bytes,
         wall_s: wall,
-        mb_per_s: if wall > 0.0 {
-            tally.bytes as f64 / 1e6 / wall
-        } else {
-            0.0
-        },
-        transfers_per_s: if wall > 0.0 {
-            tally.ok as f64 / wall
-        } else {
-            0.0
-        },
-        latency_ms: Latency {
-            p50: ms(h.value_at_quantile(0.50)),
-            p90: ms(h.value_at_quantile(0.90)),
-            p99: ms(h.value_at_quantile(0.99)),
-            max: ms(h.max()),
-        },
+        mb_per_s: per_s(tally.bytes as f64 / 1e6),
+        transfers_per_s: per_s(tally.ok as f64),
+        latency_ms: Recorder::latency_of(&rec.latency),
         failure_examples: tally.examples,
-    })
+        service_time_ms: config.rate.map(|_| Recorder::latency_of(&rec.service)),
+        failure_latency_ms: (!rec.failed.is_empty()).then(|| Recorder::latency_of(&rec.failed)),
+        rate: config.rate.map(|offered| RateReport {
+            offered,
+            achieved: per_s(tally.ok as f64),
+            started_late: tally.late,
+            max_late_ms: tally.max_late.as_secs_f64() * 1000.0,
+        }),
+        intervals: rec.intervals.iter().map(|(r, _)| r.clone()).collect(),
+        config: echo(config, started_at),
+        thresholds: Vec::new(),
+    };
+    summary.thresholds = config
+        .thresholds
+        .iter()
+        .map(|t| t.judge(&summary))
+        .collect();
+    Ok(summary)
 }
 
-/// Shows a progress bar until every client thread is done (terminal only).
+/// What was run, for the summary.
+fn echo(config: &LoadConfig, started_at: SystemTime) -> RunEcho {
+    RunEcho {
+        target: config.to.clone(),
+        clients: config.clients,
+        size: config.size.to_string(),
+        mode: if config.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        }
+        .to_string(),
+        rate: config.rate,
+        transfers: match config.stop {
+            Stop::Transfers(n) if !config.all_at_once => Some(n),
+            _ if config.all_at_once => Some(config.clients as u64),
+            _ => None,
+        },
+        duration_s: match config.stop {
+            Stop::Duration(d) => Some(d.as_secs_f64()),
+            Stop::Transfers(_) => None,
+        },
+        warmup_s: config.warmup.as_secs_f64(),
+        all_at_once: config.all_at_once,
+        stopover_version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at: humantime::format_rfc3339_millis(started_at).to_string(),
+    }
+}
+
+/// Until every client thread is done: shows a progress bar (terminal
+/// only) and closes the intervals that end, so their lines appear on time
+/// even when no transfer finishes.
 fn watch_progress(
     config: &LoadConfig,
     finished: &AtomicU64,
     running: &AtomicUsize,
     total: Option<u64>,
+    recorder: &Mutex<Recorder>,
 ) {
     let show = config.progress && io::stderr().is_terminal();
     let bar = show.then(|| {
@@ -364,8 +395,12 @@ fn watch_progress(
         if let Some(bar) = &bar {
             bar.set_position(finished.load(Ordering::Relaxed));
         }
-        // The main thread has nothing else to do; 50 ms keeps the bar
-        // lively and costs nothing.
+        recorder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .roll(Instant::now());
+        // The main thread has nothing else to do; 50 ms keeps the bar and
+        // the interval lines lively and costs nothing.
         std::thread::sleep(Duration::from_millis(50));
     }
     if let Some(bar) = bar {
@@ -381,25 +416,53 @@ struct ClientCtx {
     finished: Arc<AtomicU64>,
     running: Arc<AtomicUsize>,
     gate: Arc<Gate>,
-    latency: Arc<Mutex<Histogram<u64>>>,
-    total: Option<u64>,
-    deadline: Option<Instant>,
+    recorder: Arc<Mutex<Recorder>>,
+    plan: Arc<Plan>,
     chunk: usize,
     seed: u64,
 }
 
 impl ClientCtx {
+    /// The next transfer's intended start, or `None` when the run is over.
+    fn next_slot(&self) -> Option<Instant> {
+        let plan = &self.plan;
+        let now = Instant::now();
+        let intended = match plan.schedule {
+            // Open loop: the next free slot of the schedule.
+            Some((first, gap)) => {
+                let slot = self.claimed.fetch_add(1, Ordering::SeqCst);
+                if plan.total.is_some_and(|t| slot >= t) {
+                    return None;
+                }
+                first + gap.mul_f64(slot as f64)
+            }
+            // Closed loop: now; only counted transfers take a number.
+            None => {
+                if now >= plan.counted_from
+                    && plan
+                        .total
+                        .is_some_and(|t| self.claimed.fetch_add(1, Ordering::SeqCst) >= t)
+                {
+                    return None;
+                }
+                now
+            }
+        };
+        if plan.deadline.is_some_and(|d| intended >= d) {
+            return None;
+        }
+        Some(intended)
+    }
+
     fn run(self) -> Tally {
         let mut tally = Tally::new();
         let mut rng = SplitMix(self.seed);
-        loop {
-            if let Some(total) = self.total {
-                if self.claimed.fetch_add(1, Ordering::SeqCst) >= total {
-                    break;
-                }
-            }
-            if self.deadline.is_some_and(|d| Instant::now() >= d) {
-                break;
+        while let Some(intended) = self.next_slot() {
+            // Open loop: wait for the slot. Pacing the load, not
+            // synchronising anything.
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
             }
             let size =
                 self.config.size.min + rng.below(self.config.size.max - self.config.size.min + 1);
@@ -415,7 +478,7 @@ impl ClientCtx {
                 wait_limit: self.config.timeout,
                 hold_open: self.config.hold_open,
             };
-            let started = Instant::now();
+            let began = Instant::now();
             let result = client::upload(
                 &self.config.to,
                 &mut payload,
@@ -423,30 +486,49 @@ impl ClientCtx {
                 self.config.timeout,
                 &mut |_| {},
             );
+            let ended = Instant::now();
             if !payload.arrived && self.config.all_at_once {
                 payload.gate.arrive(); // failed before half-way: do not hold up the others
             }
-            match result {
+            self.finished.fetch_add(1, Ordering::Relaxed);
+            let mut recorder = self.recorder.lock().unwrap_or_else(|p| p.into_inner());
+            if !recorder.counts(intended) {
+                continue; // warm-up
+            }
+            let ok = match result {
                 Ok(receipt) => match receipt.verdict() {
-                    Verdict::Verified => {
-                        tally.ok += 1;
-                        tally.bytes += size;
-                        let us = started.elapsed().as_micros().clamp(1, 3_600_000_000) as u64;
-                        let _ = self
-                            .latency
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .record(us);
+                    Verdict::Verified => Some(size),
+                    Verdict::Refused(reason) => {
+                        tally.fail("err_answer", format!("ERR {reason}"));
+                        None
                     }
-                    Verdict::Refused(reason) => tally.fail("err_answer", format!("ERR {reason}")),
                     mismatch @ Verdict::Mismatch { .. } => {
-                        tally.fail("mismatch", mismatch.to_string())
+                        tally.fail("mismatch", mismatch.to_string());
+                        None
                     }
                 },
-                Err(e) => tally.fail(failure_kind(&e), e.to_string()),
+                Err(e) => {
+                    tally.fail(failure_kind(&e), e.to_string());
+                    None
+                }
+            };
+            recorder.record(&Done {
+                intended,
+                began,
+                ended,
+                ok,
+            });
+            drop(recorder);
+            if let Some(bytes) = ok {
+                tally.ok += 1;
+                tally.bytes += bytes;
             }
-            self.finished.fetch_add(1, Ordering::Relaxed);
-            tally.ended = Some(Instant::now());
+            let late = began.saturating_duration_since(intended);
+            if self.plan.schedule.is_some() && late > LATE {
+                tally.late += 1;
+                tally.max_late = tally.max_late.max(late);
+            }
+            tally.ended = Some(ended);
             if self.config.all_at_once {
                 break;
             }

@@ -39,6 +39,16 @@ impl std::str::FromStr for SizeRange {
     }
 }
 
+impl std::fmt::Display for SizeRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}..{}", self.min, self.max)
+        }
+    }
+}
+
 /// A payload: `remaining` bytes of the pool from `pos`, wrapping around,
 /// handed to the client as slices of the pool (no copy). With `pause_at`,
 /// stops there once and waits at the gate.
