@@ -151,6 +151,16 @@ pub struct Limits {
     #[arg(long, default_value = "128B/10s", value_name = "RATE[/WINDOW]", value_parser = parse_min_rate)]
     pub min_rate: MinRateArg,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics, from the same
+    /// poll loop (off by default; e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR", value_parser = parse_host_port)]
+    pub stats_addr: Option<String>,
+
+    /// Log one line with the same counters this often (off by default);
+    /// SIGUSR1 logs it at once.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+    pub stats_interval: Option<Duration>,
+
     /// On SIGINT/SIGTERM, how long transfers in flight may take to finish
     /// (a second signal stops at once).
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]

@@ -83,6 +83,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 idle_timeout: nonzero(args.limits.idle_timeout),
                 min_rate: args.limits.min_rate.0,
                 grace: args.limits.grace,
+                stats_addr: stats_addr(&args.limits)?,
+                stats_interval: args.limits.stats_interval,
                 fsync: args.fsync,
             })
             .map_err(|e| e.to_string())?;
@@ -103,6 +105,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 min_rate: args.limits.min_rate.0,
                 connect_timeout: args.connect_timeout,
                 grace: args.limits.grace,
+                stats_addr: stats_addr(&args.limits)?,
+                stats_interval: args.limits.stats_interval,
             })
             .map_err(|e| e.to_string())?;
             proxy.handle_signals().map_err(|e| e.to_string())?;
@@ -184,6 +188,15 @@ fn run(command: Command) -> Result<ExitCode, String> {
 /// `0s` means "off" for timeouts.
 fn nonzero(d: std::time::Duration) -> Option<std::time::Duration> {
     (!d.is_zero()).then_some(d)
+}
+
+/// The `--stats-addr`, resolved.
+fn stats_addr(limits: &stopover::cli::Limits) -> Result<Option<SocketAddr>, String> {
+    limits
+        .stats_addr
+        .as_deref()
+        .map(|a| resolve("stats address", a))
+        .transpose()
 }
 
 /// Resolves `host:port` once, at startup, so a typo fails now and clearly.

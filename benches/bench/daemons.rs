@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub struct Daemon {
     child: Child,
     pub addr: String,
+    /// Where our daemons serve `GET /metrics` (`--stats-addr`).
+    stats: Option<String>,
 }
 
 impl Daemon {
@@ -29,7 +31,11 @@ impl Daemon {
             if let Some(at) = text.find("listening on ") {
                 let rest = &text[at + "listening on ".len()..];
                 let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                return Daemon { child, addr };
+                let stats = text.find("metrics at http://").map(|at| {
+                    let rest = &text[at + "metrics at http://".len()..];
+                    rest.split('/').next().unwrap_or("").to_string()
+                });
+                return Daemon { child, addr, stats };
             }
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("daemon {args:?} exited with {status}: {text}");
@@ -110,7 +116,11 @@ backend stopover
             }
             std::thread::sleep(Duration::from_millis(20)); // waiting for its listener
         }
-        Some(Daemon { child, addr })
+        Some(Daemon {
+            child,
+            addr,
+            stats: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -136,9 +146,19 @@ backend stopover
         })
     }
 
-    /// Descriptors the daemon has open now.
-    pub fn open_fds(&self) -> usize {
-        self.process().and_then(|p| p.fd_count().ok()).unwrap_or(0)
+    /// Connections (transfers, for the proxy) the daemon has open now, from
+    /// its own `stopover_connections_open` gauge; 0 if it cannot be read.
+    pub fn open_conns(&self) -> usize {
+        self.stats
+            .as_deref()
+            .and_then(|addr| scrape(addr).ok())
+            .and_then(|body| {
+                body.lines().find_map(|l| {
+                    l.strip_prefix("stopover_connections_open ")
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                })
+            })
+            .map_or(0, |v| v as usize)
     }
 
     fn process(&self) -> Option<procfs::process::Process> {
@@ -151,4 +171,17 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One `GET /metrics`: the response body.
+fn scrape(addr: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut sock = std::net::TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    sock.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+    let mut response = String::new();
+    sock.read_to_string(&mut response)?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string()))
 }

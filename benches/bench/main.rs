@@ -109,6 +109,8 @@ fn main() {
             "127.0.0.1:0",
             "--dir",
             work.join("received").to_str().unwrap(),
+            "--stats-addr",
+            "127.0.0.1:0",
         ],
         &work.join("server.log"),
     );
@@ -122,6 +124,8 @@ fn main() {
             &server.addr,
             "--dir",
             work.join("spool").to_str().unwrap(),
+            "--stats-addr",
+            "127.0.0.1:0",
         ],
         &work.join("proxy.log"),
     );

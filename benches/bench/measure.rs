@@ -99,29 +99,28 @@ impl Bench {
         } else {
             cmd.args(["--transfers", &s.transfers.to_string()]);
         }
-        // Sample the receiving daemons' open descriptors while the load runs,
-        // to report the concurrency they really reached.
+        // Sample the daemons' own open-connections gauge (GET /metrics)
+        // while the load runs, to report the concurrency they really reached.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sampler = std::thread::scope(|scope| {
             let sampler = scope.spawn(|| {
                 let mut peak = (0usize, 0usize);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    peak.0 = peak.0.max(self.server.open_fds());
-                    peak.1 = peak.1.max(self.proxy.open_fds());
+                    peak.0 = peak.0.max(self.server.open_conns());
+                    peak.1 = peak.1.max(self.proxy.open_conns());
                     std::thread::sleep(Duration::from_millis(10)); // sampling interval
                 }
                 peak
             });
-            let fds0 = (self.server.open_fds(), self.proxy.open_fds());
             let load_cpu0 = children_cpu_s();
             let out = cmd
                 .stderr(Stdio::inherit())
                 .output()
                 .expect("run stopover load");
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            (sampler.join().unwrap_or((0, 0)), fds0, load_cpu0, out)
+            (sampler.join().unwrap_or((0, 0)), load_cpu0, out)
         });
-        let ((s_fds, p_fds), (s_fds0, p_fds0), load_cpu0, out) = sampler;
+        let ((server_peak, proxy_peak), load_cpu0, out) = sampler;
         let load: Summary = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "load output is not a summary ({e}): {}",
@@ -134,9 +133,8 @@ impl Bench {
             proxy_cpu_s: relay.map(|r| r.cpu_s() - p_cpu),
             server_rss_kib: self.server.peak_rss_kib(),
             server_cpu_s: self.server.cpu_s() - s_cpu,
-            // Two descriptors per server connection, three per proxy transfer.
-            server_peak_conns: s_fds.saturating_sub(s_fds0) / 2,
-            proxy_peak_conns: proxied.then_some(p_fds.saturating_sub(p_fds0) / 3),
+            server_peak_conns: server_peak,
+            proxy_peak_conns: proxied.then_some(proxy_peak),
             load_cpu_s: children_cpu_s() - load_cpu0,
         };
         self.free_disk();

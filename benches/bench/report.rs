@@ -246,7 +246,7 @@ pub fn report(
     );
     let shown = |v: Option<usize>| v.map_or("null".to_string(), |n| n.to_string());
     println!(
-        "concurrency reached (from open descriptors): proxy {} transfers, server {} connections (proxied run), server {} (direct run)",
+        "concurrency reached (from the daemons' /metrics): proxy {} transfers, server {} connections (proxied run), server {} (direct run)",
         shown(conc.and_then(|c| c.proxied.proxy_peak_conns)),
         shown(conc.and_then(|c| c.proxied.server_peak_conns)),
         shown(conc.and_then(|c| c.direct.server_peak_conns))

@@ -27,6 +27,7 @@ use mio::{Interest, Registry, Waker};
 use signal_hook_mio::v1_0::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::stats::LoopCounters;
 use super::{LISTENER, SIGNALS, WAKER};
 use crate::error::Context;
 use crate::sys;
@@ -51,6 +52,10 @@ pub struct AcceptConfig {
     pub max_conns: Option<usize>,
     /// `--grace`: how long transfers in flight may take on shutdown.
     pub grace: Duration,
+    /// `--stats-addr`: serve `GET /metrics` here.
+    pub stats_listen: Option<SocketAddr>,
+    /// `--stats-interval`: log the counters this often.
+    pub stats_interval: Option<Duration>,
 }
 
 /// The listening side of a loop. See the module docs.
@@ -66,6 +71,8 @@ pub struct Acceptor {
     /// A connection closed while the gate was shut: look at the listener
     /// again (edge-triggered readiness will not repeat itself).
     resume: bool,
+    /// Accepted, at capacity, backed off: for the metrics.
+    pub counters: LoopCounters,
 }
 
 impl Acceptor {
@@ -90,6 +97,7 @@ impl Acceptor {
             handle,
             signals: None,
             resume: false,
+            counters: LoopCounters::default(),
         })
     }
 
@@ -108,8 +116,9 @@ impl Acceptor {
     /// write to a pipe; the pipe's read end is what the loop polls
     /// (signal-hook-mio does this), on the [`SIGNALS`] token.
     pub fn handle_signals(&mut self, registry: &Registry) -> io::Result<()> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+        use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+        let mut signals =
+            Signals::new([SIGINT, SIGTERM, SIGUSR1]).context("installing signal handlers")?;
         registry
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .context("registering signals")?;
@@ -117,14 +126,20 @@ impl Acceptor {
         Ok(())
     }
 
-    /// The signal pipe is readable: each pending signal is a stop request.
-    pub fn on_signals(&mut self) {
-        use signal_hook::consts::{SIGINT, SIGTERM};
+    /// The signal pipe is readable: SIGINT and SIGTERM are stop requests;
+    /// returns true if SIGUSR1 asked for the counters to be logged.
+    pub fn on_signals(&mut self) -> bool {
+        use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
         let Some(signals) = self.signals.as_mut() else {
-            return;
+            return false;
         };
+        let mut report = false;
         for signal in signals.pending() {
             let name = match signal {
+                SIGUSR1 => {
+                    report = true;
+                    continue;
+                }
                 SIGINT => "SIGINT",
                 SIGTERM => "SIGTERM",
                 _ => "a signal",
@@ -132,6 +147,7 @@ impl Acceptor {
             log::info!("{}: received {name}", self.role);
             self.handle.shutdown();
         }
+        report
     }
 
     /// The next connection to accept while `open` are open, or `None` when
@@ -141,12 +157,22 @@ impl Acceptor {
     /// connection left in the queue would produce no second event.
     pub fn accept(&mut self, open: usize) -> Option<(TcpStream, SocketAddr)> {
         loop {
-            if self.stop.is_draining() || !self.gate.admits(open) {
+            if self.stop.is_draining() {
+                return None;
+            }
+            let was_at_capacity = self.gate.at_capacity;
+            if !self.gate.admits(open) {
+                if self.gate.at_capacity && !was_at_capacity {
+                    self.counters.at_capacity += 1;
+                }
                 return None;
             }
             let listener = self.listener.as_ref()?;
             match listener.accept() {
-                Ok(pair) => return Some(pair),
+                Ok(pair) => {
+                    self.counters.accepted += 1;
+                    return Some(pair);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     log::trace!("{}: accept WouldBlock", self.role);
                     return None;
@@ -170,7 +196,9 @@ impl Acceptor {
     /// role creating a file): stop accepting for a moment
     /// (`AcceptGate::BACKOFF`).
     pub fn out_of_descriptors(&mut self, e: &io::Error, open: usize) {
-        self.gate.out_of_descriptors(e, open);
+        if self.gate.out_of_descriptors(e, open) {
+            self.counters.backoffs += 1;
+        }
     }
 
     /// A connection closed. If the gate had stopped accepting, the loop
@@ -342,15 +370,17 @@ impl AcceptGate {
         true
     }
 
-    /// Out of descriptors: back off (unless already backing off).
-    fn out_of_descriptors(&mut self, err: &io::Error, open: usize) {
+    /// Out of descriptors: back off (unless already backing off). True if
+    /// this starts a back-off.
+    fn out_of_descriptors(&mut self, err: &io::Error, open: usize) -> bool {
         if self.backoff_until.is_some() {
-            return;
+            return false;
         }
         self.backoff_until = Some(Instant::now() + Self::BACKOFF);
         self.warn(format!(
             "accept failed ({err}) with {open} connections open: pausing accepts until descriptors free up"
         ));
+        true
     }
 
     /// True (once) when a back-off has run its course at `now`.

@@ -11,6 +11,7 @@
 //!   `sendfile` goes through one verdict, [`Io`];
 //! - [`reply`]: our own answer line, then a clean close;
 //! - [`guard`]: the minimum upload rate, and throttled warnings;
+//! - [`stats`]: `GET /metrics` on the same loop, and the stats log line;
 //! - [`timer`]: deadlines the loop waits on instead of sleeping.
 //!
 //! Reserved tokens live here too. Connection tokens are derived from slab
@@ -21,6 +22,7 @@ pub mod accept;
 pub mod guard;
 pub mod peer;
 pub mod reply;
+pub mod stats;
 pub mod timer;
 
 use std::io;
@@ -37,6 +39,7 @@ pub use accept::{AcceptConfig, Acceptor, StopHandle};
 pub use guard::{MinRate, RateWindow, Throttle};
 pub use peer::{Io, Peer, Who};
 pub use reply::{Reply, ReplyStep, DISCARD_LIMIT};
+pub use stats::{Exposition, StatsServer};
 pub use timer::{TimerId, Timers};
 
 /// Token of the listening socket.
@@ -63,6 +66,10 @@ pub struct Context<T> {
     pub acceptor: Acceptor,
     /// Warnings about aborted uploads, throttled (see [`Throttle`]).
     pub aborts: Throttle,
+    /// `--stats-addr` / `--stats-interval`, when asked for.
+    pub stats: Option<StatsServer>,
+    /// When the loop was set up (for the uptime metric).
+    pub started: Instant,
 }
 
 impl<T> Context<T> {
@@ -73,12 +80,20 @@ impl<T> Context<T> {
             .try_clone()
             .with_context(|| format!("{}: cloning registry", config.role))?;
         let acceptor = Acceptor::bind(config, &registry)?;
+        let stats = match (config.stats_listen, config.stats_interval) {
+            (None, None) => None,
+            (listen, interval) => {
+                Some(StatsServer::bind(config.role, listen, interval, &registry)?)
+            }
+        };
         Ok(Context {
             registry,
             timers: Timers::new(),
             scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
             acceptor,
             aborts: Throttle::default(),
+            stats,
+            started: Instant::now(),
         })
     }
 }
@@ -120,6 +135,9 @@ pub trait Handler {
     /// The loop has ended: close what is still open, log the summary, and
     /// return the counters.
     fn stopped(&mut self) -> Self::Stats;
+    /// The role's own metrics (the loop adds its own: accepted, at
+    /// capacity, back-offs, open connections, uptime).
+    fn metrics(&self, out: &mut Exposition);
 }
 
 /// A role bound and ready to run: its poll instance, what the loop owns
@@ -142,6 +160,11 @@ impl<H: Handler> Daemon<H> {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.cx.acceptor.local_addr()
+    }
+
+    /// Where `GET /metrics` is served, with `--stats-addr`.
+    pub fn stats_addr(&self) -> Option<SocketAddr> {
+        self.cx.stats.as_ref().and_then(StatsServer::local_addr)
     }
 
     /// A handle that stops [`Daemon::run`] from another thread.
@@ -183,11 +206,13 @@ pub fn run<H: Handler>(
     let mut events = Events::with_capacity(1024);
     loop {
         let now = Instant::now();
+        let stats_deadline = cx.stats.as_ref().and_then(StatsServer::deadline);
         let timeout = [
             cx.timers.timeout(now),
             cx.acceptor
                 .deadline()
                 .map(|t| t.saturating_duration_since(now)),
+            stats_deadline.map(|t| t.saturating_duration_since(now)),
         ]
         .into_iter()
         .flatten()
@@ -213,7 +238,19 @@ pub fn run<H: Handler>(
                     accept_all(cx, handler);
                 }
                 WAKER => {}
-                SIGNALS => cx.acceptor.on_signals(),
+                SIGNALS => {
+                    if cx.acceptor.on_signals() {
+                        if let Some(stats) = cx.stats.as_mut() {
+                            stats.report_requested = true;
+                        }
+                    }
+                }
+                stats::STATS_LISTENER => {
+                    if let Some(stats) = cx.stats.as_mut() {
+                        stats.accept(&cx.registry);
+                    }
+                }
+                token if stats::is_stats_conn(token) => stats_event(cx, handler, event),
                 _ => handler.connection_event(cx, event),
             }
             resume_accepting(cx, handler);
@@ -222,6 +259,12 @@ pub fn run<H: Handler>(
             return Ok(());
         }
         let now = Instant::now();
+        if let Some(stats) = cx.stats.as_mut() {
+            if stats.tick(&cx.registry, now) {
+                let line = exposition(cx, handler).one_line();
+                log::info!("{}: stats: {line}", H::ROLE);
+            }
+        }
         cx.acceptor.backoff_due(now);
         resume_accepting(cx, handler);
         while let Some((_, timer)) = cx.timers.pop_due(now) {
@@ -232,9 +275,67 @@ pub fn run<H: Handler>(
     }
 }
 
+/// Every metric: the loop's, then the role's.
+fn exposition<H: Handler>(cx: &Context<H::Timer>, handler: &H) -> Exposition {
+    let mut e = Exposition::new();
+    let c = cx.acceptor.counters;
+    e.counter(
+        "stopover_connections_accepted_total",
+        "Connections accepted.",
+        c.accepted,
+    );
+    e.gauge(
+        "stopover_connections_open",
+        "Connections open now.",
+        handler.open() as f64,
+    );
+    e.counter(
+        "stopover_at_capacity_total",
+        "Times accepting stopped because every slot was taken.",
+        c.at_capacity,
+    );
+    e.counter(
+        "stopover_accept_backoffs_total",
+        "Times accepting paused after running out of descriptors or memory.",
+        c.backoffs,
+    );
+    e.gauge(
+        "stopover_connections_open_peak",
+        "The most connections open at once so far.",
+        c.peak_open as f64,
+    );
+    e.gauge(
+        "stopover_uptime_seconds",
+        "Seconds since the daemon started.",
+        cx.started.elapsed().as_secs_f64(),
+    );
+    handler.metrics(&mut e);
+    e
+}
+
+/// An event for a stats connection: it may need the metrics to answer.
+fn stats_event<H: Handler>(cx: &mut Context<H::Timer>, handler: &mut H, event: &Event) {
+    let Some(mut stats) = cx.stats.take() else {
+        return;
+    };
+    let text = std::cell::OnceCell::new();
+    let mut scratch = std::mem::take(&mut cx.scratch);
+    stats.event(&cx.registry, event.token(), event, &mut scratch, || {
+        text.get_or_init(|| exposition(cx, handler).into_text())
+            .clone()
+    });
+    cx.scratch = scratch;
+    cx.stats = Some(stats);
+}
+
 /// Accepts every connection the acceptor allows, handing each to the role.
 fn accept_all<H: Handler>(cx: &mut Context<H::Timer>, handler: &mut H) {
     while let Some((sock, addr)) = cx.acceptor.accept(handler.open()) {
+        // Counted before the role runs it: a small upload can be over
+        // before `accepted` returns.
+        let open = handler.open() as u64 + 1;
+        let peak = &mut cx.acceptor.counters.peak_open;
+        *peak = (*peak).max(open);
         handler.accepted(cx, sock, addr);
     }
 }

@@ -39,7 +39,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon, MinRate};
+use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon, Exposition, MinRate};
 use crate::store::Store;
 
 use transfer::{Next, Outcome, Policy, Side, Transfer};
@@ -68,6 +68,10 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// On shutdown, how long transfers in flight may take to finish.
     pub grace: Duration,
+    /// Serve `GET /metrics` here (`None`: no stats endpoint).
+    pub stats_addr: Option<SocketAddr>,
+    /// Log the counters this often (`None`: never).
+    pub stats_interval: Option<Duration>,
 }
 
 impl Default for ProxyConfig {
@@ -83,6 +87,8 @@ impl Default for ProxyConfig {
             min_rate: Some(MinRate::DEFAULT),
             connect_timeout: Duration::from_secs(5),
             grace: Duration::from_secs(10),
+            stats_addr: None,
+            stats_interval: None,
         }
     }
 }
@@ -168,6 +174,10 @@ pub struct Stats {
     pub refused: u64,
     /// Transfers the client abandoned.
     pub aborted: u64,
+    /// Upload bytes received from clients (counted as transfers end).
+    pub received: u64,
+    /// Upload bytes sent to the upstream (counted as transfers end).
+    pub forwarded: u64,
 }
 
 /// A bound proxy, ready to [`run`](Daemon::run).
@@ -212,6 +222,8 @@ impl Proxy {
                 per_conn: if config.hold.is_some() { 4 } else { 3 },
                 max_conns: config.max_conns,
                 grace: config.grace,
+                stats_listen: config.stats_addr,
+                stats_interval: config.stats_interval,
             },
             core,
         )?;
@@ -236,6 +248,35 @@ impl event_loop::Handler for Core {
 
     fn open(&self) -> usize {
         self.transfers.len()
+    }
+
+    fn metrics(&self, out: &mut Exposition) {
+        let s = &self.stats;
+        out.counter_labelled(
+            "stopover_transfers_total",
+            "Transfers by outcome: relayed (the server's answer reached the client), refused (our own ERR), aborted (the client went away).",
+            &[
+                ("outcome", "relayed", s.relayed),
+                ("outcome", "refused", s.refused),
+                ("outcome", "aborted", s.aborted),
+            ],
+        );
+        out.counter(
+            "stopover_bytes_received_total",
+            "Upload bytes received from clients, counted as transfers end.",
+            s.received,
+        );
+        out.counter(
+            "stopover_bytes_forwarded_total",
+            "Upload bytes sent to the upstream, counted as transfers end.",
+            s.forwarded,
+        );
+        let held = self.transfers.iter().filter(|(_, t)| t.is_held()).count();
+        out.gauge(
+            "stopover_uploads_held",
+            "Uploads held now (--hold).",
+            held as f64,
+        );
     }
 
     /// Transfers still open are closed as aborted (an unfinished spool is
@@ -348,6 +389,9 @@ impl Core {
             cx.timers.cancel(id);
         }
         log::trace!("proxy: #{key} closed ({outcome:?})");
+        let (received, forwarded) = transfer.bytes();
+        self.stats.received += received;
+        self.stats.forwarded += forwarded;
         match outcome {
             Outcome::Relayed => self.stats.relayed += 1,
             Outcome::Refused => self.stats.refused += 1,

@@ -125,6 +125,7 @@ impl Conn {
                     match self.peer.read(scratch) {
                         Io::Data(n) => {
                             self.last_active = Instant::now();
+                            stats.received += n as u64;
                             if let Some(limit) = policy.max_bytes {
                                 if part.bytes() + n as u64 > limit {
                                     log::warn!(

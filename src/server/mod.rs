@@ -55,7 +55,9 @@ use mio::{Interest, Token};
 use slab::Slab;
 
 use crate::error::brief;
-use crate::event_loop::{self, AcceptConfig, Context, Daemon, MinRate, Peer, RateWindow, Who};
+use crate::event_loop::{
+    self, AcceptConfig, Context, Daemon, Exposition, MinRate, Peer, RateWindow, Who,
+};
 use crate::store::Store;
 use crate::sys;
 
@@ -93,6 +95,10 @@ pub struct ServerConfig {
     pub min_rate: Option<MinRate>,
     /// On shutdown, how long transfers in flight may take to finish.
     pub grace: Duration,
+    /// Serve `GET /metrics` here (`None`: no stats endpoint).
+    pub stats_addr: Option<SocketAddr>,
+    /// Log the counters this often (`None`: never).
+    pub stats_interval: Option<Duration>,
     /// Sync each file and its directory entry before answering `OK`.
     pub fsync: bool,
 }
@@ -107,6 +113,8 @@ impl Default for ServerConfig {
             idle_timeout: Some(Duration::from_secs(60)),
             min_rate: Some(MinRate::DEFAULT),
             grace: Duration::from_secs(10),
+            stats_addr: None,
+            stats_interval: None,
             fsync: false,
         }
     }
@@ -132,6 +140,8 @@ pub struct Stats {
     pub aborted: u64,
     /// Payload bytes stored.
     pub bytes: u64,
+    /// Upload bytes received, stored or not.
+    pub received: u64,
 }
 
 /// A bound server, ready to [`run`](Daemon::run).
@@ -175,6 +185,8 @@ impl Server {
                 per_conn: 2,
                 max_conns: config.max_conns,
                 grace: config.grace,
+                stats_listen: config.stats_addr,
+                stats_interval: config.stats_interval,
             },
             core,
         )?;
@@ -192,6 +204,29 @@ impl event_loop::Handler for Core {
 
     fn open(&self) -> usize {
         self.conns.len()
+    }
+
+    fn metrics(&self, out: &mut Exposition) {
+        let s = &self.stats;
+        out.counter_labelled(
+            "stopover_uploads_total",
+            "Uploads by outcome: stored (answered OK), refused (answered ERR), aborted (no answer).",
+            &[
+                ("outcome", "stored", s.stored),
+                ("outcome", "refused", s.refused),
+                ("outcome", "aborted", s.aborted),
+            ],
+        );
+        out.counter(
+            "stopover_bytes_received_total",
+            "Upload bytes received.",
+            s.received,
+        );
+        out.counter(
+            "stopover_bytes_stored_total",
+            "Bytes of stored uploads.",
+            s.bytes,
+        );
     }
 
     /// Connections still open are closed as aborted, and their partial

@@ -230,6 +230,10 @@ pub struct Transfer {
     /// The `--min-rate` window, and its timer while the upload runs.
     rate: RateWindow,
     rate_timer: Option<TimerId>,
+    /// Upload bytes received and forwarded, as last seen by [`Transfer::on`]
+    /// (for the metrics: the spool and the link go with their states).
+    received: u64,
+    forwarded: u64,
     state: State,
 }
 
@@ -264,6 +268,8 @@ impl Transfer {
             rate_timer: policy
                 .min_rate
                 .map(|r| cx.timers.schedule(now + r.window, Timer::Rate { key, id })),
+            received: 0,
+            forwarded: 0,
             state: State::aborted(),
         };
         t.state = match policy.hold {
@@ -358,6 +364,7 @@ impl Transfer {
     fn on(&mut self, what: Happened, cx: &mut Context<Timer>, policy: &Policy) {
         let old = std::mem::replace(&mut self.state, State::aborted());
         let (from, old_timer) = (old.name(), old.timer());
+        self.note_bytes(&old);
         let next = match (old, what) {
             (State::Receiving { spool }, Happened::UploadComplete) => self.hold(spool, cx, policy),
             (State::Holding { spool, .. }, Happened::HoldOver) => self.resume(spool, cx, policy),
@@ -443,6 +450,30 @@ impl Transfer {
                 ),
             ),
         }
+    }
+
+    /// Remembers how far `state` got, before it is handed on.
+    fn note_bytes(&mut self, state: &State) {
+        match state {
+            State::Receiving { spool }
+            | State::Holding { spool, .. }
+            | State::Salvaging { spool, .. } => self.received = self.received.max(spool.bytes()),
+            State::Connecting { spool, link, .. } | State::Streaming { spool, link } => {
+                self.received = self.received.max(spool.bytes());
+                self.forwarded = self.forwarded.max(link.forwarded);
+            }
+            State::Replying(_) | State::Done { .. } => {}
+        }
+    }
+
+    /// Upload bytes received from the client and forwarded upstream.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.received, self.forwarded)
+    }
+
+    /// True while the upload is held (`--hold`).
+    pub fn is_held(&self) -> bool {
+        matches!(self.state, State::Holding { .. })
     }
 
     /// Closes the client connection, gracefully when the transfer ended
