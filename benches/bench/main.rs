@@ -49,6 +49,7 @@
 
 mod daemons;
 mod measure;
+mod receiver;
 mod report;
 mod scenarios;
 
@@ -62,6 +63,10 @@ use measure::{machine, wait_for_fast_file_creation, Bench, Run, Via};
 use scenarios::{scenarios, warm_up, Preset, Scenario};
 
 fn main() {
+    // Started again as the threaded receiver (see `receiver`).
+    if let Some((addr, dir)) = receiver::requested() {
+        receiver::serve(&addr, &dir);
+    }
     // `cargo bench` passes --bench. Anything else (`cargo test --benches`,
     // `cargo test --all-targets`) runs this binary as a test: do nothing,
     // rather than a full benchmark against a debug build.
@@ -134,20 +139,55 @@ fn main() {
     } else {
         Daemon::start_haproxy(&server.addr, &work)
     };
+    // The plain blocking receiver (this binary, started again), and a
+    // stopover proxy in front of it.
+    let threaded = std::env::current_exe().ok().map(|me| {
+        let receiver = Daemon::start(
+            &me,
+            &[
+                "--receiver",
+                "127.0.0.1:0",
+                work.join("threaded").to_str().unwrap(),
+            ],
+            &work.join("receiver.log"),
+        );
+        let proxy = Daemon::start(
+            &bin,
+            &[
+                "proxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                &receiver.addr,
+                "--dir",
+                work.join("spool-t").to_str().unwrap(),
+                "--stats-addr",
+                "127.0.0.1:0",
+            ],
+            &work.join("proxy-t.log"),
+        );
+        (receiver, proxy)
+    });
     let bench = Bench {
         bin,
         work: work.clone(),
         server,
         proxy,
         haproxy,
+        threaded,
     };
     let scenarios = scenarios(preset);
     // The paths each scenario is run over. HAProxy, when installed, is the
     // reference for the two scenarios the targets compare with it.
+    // Behind the threaded receiver too, except where it would need a
+    // thread per held connection (concurrency).
     let paths = |s: &Scenario| {
-        let mut v = vec![("direct", Via::Direct), ("proxied", Via::Proxy)];
+        let mut v = vec![Via::Direct, Via::Proxy];
         if bench.haproxy.is_some() && matches!(s.name, "bulk" | "small") {
-            v.push(("haproxy", Via::Haproxy));
+            v.push(Via::Haproxy);
+        }
+        if bench.threaded.is_some() && s.name != "concurrency" {
+            v.extend([Via::DirectThreaded, Via::ProxyThreaded]);
         }
         v
     };
@@ -156,7 +196,7 @@ fn main() {
     if preset != Preset::Smoke {
         for s in &scenarios {
             let w = warm_up(s);
-            for (_, via) in paths(s) {
+            for via in paths(s) {
                 bench.run(&w, via);
             }
         }
@@ -167,13 +207,17 @@ fn main() {
         let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
         for rep in 0..s.reps {
             // Interleave, alternating which of direct and proxied goes
-            // first; the reference relay, if any, runs last.
+            // first (for both receivers); the reference relay runs after
+            // the pair it is compared with.
             let mut order = paths(s);
             if rep % 2 == 1 {
                 order.swap(0, 1);
+                if let Some(at) = order.iter().position(|v| *v == Via::DirectThreaded) {
+                    order.swap(at, at + 1);
+                }
             }
-            for (name, via) in order {
-                runs.entry(name).or_default().push(bench.run(s, via));
+            for via in order {
+                runs.entry(via.name()).or_default().push(bench.run(s, via));
             }
         }
         results.insert(s.name, runs);

@@ -39,15 +39,32 @@ impl Run {
     }
 }
 
-/// The way a run's transfers take to the server.
+/// The way a run's transfers take to a receiver.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Via {
-    /// Client -> server.
+    /// Client -> our server.
     Direct,
-    /// Client -> stopover proxy -> server.
+    /// Client -> stopover proxy -> our server.
     Proxy,
-    /// Client -> HAProxy -> server: a reference relay that stores nothing.
+    /// Client -> HAProxy -> our server: a reference relay that stores nothing.
     Haproxy,
+    /// Client -> the threaded receiver (see `receiver`).
+    DirectThreaded,
+    /// Client -> stopover proxy -> the threaded receiver.
+    ProxyThreaded,
+}
+
+impl Via {
+    /// The path's name in the table and in results.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            Via::Direct => "direct",
+            Via::Proxy => "proxied",
+            Via::Haproxy => "haproxy",
+            Via::DirectThreaded => "direct-t",
+            Via::ProxyThreaded => "proxied-t",
+        }
+    }
 }
 
 pub struct Bench {
@@ -57,26 +74,39 @@ pub struct Bench {
     pub proxy: Daemon,
     /// HAProxy, if it is installed (the reference row).
     pub haproxy: Option<Daemon>,
+    /// The plain blocking receiver, and a proxy in front of it.
+    pub threaded: Option<(Daemon, Daemon)>,
 }
 
 impl Bench {
     fn relay(&self, via: Via) -> Option<&Daemon> {
         match via {
-            Via::Direct => None,
+            Via::Direct | Via::DirectThreaded => None,
             Via::Proxy => Some(&self.proxy),
             Via::Haproxy => self.haproxy.as_ref(),
+            Via::ProxyThreaded => self.threaded.as_ref().map(|(_, p)| p),
+        }
+    }
+
+    fn receiver(&self, via: Via) -> &Daemon {
+        match via {
+            Via::DirectThreaded | Via::ProxyThreaded => {
+                self.threaded.as_ref().map_or(&self.server, |(r, _)| r)
+            }
+            _ => &self.server,
         }
     }
 
     pub fn run(&self, s: &Scenario, via: Via) -> Run {
         let relay = self.relay(via);
-        let to = relay.map_or(&self.server.addr, |r| &r.addr);
-        self.server.reset_peak();
+        let receiver = self.receiver(via);
+        let to = relay.map_or(&receiver.addr, |r| &r.addr);
+        receiver.reset_peak();
         if let Some(r) = relay {
             r.reset_peak();
         }
-        let (s_cpu, p_cpu) = (self.server.cpu_s(), relay.map_or(0.0, Daemon::cpu_s));
-        let proxied = via == Via::Proxy;
+        let (s_cpu, p_cpu) = (receiver.cpu_s(), relay.map_or(0.0, Daemon::cpu_s));
+        let proxied = matches!(via, Via::Proxy | Via::ProxyThreaded);
         let mut cmd = Command::new(&self.bin);
         cmd.args([
             "-q",
@@ -106,8 +136,8 @@ impl Bench {
             let sampler = scope.spawn(|| {
                 let mut peak = (0usize, 0usize);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    peak.0 = peak.0.max(self.server.open_conns());
-                    peak.1 = peak.1.max(self.proxy.open_conns());
+                    peak.0 = peak.0.max(receiver.open_conns());
+                    peak.1 = peak.1.max(relay.map_or(0, Daemon::open_conns));
                     std::thread::sleep(Duration::from_millis(10)); // sampling interval
                 }
                 peak
@@ -131,8 +161,8 @@ impl Bench {
             load,
             proxy_rss_kib: relay.map(Daemon::peak_rss_kib),
             proxy_cpu_s: relay.map(|r| r.cpu_s() - p_cpu),
-            server_rss_kib: self.server.peak_rss_kib(),
-            server_cpu_s: self.server.cpu_s() - s_cpu,
+            server_rss_kib: receiver.peak_rss_kib(),
+            server_cpu_s: receiver.cpu_s() - s_cpu,
             server_peak_conns: server_peak,
             proxy_peak_conns: proxied.then_some(proxy_peak),
             load_cpu_s: children_cpu_s() - load_cpu0,
@@ -143,7 +173,7 @@ impl Bench {
 
     /// Truncates large stored files (never deletes: see the module docs).
     fn free_disk(&self) {
-        for dir in ["received", "spool"] {
+        for dir in ["received", "spool", "threaded", "spool-t"] {
             let Ok(entries) = fs::read_dir(self.work.join(dir)) else {
                 continue;
             };

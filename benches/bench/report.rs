@@ -77,6 +77,17 @@ pub struct ScenarioRow {
     pub haproxy_ratio_mb_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub haproxy_ratio_transfers_per_s: Option<f64>,
+    /// The same, behind the plain threaded receiver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direct_threaded: Option<PathRow>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxied_threaded: Option<PathRow>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threaded_ratio_mb_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threaded_ratio_transfers_per_s: Option<f64>,
+    /// Path -> the receiver's CPU seconds per GiB it stored.
+    pub receiver_cpu_s_per_gib: BTreeMap<String, f64>,
 }
 
 /// One target and whether the run met it.
@@ -121,7 +132,7 @@ pub fn report(
     for s in scenarios {
         let runs = &results[s.name];
         let mut summary = BTreeMap::new();
-        for path in ["direct", "proxied", "haproxy"] {
+        for path in ["direct", "proxied", "haproxy", "direct-t", "proxied-t"] {
             let Some(runs) = runs.get(path) else {
                 continue;
             };
@@ -164,6 +175,34 @@ pub fn report(
             );
             (h_mb, h_tps)
         });
+        let threaded = match (runs.get("direct-t"), runs.get("proxied-t")) {
+            (Some(d), Some(p)) => {
+                let (t_mb, t_tps) = (
+                    paired_ratio(d, p, Run::mb_per_s),
+                    paired_ratio(d, p, Run::transfers_per_s),
+                );
+                println!(
+                    "{:<12} {:<9} {:>8.2}x {:>10.2}x",
+                    "", "ratio-t", t_mb, t_tps
+                );
+                Some((t_mb, t_tps))
+            }
+            _ => None,
+        };
+        // What the receiver paid per GiB, on each path: the cost a relay
+        // puts on the server behind it.
+        let gib_moved = |path: &str| {
+            runs.get(path).map(|rs| {
+                let bytes: u64 = rs.iter().map(|r| r.load.bytes).sum();
+                let cpu: f64 = rs.iter().map(|r| r.server_cpu_s).sum();
+                cpu / (bytes as f64 / (1u64 << 30) as f64).max(1e-9)
+            })
+        };
+        let cells: Vec<String> = ["direct", "proxied", "haproxy", "direct-t", "proxied-t"]
+            .into_iter()
+            .filter_map(|p| gib_moved(p).map(|v| format!("{p} {v:.2}")))
+            .collect();
+        println!("{:<12} receiver CPU s per GiB: {}", "", cells.join(", "));
         rows.push(ScenarioRow {
             scenario: s.name,
             what: s.what.clone(),
@@ -186,6 +225,14 @@ pub fn report(
                 })
                 .collect(),
             haproxy: summary.get("haproxy").cloned(),
+            direct_threaded: summary.get("direct-t").cloned(),
+            proxied_threaded: summary.get("proxied-t").cloned(),
+            threaded_ratio_mb_per_s: threaded.map(|r| r.0),
+            threaded_ratio_transfers_per_s: threaded.map(|r| r.1),
+            receiver_cpu_s_per_gib: ["direct", "proxied", "haproxy", "direct-t", "proxied-t"]
+                .into_iter()
+                .filter_map(|p| gib_moved(p).map(|v| (p.to_string(), v)))
+                .collect(),
             haproxy_ratio_mb_per_s: reference.map(|r| r.0),
             haproxy_ratio_transfers_per_s: reference.map(|r| r.1),
         });

@@ -36,22 +36,25 @@ pub fn scenarios(preset: Preset) -> Vec<Scenario> {
     const K: u64 = 1024;
     match preset {
         Preset::Full => vec![
-            s("bulk", 1, 1, K * K * K, false, 7),
+            s("bulk", 1, 1, K * K * K, false, 5),
             s("small", 64, 20_000, K, false, 3),
             s("medium", 32, 2_000, K * K, false, 3),
             s("concurrency", 5_000, 5_000, 64 * K, true, 3),
+            s("active", 1_000, 3_000, K * K, false, 3),
         ],
         Preset::Quick => vec![
             s("bulk", 1, 1, 256 * K * K, false, 3),
             s("small", 64, 4_000, K, false, 3),
             s("medium", 32, 300, K * K, false, 3),
             s("concurrency", 2_000, 2_000, 64 * K, true, 1),
+            s("active", 300, 600, K * K, false, 1),
         ],
         Preset::Smoke => vec![
             s("bulk", 1, 1, 16 * K * K, false, 1),
             s("small", 8, 200, K, false, 1),
             s("medium", 4, 20, K * K, false, 1),
             s("concurrency", 100, 100, 64 * K, true, 1),
+            s("active", 20, 40, 256 * K, false, 1),
         ],
     }
 }
