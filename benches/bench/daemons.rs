@@ -7,6 +7,28 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The well-known relays measured beside stopover when installed
+/// (`apt-get install haproxy nginx-light libnginx-mod-stream socat`).
+/// None of them stores anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reference {
+    Haproxy,
+    Nginx,
+    Socat,
+}
+
+impl Reference {
+    pub const ALL: [Reference; 3] = [Reference::Haproxy, Reference::Nginx, Reference::Socat];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reference::Haproxy => "haproxy",
+            Reference::Nginx => "nginx",
+            Reference::Socat => "socat",
+        }
+    }
+}
+
 /// A daemon under test, killed by PID when dropped.
 pub struct Daemon {
     child: Child,
@@ -48,23 +70,35 @@ impl Daemon {
         }
     }
 
-    /// Starts HAProxy (if it is installed) as a plain TCP relay to
-    /// `server`, with the settings that make it fastest at bulk here: one
-    /// thread like stopover, and `splice` both ways. `None`, with the
+    /// Starts a reference relay (if it is installed) to `server`, each
+    /// with the settings that make it fastest here and comparable with
+    /// stopover: one thread or worker (socat has a process per
+    /// connection, as it must), half-close passed on. `None`, with the
     /// reason printed, if it is not installed or will not start.
-    pub fn start_haproxy(server: &str, work: &Path) -> Option<Daemon> {
-        let installed = Command::new("haproxy")
-            .arg("-v")
+    pub fn start_reference(reference: Reference, server: &str, work: &Path) -> Option<Daemon> {
+        let name = reference.name();
+        let (program, version_arg) = match reference {
+            Reference::Haproxy => ("haproxy", "-v"),
+            Reference::Nginx => ("nginx", "-v"),
+            Reference::Socat => ("socat", "-V"),
+        };
+        let installed = Command::new(program)
+            .arg(version_arg)
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .output()
             .ok()
             .filter(|o| o.status.success());
         let Some(version) = installed else {
-            println!("reference: haproxy is not installed, so no reference rows (`apt install haproxy` adds them)");
+            println!(
+                "reference: {name} is not installed, so no {name} rows (see README: Benchmarks)"
+            );
             return None;
         };
-        let version = String::from_utf8_lossy(&version.stdout);
-        println!("reference: {}", version.lines().next().unwrap_or("haproxy"));
+        let text = [version.stdout, version.stderr].concat();
+        let text = String::from_utf8_lossy(&text);
+        let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or(name);
+        println!("reference: {}", first.trim());
         // A port the kernel just handed out is free, and nothing else here
         // takes ports: good enough for a bench.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -72,10 +106,13 @@ impl Daemon {
             .ok()?
             .port();
         let addr = format!("127.0.0.1:{port}");
-        let config = work.join("haproxy.cfg");
-        let text = format!(
-            "global
-    maxconn 4096
+        let log = work.join(format!("{name}.log"));
+        let mut cmd = match reference {
+            Reference::Haproxy => {
+                let config = work.join("haproxy.cfg");
+                let text = format!(
+                    "global
+    maxconn 6000
     nbthread 1
 defaults
     mode tcp
@@ -90,13 +127,57 @@ frontend bench
 backend stopover
     server s1 {server}
 "
-        );
-        fs::write(&config, text).ok()?;
-        let log = work.join("haproxy.log");
-        let mut child = Command::new("haproxy")
-            .arg("-f")
-            .arg(&config)
-            .arg("-db")
+                );
+                fs::write(&config, text).ok()?;
+                let mut cmd = Command::new("haproxy");
+                cmd.arg("-f").arg(&config).arg("-db");
+                cmd
+            }
+            Reference::Nginx => {
+                let config = work.join("nginx.conf");
+                let text = format!(
+                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+master_process off;
+daemon off;
+pid {pid};
+error_log stderr;
+events {{ worker_connections 16384; }}
+stream {{
+    server {{
+        listen {addr} backlog=4096;
+        proxy_pass {server};
+        proxy_half_close on;
+        proxy_timeout 120s;
+    }}
+}}
+",
+                    pid = work.join("nginx.pid").display()
+                );
+                fs::write(&config, text).ok()?;
+                let mut cmd = Command::new("nginx");
+                cmd.arg("-p")
+                    .arg(work)
+                    .arg("-c")
+                    .arg(&config)
+                    .arg("-e")
+                    .arg("stderr");
+                cmd
+            }
+            Reference::Socat => {
+                let mut cmd = Command::new("socat");
+                cmd.args([
+                    "-b",
+                    "262144",
+                    "-t",
+                    "120",
+                    &format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096"),
+                    &format!("TCP:{server}"),
+                ]);
+                cmd
+            }
+        };
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).ok()?)
@@ -109,7 +190,7 @@ backend stopover
                 let _ = child.kill();
                 let _ = child.wait();
                 println!(
-                    "reference: haproxy did not start, so no reference rows: {}",
+                    "reference: {name} did not start, so no {name} rows: {}",
                     fs::read_to_string(&log).unwrap_or_default().trim()
                 );
                 return None;
@@ -139,11 +220,15 @@ backend stopover
             .unwrap_or(0)
     }
 
-    /// CPU seconds (user + system) the daemon has used so far.
+    /// CPU seconds (user + system) the daemon has used so far, its ended
+    /// children included (socat forks one per connection and reaps it).
     pub fn cpu_s(&self) -> f64 {
-        self.process().and_then(|p| p.stat().ok()).map_or(0.0, |s| {
-            (s.utime + s.stime) as f64 / procfs::ticks_per_second() as f64
-        })
+        self.process()
+            .and_then(|p| p.stat().ok())
+            .map_or(0.0, |s| {
+                let ticks = s.utime + s.stime + (s.cutime + s.cstime).max(0) as u64;
+                ticks as f64 / procfs::ticks_per_second() as f64
+            })
     }
 
     /// Connections (transfers, for the proxy) the daemon has open now, from

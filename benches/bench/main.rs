@@ -23,11 +23,14 @@
 //! direct and proxied gives the best ratio the CPU budget permits, which
 //! tells whether a gap is the relay's cost per byte or something else.
 //!
-//! **A reference relay.** If `haproxy` is installed, bulk and small also run
-//! through it (one thread, `splice` both ways, plain TCP mode): a
-//! well-known relay that stores nothing, measured on the same machine in
-//! the same minute. Its rows are labelled `haproxy`; its memory and CPU
-//! fill the relay columns. Without it the bench runs as before.
+//! **Reference relays.** For each of HAProxy (one thread, `splice` both
+//! ways), nginx's stream module (one worker, `proxy_half_close on`) and
+//! socat (`-b 262144`, a process per connection) that is installed, every
+//! scenario but concurrency also runs through it, in front of our server:
+//! well-known relays that store nothing, measured on the same machine in
+//! the same minute (see `daemons::Reference`). Their rows are labelled by
+//! name; their memory and CPU fill the relay columns. Without them the
+//! bench runs with fewer rows.
 //!
 //! Two traps of this machine are avoided on purpose. Files are never
 //! deleted between runs (after deleting thousands of files, creating new
@@ -58,7 +61,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use daemons::Daemon;
+use daemons::{Daemon, Reference};
 use measure::{machine, wait_for_fast_file_creation, Bench, Run, Via};
 use scenarios::{scenarios, warm_up, Preset, Scenario};
 
@@ -134,10 +137,13 @@ fn main() {
         ],
         &work.join("proxy.log"),
     );
-    let haproxy = if preset == Preset::Smoke {
-        None
+    let references: Vec<(Reference, Daemon)> = if preset == Preset::Smoke {
+        Vec::new()
     } else {
-        Daemon::start_haproxy(&server.addr, &work)
+        Reference::ALL
+            .into_iter()
+            .filter_map(|r| Daemon::start_reference(r, &server.addr, &work).map(|d| (r, d)))
+            .collect()
     };
     // The plain blocking receiver (this binary, started again), and a
     // stopover proxy in front of it.
@@ -173,7 +179,7 @@ fn main() {
         work: work.clone(),
         server,
         proxy,
-        haproxy,
+        references,
         threaded,
     };
     let scenarios = scenarios(preset);
@@ -183,8 +189,8 @@ fn main() {
     // thread per held connection (concurrency).
     let paths = |s: &Scenario| {
         let mut v = vec![Via::Direct, Via::Proxy];
-        if bench.haproxy.is_some() && matches!(s.name, "bulk" | "small") {
-            v.push(Via::Haproxy);
+        if s.name != "concurrency" {
+            v.extend(bench.references.iter().map(|(r, _)| Via::Reference(*r)));
         }
         if bench.threaded.is_some() && s.name != "concurrency" {
             v.extend([Via::DirectThreaded, Via::ProxyThreaded]);

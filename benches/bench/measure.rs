@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use stopover::load::Summary;
 
-use crate::daemons::Daemon;
+use crate::daemons::{Daemon, Reference};
 use crate::scenarios::Scenario;
 
 /// One measured run.
@@ -46,8 +46,8 @@ pub enum Via {
     Direct,
     /// Client -> stopover proxy -> our server.
     Proxy,
-    /// Client -> HAProxy -> our server: a reference relay that stores nothing.
-    Haproxy,
+    /// Client -> a reference relay (HAProxy, nginx, socat) -> our server.
+    Reference(Reference),
     /// Client -> the threaded receiver (see `receiver`).
     DirectThreaded,
     /// Client -> stopover proxy -> the threaded receiver.
@@ -60,7 +60,7 @@ impl Via {
         match self {
             Via::Direct => "direct",
             Via::Proxy => "proxied",
-            Via::Haproxy => "haproxy",
+            Via::Reference(r) => r.name(),
             Via::DirectThreaded => "direct-t",
             Via::ProxyThreaded => "proxied-t",
         }
@@ -72,8 +72,8 @@ pub struct Bench {
     pub work: PathBuf,
     pub server: Daemon,
     pub proxy: Daemon,
-    /// HAProxy, if it is installed (the reference row).
-    pub haproxy: Option<Daemon>,
+    /// The reference relays that are installed and started.
+    pub references: Vec<(Reference, Daemon)>,
     /// The plain blocking receiver, and a proxy in front of it.
     pub threaded: Option<(Daemon, Daemon)>,
 }
@@ -83,7 +83,11 @@ impl Bench {
         match via {
             Via::Direct | Via::DirectThreaded => None,
             Via::Proxy => Some(&self.proxy),
-            Via::Haproxy => self.haproxy.as_ref(),
+            Via::Reference(r) => self
+                .references
+                .iter()
+                .find(|(x, _)| *x == r)
+                .map(|(_, d)| d),
             Via::ProxyThreaded => self.threaded.as_ref().map(|(_, p)| p),
         }
     }

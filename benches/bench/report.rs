@@ -88,7 +88,31 @@ pub struct ScenarioRow {
     pub threaded_ratio_transfers_per_s: Option<f64>,
     /// Path -> the receiver's CPU seconds per GiB it stored.
     pub receiver_cpu_s_per_gib: BTreeMap<String, f64>,
+    /// Every reference relay that ran: its medians and paired ratios.
+    pub references: BTreeMap<String, ReferenceRow>,
 }
+
+/// A reference relay's row.
+#[derive(Debug, Serialize)]
+pub struct ReferenceRow {
+    #[serde(flatten)]
+    pub row: PathRow,
+    pub ratio_mb_per_s: f64,
+    pub ratio_transfers_per_s: f64,
+}
+
+/// Every path, in table order.
+const PATHS: [&str; 7] = [
+    "direct",
+    "proxied",
+    "haproxy",
+    "nginx",
+    "socat",
+    "direct-t",
+    "proxied-t",
+];
+/// The reference relays' paths.
+const REFERENCES: [&str; 3] = ["haproxy", "nginx", "socat"];
 
 /// One target and whether the run met it.
 #[derive(Debug, Serialize)]
@@ -132,7 +156,7 @@ pub fn report(
     for s in scenarios {
         let runs = &results[s.name];
         let mut summary = BTreeMap::new();
-        for path in ["direct", "proxied", "haproxy", "direct-t", "proxied-t"] {
+        for path in PATHS {
             let Some(runs) = runs.get(path) else {
                 continue;
             };
@@ -164,17 +188,25 @@ pub fn report(
             paired_ratio(direct, &runs["proxied"], Run::transfers_per_s),
         );
         println!("{:<12} {:<9} {:>8.2}x {:>10.2}x", "", "ratio", r_mb, r_tps);
-        let reference = runs.get("haproxy").map(|reference| {
-            let (h_mb, h_tps) = (
-                paired_ratio(direct, reference, Run::mb_per_s),
-                paired_ratio(direct, reference, Run::transfers_per_s),
-            );
-            println!(
-                "{:<12} {:<9} {:>8.2}x {:>10.2}x",
-                "", "haproxy/d", h_mb, h_tps
-            );
-            (h_mb, h_tps)
-        });
+        // Each reference relay against the same direct runs.
+        let mut references = BTreeMap::new();
+        for name in REFERENCES {
+            if let Some(reference) = runs.get(name) {
+                let (r_mb, r_tps) = (
+                    paired_ratio(direct, reference, Run::mb_per_s),
+                    paired_ratio(direct, reference, Run::transfers_per_s),
+                );
+                println!(
+                    "{:<12} {:<9} {:>8.2}x {:>10.2}x",
+                    "",
+                    format!("{name}/d"),
+                    r_mb,
+                    r_tps
+                );
+                references.insert(name.to_string(), (r_mb, r_tps));
+            }
+        }
+        let reference = references.get("haproxy").copied();
         let threaded = match (runs.get("direct-t"), runs.get("proxied-t")) {
             (Some(d), Some(p)) => {
                 let (t_mb, t_tps) = (
@@ -198,7 +230,7 @@ pub fn report(
                 cpu / (bytes as f64 / (1u64 << 30) as f64).max(1e-9)
             })
         };
-        let cells: Vec<String> = ["direct", "proxied", "haproxy", "direct-t", "proxied-t"]
+        let cells: Vec<String> = PATHS
             .into_iter()
             .filter_map(|p| gib_moved(p).map(|v| format!("{p} {v:.2}")))
             .collect();
@@ -225,11 +257,26 @@ pub fn report(
                 })
                 .collect(),
             haproxy: summary.get("haproxy").cloned(),
+            references: REFERENCES
+                .into_iter()
+                .filter_map(|name| {
+                    let row = summary.get(name)?.clone();
+                    let (ratio_mb_per_s, ratio_transfers_per_s) = references.get(name).copied()?;
+                    Some((
+                        name.to_string(),
+                        ReferenceRow {
+                            row,
+                            ratio_mb_per_s,
+                            ratio_transfers_per_s,
+                        },
+                    ))
+                })
+                .collect(),
             direct_threaded: summary.get("direct-t").cloned(),
             proxied_threaded: summary.get("proxied-t").cloned(),
             threaded_ratio_mb_per_s: threaded.map(|r| r.0),
             threaded_ratio_transfers_per_s: threaded.map(|r| r.1),
-            receiver_cpu_s_per_gib: ["direct", "proxied", "haproxy", "direct-t", "proxied-t"]
+            receiver_cpu_s_per_gib: PATHS
                 .into_iter()
                 .filter_map(|p| gib_moved(p).map(|v| (p.to_string(), v)))
                 .collect(),
