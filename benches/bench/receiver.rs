@@ -24,13 +24,38 @@ pub fn requested() -> Option<(String, PathBuf)> {
 /// Serves until killed.
 pub fn serve(addr: &str, dir: &Path) -> ! {
     std::fs::create_dir_all(dir).expect("receiver: create its directory");
-    let listener = TcpListener::bind(addr).expect("receiver: bind");
+    // As our daemons do, and as any server meant for many clients must: a
+    // socket and a file per connection need more than the usual 1,024
+    // descriptors, and a thousand connects at once a deep listen backlog.
+    if let Err(e) = stopover::sys::raise_nofile_limit() {
+        eprintln!("receiver: raising RLIMIT_NOFILE: {e}");
+    }
+    let addr: std::net::SocketAddr = addr.parse().expect("receiver: an address");
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .expect("receiver: socket");
+    socket.set_reuse_address(true).expect("receiver: SO_REUSEADDR");
+    socket.bind(&addr.into()).expect("receiver: bind");
+    socket.listen(4096).expect("receiver: listen");
+    let listener: TcpListener = socket.into();
     eprintln!(
         "receiver listening on {}",
         listener.local_addr().expect("receiver: local address")
     );
     let counter = Arc::new(AtomicU64::new(0));
-    for sock in listener.incoming().flatten() {
+    for sock in listener.incoming() {
+        let sock = match sock {
+            Ok(sock) => sock,
+            Err(e) => {
+                // Out of descriptors or memory: wait instead of spinning.
+                eprintln!("receiver: accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+        };
         let (dir, counter) = (dir.to_path_buf(), counter.clone());
         let _ = std::thread::Builder::new()
             .stack_size(256 * 1024)
