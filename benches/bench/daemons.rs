@@ -223,12 +223,10 @@ stream {{
     /// CPU seconds (user + system) the daemon has used so far, its ended
     /// children included (socat forks one per connection and reaps it).
     pub fn cpu_s(&self) -> f64 {
-        self.process()
-            .and_then(|p| p.stat().ok())
-            .map_or(0.0, |s| {
-                let ticks = s.utime + s.stime + (s.cutime + s.cstime).max(0) as u64;
-                ticks as f64 / procfs::ticks_per_second() as f64
-            })
+        self.process().and_then(|p| p.stat().ok()).map_or(0.0, |s| {
+            let ticks = s.utime + s.stime + (s.cutime + s.cstime).max(0) as u64;
+            ticks as f64 / procfs::ticks_per_second() as f64
+        })
     }
 
     /// Connections (transfers, for the proxy) the daemon has open now, from

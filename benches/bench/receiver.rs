@@ -37,7 +37,9 @@ pub fn serve(addr: &str, dir: &Path) -> ! {
         None,
     )
     .expect("receiver: socket");
-    socket.set_reuse_address(true).expect("receiver: SO_REUSEADDR");
+    socket
+        .set_reuse_address(true)
+        .expect("receiver: SO_REUSEADDR");
     socket.bind(&addr.into()).expect("receiver: bind");
     socket.listen(4096).expect("receiver: listen");
     let listener: TcpListener = socket.into();

@@ -183,42 +183,18 @@ pub fn report(
             summary.insert(path, row);
         }
         let direct = &runs["direct"];
-        let (r_mb, r_tps) = (
-            paired_ratio(direct, &runs["proxied"], Run::mb_per_s),
-            paired_ratio(direct, &runs["proxied"], Run::transfers_per_s),
-        );
-        println!("{:<12} {:<9} {:>8.2}x {:>10.2}x", "", "ratio", r_mb, r_tps);
+        let (r_mb, r_tps) = ratios("ratio", direct, &runs["proxied"]);
         // Each reference relay against the same direct runs.
         let mut references = BTreeMap::new();
         for name in REFERENCES {
             if let Some(reference) = runs.get(name) {
-                let (r_mb, r_tps) = (
-                    paired_ratio(direct, reference, Run::mb_per_s),
-                    paired_ratio(direct, reference, Run::transfers_per_s),
-                );
-                println!(
-                    "{:<12} {:<9} {:>8.2}x {:>10.2}x",
-                    "",
-                    format!("{name}/d"),
-                    r_mb,
-                    r_tps
-                );
-                references.insert(name.to_string(), (r_mb, r_tps));
+                let r = ratios(&format!("{name}/d"), direct, reference);
+                references.insert(name.to_string(), r);
             }
         }
         let reference = references.get("haproxy").copied();
         let threaded = match (runs.get("direct-t"), runs.get("proxied-t")) {
-            (Some(d), Some(p)) => {
-                let (t_mb, t_tps) = (
-                    paired_ratio(d, p, Run::mb_per_s),
-                    paired_ratio(d, p, Run::transfers_per_s),
-                );
-                println!(
-                    "{:<12} {:<9} {:>8.2}x {:>10.2}x",
-                    "", "ratio-t", t_mb, t_tps
-                );
-                Some((t_mb, t_tps))
-            }
+            (Some(d), Some(p)) => Some(ratios("ratio-t", d, p)),
             _ => None,
         };
         // What the receiver paid per GiB, on each path: the cost a relay
@@ -360,6 +336,17 @@ pub fn report(
         targets,
         errors,
     }
+}
+
+/// The paired ratios of `other` to `direct` (MB/s, transfers/s), printed
+/// as one table line labelled `label`.
+fn ratios(label: &str, direct: &[Run], other: &[Run]) -> (f64, f64) {
+    let r = (
+        paired_ratio(direct, other, Run::mb_per_s),
+        paired_ratio(direct, other, Run::transfers_per_s),
+    );
+    println!("{:<12} {:<9} {:>8.2}x {:>10.2}x", "", label, r.0, r.1);
+    r
 }
 
 /// The closing line: how long the run took, and how to run it again.
