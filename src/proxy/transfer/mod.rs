@@ -12,7 +12,7 @@
 //!                 |                               | timer fires: reopen the file by name, connect
 //!                 v                               v
 //!   +------- Connecting <-------------------------+
-//!   |   client bytes -> spool (up to LAG_LIMIT ahead)
+//!   |   the client is not read: its bytes wait in the kernel
 //!   |             | connect completes              connect fails or times out
 //!   |             v                                    |
 //!   |         Streaming ---- upstream fails ------> Salvaging
@@ -132,8 +132,9 @@ enum State {
     /// the deadline (a timer in the loop, never a sleep) while a person may
     /// edit the file.
     Holding { spool: PartFile, timer: TimerId },
-    /// The upstream connect is in flight; `timer` is its time limit.
-    /// Client bytes go to the spool, up to [`LAG_LIMIT`] ahead.
+    /// The upstream connect is in flight; `timer` is its time limit. The
+    /// client is not read: its bytes wait in the kernel until they can go
+    /// upstream and to the spool together.
     Connecting {
         spool: PartFile,
         link: Link,
@@ -324,10 +325,10 @@ impl Transfer {
                 upload::read_client(client, spool, None, scratch, policy)
             }
             State::Holding { .. } => hold::watch_client(client, scratch),
-            State::Connecting { spool, link, .. } => {
-                link.check_connect(policy)?;
-                upload::read_client(client, spool, Some(link), scratch, policy)
-            }
+            // The client is not read until the upstream is up: its bytes
+            // wait in the kernel, and the first ones we read go to the
+            // upstream and the spool together (see `upload`).
+            State::Connecting { link, .. } => link.check_connect(policy),
             State::Streaming { spool, link } => {
                 let mut moved = link.forward(spool, scratch)?;
                 moved |= upload::read_client(client, spool, Some(link), scratch, policy)?;
@@ -529,7 +530,9 @@ impl Transfer {
         let now = Instant::now();
         let (received, our_fault) = match &self.state {
             State::Receiving { spool } | State::Salvaging { spool, .. } => (spool.bytes(), false),
-            State::Connecting { spool, link, .. } | State::Streaming { spool, link } => (
+            // Not reading while connecting is our doing, not the client's.
+            State::Connecting { spool, .. } => (spool.bytes(), true),
+            State::Streaming { spool, link } => (
                 spool.bytes(),
                 link.forwarding() && link.lag(spool) >= LAG_LIMIT,
             ),
@@ -582,7 +585,8 @@ impl Transfer {
         }
         log::trace!("proxy: #{} timer fired: idle", self.key);
         let waiting_on_upstream = match &self.state {
-            State::Connecting { spool, link, .. } | State::Streaming { spool, link } => {
+            State::Connecting { .. } => true,
+            State::Streaming { spool, link } => {
                 self.client.eof() || (link.forwarding() && link.lag(spool) >= LAG_LIMIT)
             }
             _ => false,
