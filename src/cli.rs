@@ -193,6 +193,14 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
+    /// Memory for uploads in passage, all transfers together: bytes between
+    /// the client and the upstream and on their way to the spool file (in
+    /// 1 MiB chunks; at least 4 MiB). When it is spent, clients wait in
+    /// the kernel until some is free: more memory, fewer and larger disk
+    /// writes; less, more of them.
+    #[arg(long, default_value = "8MiB", value_name = "SIZE", value_parser = parse_bytes)]
+    pub spool_memory: u64,
+
     #[command(flatten)]
     pub limits: Limits,
 }

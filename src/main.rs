@@ -107,6 +107,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 grace: args.limits.grace,
                 stats_addr: stats_addr(&args.limits)?,
                 stats_interval: args.limits.stats_interval,
+                spool_memory: usize::try_from(args.spool_memory).unwrap_or(usize::MAX),
             })
             .map_err(|e| e.to_string())?;
             proxy.handle_signals().map_err(|e| e.to_string())?;

@@ -48,6 +48,7 @@ use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::error::Context;
@@ -204,7 +205,7 @@ impl Store {
             {
                 Ok(file) => {
                     return Ok(PartFile {
-                        file,
+                        file: Arc::new(file),
                         final_path: self.dir.join(&name),
                         part_path,
                         name,
@@ -231,7 +232,9 @@ impl Store {
 /// One upload being written: `<name>.part` until [`PartFile::finish`].
 #[derive(Debug)]
 pub struct PartFile {
-    file: File,
+    /// Shared with disk writes in flight (`event_loop::disk`), which must
+    /// keep the descriptor open until they complete.
+    file: Arc<File>,
     name: String,
     part_path: PathBuf,
     final_path: PathBuf,
@@ -248,10 +251,24 @@ impl PartFile {
     /// Appends `data`, updating the byte count and running CRC-32C.
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         self.reserve_ahead(data.len() as u64);
-        self.file.write_all(data)?;
+        (&*self.file).write_all(data)?;
         self.crc = crc32c::crc32c_append(self.crc, data);
         self.bytes += data.len() as u64;
         Ok(())
+    }
+
+    /// Counts `data` as part of the file (byte count, CRC-32C, space
+    /// reserved ahead) for a caller that writes it itself, at its own
+    /// offsets (the proxy's spool, see `proxy::transfer::spool`).
+    pub fn record(&mut self, data: &[u8]) {
+        self.reserve_ahead(data.len() as u64);
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        self.bytes += data.len() as u64;
+    }
+
+    /// The open file, shared (for writes that outlive the call).
+    pub fn shared_file(&self) -> &Arc<File> {
+        &self.file
     }
 
     /// Makes sure the space for the next `len` bytes is reserved, once the

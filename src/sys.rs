@@ -2,14 +2,17 @@
 //!
 //! The standard library, mio and socket2 cover almost everything stopover
 //! does with the kernel. What they do not cover is here, as small safe
-//! functions that take Rust types and return `io::Result`, so that `unsafe`
-//! appears in exactly one file and a reader can audit all of it at once:
+//! functions that take Rust types and return `io::Result`, so that a reader
+//! can audit the unsafe code at once. (The one other file with `unsafe` is
+//! `event_loop::disk`: buffers that the kernel reads after the call that
+//! queued them has returned, which no wrapper can make safe by itself; its
+//! safety argument is ownership, stated there.)
 //!
 //! | call | used by | why std does not have it |
 //! |---|---|---|
 //! | `getrlimit`/`setrlimit` | the accept gate, the load generator | no std API |
 //! | `setsockopt(SO_RCVLOWAT)` | the server | neither std nor socket2 |
-//! | `sendfile` | the proxy's upload path | no std API |
+//! | `fcntl(F_SETFL, O_DIRECT)` | the proxy's spool | no std API |
 //! | `fallocate(FALLOC_FL_KEEP_SIZE)` | the store | no std API |
 //! | `renameat2(RENAME_NOREPLACE)` | the store | `fs::rename` replaces |
 //! | `geteuid` | the store (who owns a directory) | no std API |
@@ -76,25 +79,6 @@ pub fn set_recv_low_water(sock: &impl AsRawFd, bytes: usize) -> io::Result<()> {
     }
 }
 
-/// `sendfile(2)`: copies up to `len` bytes of `file`, starting at
-/// `offset`, to the socket `sock`, without passing them through user space
-/// (over TCP the page-cache pages are handed to the socket by reference).
-/// Returns the bytes sent; a full non-blocking socket gives `WouldBlock`,
-/// exactly like `write`. The file's own offset is not moved.
-pub fn sendfile(sock: &impl AsRawFd, file: &File, offset: u64, len: usize) -> io::Result<usize> {
-    let mut off = libc::off_t::try_from(offset)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-    // SAFETY: both descriptors are open for the duration of the call (the
-    // borrows guarantee it), and `off` is a valid off_t that the kernel may
-    // update and that outlives the call.
-    let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, len) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 /// `fallocate(FALLOC_FL_KEEP_SIZE)`: reserves `len` bytes of disk from
 /// `offset` without changing the file's length.
 pub fn fallocate_keep_size(file: &File, offset: u64, len: u64) -> io::Result<()> {
@@ -112,6 +96,29 @@ pub fn fallocate_keep_size(file: &File, offset: u64, len: u64) -> io::Result<()>
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Turns `O_DIRECT` on or off for an open file (`fcntl(F_SETFL)`): its
+/// writes then go from our buffer to the device, bypassing the page cache,
+/// and must be aligned. Filesystems without direct I/O answer `EINVAL`.
+pub fn set_direct_io(file: &File, on: bool) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL takes no argument beyond the descriptor, which
+    // `file` keeps open for the call.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = if on {
+        flags | libc::O_DIRECT
+    } else {
+        flags & !libc::O_DIRECT
+    };
+    // SAFETY: as above; F_SETFL reads one integer argument.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `renameat2(RENAME_NOREPLACE)`: renames `from` to `to`, failing with

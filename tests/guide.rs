@@ -87,4 +87,8 @@ fn the_guide_states_the_real_defaults() {
     assert!(guide.contains("1 MiB ahead"));
     assert_eq!(stopover::event_loop::SCRATCH_SIZE, 1024 * 1024);
     assert!(guide.contains("up to 1 MiB"));
+    assert_eq!(stopover::event_loop::disk::DEFAULT_BUDGET, 8 * 1024 * 1024);
+    assert!(guide.contains("8 MiB by default"));
+    assert_eq!(stopover::event_loop::disk::CHUNK, 1024 * 1024);
+    assert!(guide.contains("aligned 1 MiB chunks"));
 }

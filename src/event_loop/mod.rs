@@ -7,18 +7,21 @@
 //!   and [`Context`], what the loop lends a role while it handles an event;
 //! - [`accept`]: the listener, the accept gate, back-off, graceful stop,
 //!   signals and the [`StopHandle`];
-//! - [`peer`]: a socket and its readiness, where every read, write and
-//!   `sendfile` goes through one verdict, [`Io`];
+//! - [`peer`]: a socket and its readiness, where every read and write goes
+//!   through one verdict, [`Io`];
 //! - [`reply`]: our own answer line, then a clean close;
 //! - [`guard`]: the minimum upload rate, and throttled warnings;
 //! - [`stats`]: `GET /metrics` on the same loop, and the stats log line;
-//! - [`timer`]: deadlines the loop waits on instead of sleeping.
+//! - [`timer`]: deadlines the loop waits on instead of sleeping;
+//! - [`disk`]: asynchronous `O_DIRECT` file writes through `io_uring`, whose
+//!   completions arrive as one more kind of readiness.
 //!
 //! Reserved tokens live here too. Connection tokens are derived from slab
 //! keys by each role (small numbers counting up from zero), so the reserved
 //! ones sit at the very top of the token space where no key can reach.
 
 pub mod accept;
+pub mod disk;
 pub mod guard;
 pub mod peer;
 pub mod reply;
@@ -49,6 +52,10 @@ pub const WAKER: Token = Token(usize::MAX - 1);
 /// Token of the signal pipe (SIGINT, SIGTERM), when signals are handled.
 pub const SIGNALS: Token = Token(usize::MAX - 2);
 
+/// Token of the `io_uring` that disk writes complete on (see [`disk`]).
+/// Below the stats connections' tokens.
+pub const DISK: Token = Token(usize::MAX - 32);
+
 /// Size of the read buffer each loop owns and lends to whichever connection
 /// is being served. Large reads mean few syscalls per megabyte.
 pub const SCRATCH_SIZE: usize = 1024 * 1024;
@@ -70,11 +77,17 @@ pub struct Context<T> {
     pub stats: Option<StatsServer>,
     /// When the loop was set up (for the uptime metric).
     pub started: Instant,
+    /// Asynchronous disk writes (the proxy's spool).
+    pub disk: disk::Disk,
 }
 
 impl<T> Context<T> {
     /// Binds the role's listener on `poll` and sets up the rest.
-    pub fn bind(poll: &Poll, config: &AcceptConfig) -> io::Result<Context<T>> {
+    pub fn bind(
+        poll: &Poll,
+        config: &AcceptConfig,
+        disk_budget: Option<usize>,
+    ) -> io::Result<Context<T>> {
         let registry = poll
             .registry()
             .try_clone()
@@ -86,12 +99,17 @@ impl<T> Context<T> {
                 Some(StatsServer::bind(config.role, listen, interval, &registry)?)
             }
         };
+        let disk = match disk_budget {
+            Some(budget) => disk::Disk::new(&registry, DISK, config.role, budget),
+            None => disk::Disk::blocking(0),
+        };
         Ok(Context {
             registry,
             timers: Timers::new(),
             scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
             acceptor,
             aborts: Throttle::default(),
+            disk,
             stats,
             started: Instant::now(),
         })
@@ -132,6 +150,16 @@ pub trait Handler {
     fn connection_event(&mut self, cx: &mut Context<Self::Timer>, event: &Event);
     /// A timer is due.
     fn timer_fired(&mut self, cx: &mut Context<Self::Timer>, timer: Self::Timer);
+    /// For a role that writes through [`Context::disk`] (it gets an
+    /// `io_uring`): the memory budget of its chunks. The others write files
+    /// the ordinary way.
+    fn disk_budget(&self) -> Option<usize> {
+        None
+    }
+    /// A disk write has completed (see [`disk`]).
+    fn written(&mut self, _cx: &mut Context<Self::Timer>, _done: disk::Written) {}
+    /// A chunk this owner queued for may be free (see `Disk::wait`).
+    fn wake(&mut self, _cx: &mut Context<Self::Timer>, _owner: disk::Owner) {}
     /// The loop has ended: close what is still open, log the summary, and
     /// return the counters.
     fn stopped(&mut self) -> Self::Stats;
@@ -153,7 +181,7 @@ impl<H: Handler> Daemon<H> {
     /// Binds the listener described by `config` for `handler`.
     pub fn new(config: &AcceptConfig, handler: H) -> io::Result<Daemon<H>> {
         let poll = Poll::new().with_context(|| format!("{}: creating poll", H::ROLE))?;
-        let cx = Context::bind(&poll, config)?;
+        let cx = Context::bind(&poll, config, handler.disk_budget())?;
         Ok(Daemon { poll, cx, handler })
     }
 
@@ -189,6 +217,9 @@ impl<H: Handler> Daemon<H> {
         // Even when the loop failed: every connection still open goes
         // through the role's abandon path (kept, removed, reset).
         let stats = self.handler.stopped();
+        // Writes still in flight belong to files the role has just kept or
+        // removed: let them land before the process goes.
+        self.cx.disk.drain();
         ran.map(|()| stats)
     }
 }
@@ -205,6 +236,10 @@ pub fn run<H: Handler>(
 ) -> io::Result<()> {
     let mut events = Events::with_capacity(1024);
     loop {
+        // Disk writes that completed go to their owners (which may queue
+        // more); then everything queued goes to the kernel in one call.
+        deliver_written(cx, handler);
+        cx.disk.submit();
         let now = Instant::now();
         let stats_deadline = cx.stats.as_ref().and_then(StatsServer::deadline);
         let timeout = [
@@ -217,6 +252,12 @@ pub fn run<H: Handler>(
         .into_iter()
         .flatten()
         .min();
+        // Completions already waiting: look at the sockets, do not wait.
+        let timeout = if cx.disk.has_completions() {
+            Some(std::time::Duration::ZERO)
+        } else {
+            timeout
+        };
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue; // a signal arrived; just wait again
@@ -237,7 +278,7 @@ pub fn run<H: Handler>(
                     log::trace!("{}: listener READABLE", H::ROLE);
                     accept_all(cx, handler);
                 }
-                WAKER => {}
+                WAKER | DISK => {} // DISK: completions are delivered at the top
                 SIGNALS => {
                     if cx.acceptor.on_signals() {
                         if let Some(stats) = cx.stats.as_mut() {
@@ -275,6 +316,20 @@ pub fn run<H: Handler>(
     }
 }
 
+/// Hands every completed disk write to the role.
+/// Then wakes the owners waiting for memory that the writes gave back.
+fn deliver_written<H: Handler>(cx: &mut Context<H::Timer>, handler: &mut H) {
+    while cx.disk.has_completions() {
+        for done in cx.disk.reap() {
+            handler.written(cx, done);
+            resume_accepting(cx, handler);
+        }
+    }
+    for owner in cx.disk.wakeups() {
+        handler.wake(cx, owner);
+    }
+}
+
 /// Every metric: the loop's, then the role's.
 fn exposition<H: Handler>(cx: &Context<H::Timer>, handler: &H) -> Exposition {
     let mut e = Exposition::new();
@@ -309,6 +364,7 @@ fn exposition<H: Handler>(cx: &Context<H::Timer>, handler: &H) -> Exposition {
         "Seconds since the daemon started.",
         cx.started.elapsed().as_secs_f64(),
     );
+    cx.disk.metrics(&mut e);
     handler.metrics(&mut e);
     e
 }

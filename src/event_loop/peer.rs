@@ -1,13 +1,13 @@
 //! One non-blocking socket and what the loop knows about it.
 //!
-//! Every read, write and `sendfile` that the server and the proxy make goes
+//! Every read and write that the server and the proxy make on a socket goes
 //! through a [`Peer`], and comes back as one small verdict, [`Io`]:
 //!
 //! ```text
 //!   Data(n)    n bytes moved
 //!   Eof        the other end sent FIN: nothing more will arrive (reads)
 //!   Blocked    not now; an event will say when (the readiness flag is clear)
-//!   Failed(e)  the connection is broken (or, for sendfile, the file failed)
+//!   Failed(e)  the connection is broken
 //! ```
 //!
 //! This is the one place that knows the readiness ladder, after sozu's
@@ -31,15 +31,12 @@
 //! trace of every role reads the same.
 
 use std::fmt;
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
 use mio::event::Event;
 use mio::net::TcpStream;
-
-use crate::sys;
 
 /// The verdict of one non-blocking call. See the module docs.
 #[derive(Debug)]
@@ -59,7 +56,6 @@ pub enum Io {
 enum Call {
     Read,
     Write,
-    Sendfile,
 }
 
 impl Call {
@@ -67,7 +63,6 @@ impl Call {
         match self {
             Call::Read => "read",
             Call::Write => "write",
-            Call::Sendfile => "sendfile",
         }
     }
 }
@@ -298,33 +293,6 @@ impl Peer {
         (off, None)
     }
 
-    /// One `sendfile` of up to `len` bytes of `file` from `offset`. A
-    /// `Failed` here may be the file's fault rather than the socket's:
-    /// [`is_connection_error`] tells which. `Data(0)` means the file ended
-    /// before `offset + len`.
-    pub fn send_file(&mut self, file: &File, offset: u64, len: usize) -> Io {
-        if !self.writable {
-            return Io::Blocked;
-        }
-        loop {
-            match sys::sendfile(&self.sock, file, offset, len) {
-                Ok(n) => {
-                    log::trace!("{} sendfile {n}", self.who);
-                    return Io::Data(n);
-                }
-                Err(e) => match self.failed(e, Call::Sendfile) {
-                    Some(io) => {
-                        if matches!(&io, Io::Failed(e) if is_connection_error(e)) {
-                            self.broken = true;
-                        }
-                        return io;
-                    }
-                    None => continue,
-                },
-            }
-        }
-    }
-
     /// The ladder for a failed call: `None` to retry (`EINTR`), `Blocked`
     /// (clearing the flag of the call's direction) for `WouldBlock`,
     /// `Failed` otherwise.
@@ -335,7 +303,7 @@ impl Peer {
                 log::trace!("{} {} WouldBlock", self.who, call.name());
                 match call {
                     Call::Read => self.readable = false,
-                    Call::Write | Call::Sendfile => self.writable = false,
+                    Call::Write => self.writable = false,
                 }
                 Some(Io::Blocked)
             }
@@ -413,29 +381,6 @@ impl Peer {
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.sock.peer_addr()
     }
-}
-
-/// Errors that mean the connection (or the network under it) is gone, as
-/// opposed to a file error reported by the same call (`sendfile` fails for
-/// both).
-pub fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::EPIPE
-                | libc::ECONNRESET
-                | libc::ECONNABORTED
-                | libc::ECONNREFUSED
-                | libc::ENOTCONN
-                | libc::ETIMEDOUT
-                | libc::EHOSTUNREACH
-                | libc::ENETUNREACH
-                | libc::ENETDOWN
-                | libc::ENETRESET
-                | libc::EHOSTDOWN
-                | libc::ENONET
-        )
-    )
 }
 
 #[cfg(test)]
@@ -535,23 +480,6 @@ pub(crate) mod tests {
             .read_to_end(&mut rest)
             .expect("a clean EOF after the data");
         assert_eq!(rest, b"bye");
-    }
-
-    #[test]
-    fn network_errors_are_connection_errors_and_disk_errors_are_not() {
-        let err = io::Error::from_raw_os_error;
-        for errno in [
-            libc::EPIPE,
-            libc::ECONNRESET,
-            libc::ENETDOWN,
-            libc::ENETRESET,
-            libc::EHOSTDOWN,
-        ] {
-            assert!(is_connection_error(&err(errno)), "errno {errno}");
-        }
-        for errno in [libc::EIO, libc::ENOSPC, libc::EFBIG] {
-            assert!(!is_connection_error(&err(errno)), "errno {errno}");
-        }
     }
 
     #[test]

@@ -39,6 +39,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
+use crate::event_loop::disk::{Owner, Written};
 use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon, Exposition, MinRate};
 use crate::store::Store;
 
@@ -72,6 +73,9 @@ pub struct ProxyConfig {
     pub stats_addr: Option<SocketAddr>,
     /// Log the counters this often (`None`: never).
     pub stats_interval: Option<Duration>,
+    /// Memory for spool chunks, all transfers together (see
+    /// `event_loop::disk`).
+    pub spool_memory: usize,
 }
 
 impl Default for ProxyConfig {
@@ -89,6 +93,7 @@ impl Default for ProxyConfig {
             grace: Duration::from_secs(10),
             stats_addr: None,
             stats_interval: None,
+            spool_memory: event_loop::disk::DEFAULT_BUDGET,
         }
     }
 }
@@ -192,6 +197,8 @@ pub struct Core {
     idle_timeout: Option<Duration>,
     /// Identity for the next transfer (slab keys are reused; ids are not).
     next_id: u64,
+    /// `--spool-memory`: the budget of all spool chunks together.
+    spool_memory: usize,
 }
 
 impl Proxy {
@@ -212,6 +219,7 @@ impl Proxy {
             },
             idle_timeout: config.idle_timeout,
             next_id: 0,
+            spool_memory: config.spool_memory,
         };
         let proxy = Daemon::new(
             &AcceptConfig {
@@ -347,6 +355,29 @@ impl event_loop::Handler for Core {
             t.on_event(side, event);
             self.drive(cx, key);
         }
+    }
+
+    fn disk_budget(&self) -> Option<usize> {
+        Some(self.spool_memory)
+    }
+
+    fn wake(&mut self, cx: &mut Context<Timer>, owner: Owner) {
+        let Owner { key, id } = owner;
+        if let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) {
+            t.woken();
+            self.drive(cx, key);
+        }
+    }
+
+    /// A spool write completed: tell its transfer, which may now be able
+    /// to finish its file and pass the answer on.
+    fn written(&mut self, cx: &mut Context<Timer>, done: Written) {
+        let Owner { key, id } = done.owner;
+        let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) else {
+            return; // its transfer is gone; the file was kept or removed
+        };
+        t.on_written(done.result);
+        self.drive(cx, key);
     }
 
     fn timer_fired(&mut self, cx: &mut Context<Timer>, timer: Timer) {

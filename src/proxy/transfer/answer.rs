@@ -17,7 +17,7 @@ use crate::answer::MAX_LINE;
 use crate::error::brief;
 use crate::event_loop::{Io, Peer};
 
-use crate::store::PartFile;
+use super::spool::Spool;
 
 use super::hold::Held;
 use super::upload::{Link, Source};
@@ -29,10 +29,18 @@ const ANSWER_CHUNK: usize = 64 * 1024;
 
 impl Link {
     /// Relays answer bytes as they come, and the upstream's FIN after them.
-    pub fn relay_answer(&mut self, client: &mut Peer, scratch: &mut [u8], policy: &Policy) -> Step {
+    /// Unless `deliver`, they are only read and kept (at most `MAX_LINE` + 1
+    /// bytes), for when the spool is final.
+    pub fn relay_answer(
+        &mut self,
+        client: &mut Peer,
+        scratch: &mut [u8],
+        deliver: bool,
+        policy: &Policy,
+    ) -> Step {
         let mut moved = false;
         loop {
-            if !self.answer.is_empty() {
+            if deliver && !self.answer.is_empty() {
                 match client.write(&self.answer) {
                     Io::Data(n) => {
                         self.answer.drain(..n);
@@ -78,7 +86,11 @@ impl Link {
                         self.up.end_reads();
                     }
                     // Straight to the client; keep only what it won't take.
-                    let (taken, failed) = client.write_ready(&chunk[..n]);
+                    let (taken, failed) = if deliver {
+                        client.write_ready(&chunk[..n])
+                    } else {
+                        (0, None)
+                    };
                     if let Some(e) = failed {
                         return Err(Happened::ClientLost(e));
                     }
@@ -118,7 +130,7 @@ impl Link {
 
 impl Transfer {
     /// The transfer's one info line, once the answer has reached the client.
-    pub(super) fn log_relayed(&self, spool: &PartFile, link: &Link, policy: &Policy) {
+    pub(super) fn log_relayed(&self, spool: &Spool, link: &Link, policy: &Policy) {
         if !log::log_enabled!(log::Level::Info) {
             return;
         }

@@ -15,17 +15,17 @@
 
 use std::io;
 
+use super::spool::Spool;
 use crate::answer::Answer;
 use crate::error::brief;
 use crate::event_loop::{Context, Reply};
-use crate::store::PartFile;
 
 use super::upload::{Link, Source};
 use super::{Outcome, Policy, State, Timer, Transfer};
 
 impl State {
     /// The resources a state holds, for the failure paths to dispose of.
-    fn into_parts(self) -> (Option<PartFile>, Option<Link>) {
+    fn into_parts(self) -> (Option<Spool>, Option<Link>) {
         match self {
             State::Receiving { spool }
             | State::Holding { spool, .. }
@@ -39,7 +39,7 @@ impl State {
 }
 
 /// Where a spool file is now, for log lines.
-fn shown(spool: &Option<PartFile>) -> String {
+fn shown(spool: &Option<Spool>) -> String {
     spool
         .as_ref()
         .map_or_else(String::new, |s| s.path().display().to_string())
@@ -49,7 +49,7 @@ impl Transfer {
     /// The upstream failed before it answered: drop it and salvage.
     pub(super) fn upstream_failed(
         &mut self,
-        spool: PartFile,
+        spool: Spool,
         link: Link,
         reason: String,
         policy: &Policy,
@@ -82,10 +82,12 @@ impl Transfer {
         self.upstream_unavailable(spool, &reason)
     }
 
-    /// No upstream: go on storing the upload (`Salvaging`), or, if it is
-    /// complete, tell the client it was kept but not delivered.
-    pub(super) fn upstream_unavailable(&mut self, spool: PartFile, reason: &str) -> State {
-        if !self.client.eof() {
+    /// No upstream: go on storing the upload (`Salvaging`), or, once it is
+    /// complete and final, tell the client it was kept but not delivered.
+    pub(super) fn upstream_unavailable(&mut self, spool: Spool, reason: &str) -> State {
+        // Still coming, or its last disk writes still landing: the answer
+        // waits for a complete file under its final name.
+        if !self.client.eof() || !spool.is_finished() {
             return State::Salvaging {
                 spool,
                 reason: reason.to_string(),
@@ -105,7 +107,7 @@ impl Transfer {
 
     /// Hold mode: the held file could not be read back mid-way. The
     /// upstream has part of it: reset it, and say so.
-    pub(super) fn held_file_failed(&mut self, spool: PartFile, link: Link, e: io::Error) -> State {
+    pub(super) fn held_file_failed(&mut self, spool: Spool, link: Link, e: io::Error) -> State {
         log::warn!(
             "proxy: #{} reading held file {}: {e}",
             self.key,
@@ -180,10 +182,19 @@ impl Transfer {
             );
         } else if self.client.eof() {
             // The upload was complete; only the answer could not be given.
+            // If its last disk writes had not all landed, the file cannot
+            // take its final name now (nobody will be here when they do):
+            // it is kept as `.incomplete`, with every byte.
+            let kept = match spool {
+                Some(s) if !s.is_finished() => match s.keep_incomplete() {
+                    Ok(path) => path.display().to_string(),
+                    Err(e) => format!("(not kept: {e})"),
+                },
+                s => shown(&s),
+            };
             log::warn!(
-                "proxy: client {} went away before its answer ({e}); upload kept as {}",
+                "proxy: client {} went away before its answer ({e}); upload kept as {kept}",
                 self.client_addr,
-                shown(&spool)
             );
         } else {
             if let Some(link) = link {
@@ -202,7 +213,7 @@ impl Transfer {
                 }
                 spool => {
                     let bytes = spool.as_ref().map_or(0, |s| s.bytes());
-                    let kept = match spool.map(PartFile::keep_incomplete) {
+                    let kept = match spool.map(Spool::keep_incomplete) {
                         Some(Ok(path)) => path.display().to_string(),
                         Some(Err(e)) => format!("(not kept: {e})"),
                         None => "(no spool)".to_string(),

@@ -19,10 +19,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Instant;
 
+use super::spool::Spool;
 use crate::answer::Answer;
 use crate::error::brief;
 use crate::event_loop::{Context, Peer, Reply};
-use crate::store::PartFile;
 
 use super::upload::Source;
 use super::{Happened, Policy, State, Step, Timer, Transfer};
@@ -50,12 +50,7 @@ pub(super) fn watch_client(client: &mut Peer, scratch: &mut [u8]) -> Step {
 impl Transfer {
     /// The upload is complete (and renamed): hold it, with the deadline
     /// armed in the loop's timers.
-    pub(super) fn hold(
-        &mut self,
-        spool: PartFile,
-        cx: &mut Context<Timer>,
-        policy: &Policy,
-    ) -> State {
+    pub(super) fn hold(&mut self, spool: Spool, cx: &mut Context<Timer>, policy: &Policy) -> State {
         let hold = policy.hold.unwrap_or_default();
         log::info!(
             "holding {} for {}: edit it now ({} bytes from {}, crc32c={:08x})",
@@ -76,7 +71,7 @@ impl Transfer {
     /// edited or replaced it) and start connecting to the upstream.
     pub(super) fn resume(
         &mut self,
-        spool: PartFile,
+        spool: Spool,
         cx: &mut Context<Timer>,
         policy: &Policy,
     ) -> State {

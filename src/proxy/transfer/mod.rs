@@ -45,6 +45,7 @@
 mod answer;
 mod failure;
 mod hold;
+mod spool;
 mod upload;
 
 use std::fmt;
@@ -55,10 +56,12 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::TcpStream;
 
+use crate::event_loop::disk::{Disk, Owner};
 use crate::event_loop::{Context, MinRate, Peer, RateWindow, Reply, ReplyStep, TimerId, Who};
 use crate::store::PartFile;
 
 use super::Timer;
+use spool::Spool;
 use upload::Link;
 
 pub use upload::LAG_LIMIT;
@@ -127,24 +130,24 @@ pub struct Policy {
 enum State {
     /// Hold mode: the upload goes to the spool only; the upstream is not
     /// contacted until the hold is over.
-    Receiving { spool: PartFile },
+    Receiving { spool: Spool },
     /// Hold mode: the upload is complete and final in the spool; waiting for
     /// the deadline (a timer in the loop, never a sleep) while a person may
     /// edit the file.
-    Holding { spool: PartFile, timer: TimerId },
+    Holding { spool: Spool, timer: TimerId },
     /// The upstream connect is in flight; `timer` is its time limit. The
     /// client is not read: its bytes wait in the kernel until they can go
     /// upstream and to the spool together.
     Connecting {
-        spool: PartFile,
+        spool: Spool,
         link: Link,
         timer: TimerId,
     },
     /// Both sockets up: upload to spool and upstream, answer back.
-    Streaming { spool: PartFile, link: Link },
+    Streaming { spool: Spool, link: Link },
     /// The upstream failed before answering. The rest of the upload goes to
     /// the spool only; at the client's EOF we answer `ERR` ourselves.
-    Salvaging { spool: PartFile, reason: String },
+    Salvaging { spool: Spool, reason: String },
     /// Our own answer line to the client, then a clean close
     /// (`event_loop::reply`).
     Replying(Reply),
@@ -252,6 +255,7 @@ impl Transfer {
         policy: &Policy,
     ) -> Transfer {
         let now = Instant::now();
+        let spool = Spool::new(spool, Owner { key, id });
         let who = Who {
             role: "proxy",
             key,
@@ -296,6 +300,28 @@ impl Transfer {
         }
     }
 
+    /// A disk write of this transfer's spool has completed.
+    pub fn on_written(&mut self, result: io::Result<()>) {
+        match &mut self.state {
+            State::Receiving { spool }
+            | State::Holding { spool, .. }
+            | State::Connecting { spool, .. }
+            | State::Streaming { spool, .. }
+            | State::Salvaging { spool, .. } => spool.on_written(result),
+            State::Replying(_) | State::Done { .. } => {} // the spool is gone
+        }
+    }
+
+    /// A chunk this transfer queued for may be free.
+    pub fn woken(&mut self) {
+        match &mut self.state {
+            State::Receiving { spool }
+            | State::Streaming { spool, .. }
+            | State::Salvaging { spool, .. } => spool.woken(),
+            _ => {}
+        }
+    }
+
     /// Makes all the progress readiness allows, and says whether the
     /// transfer is over. Each step reports whether it moved anything; we
     /// go round until nothing moves, because progress on one side can
@@ -306,7 +332,7 @@ impl Transfer {
             if let State::Done { outcome, clean } = self.state {
                 return Next::Close { outcome, clean };
             }
-            match self.step(&mut cx.scratch, policy) {
+            match self.step(&mut cx.scratch, &mut cx.disk, policy) {
                 Ok(false) => return Next::Keep,
                 Ok(true) => self.last_active = Instant::now(),
                 Err(what) => {
@@ -318,11 +344,13 @@ impl Transfer {
     }
 
     /// One round of I/O in the current state.
-    fn step(&mut self, scratch: &mut [u8], policy: &Policy) -> Step {
+    fn step(&mut self, scratch: &mut [u8], disk: &mut Disk, policy: &Policy) -> Step {
         let client = &mut self.client;
         match &mut self.state {
             State::Receiving { spool } | State::Salvaging { spool, .. } => {
-                upload::read_client(client, spool, None, scratch, policy)
+                let moved = upload::read_client(client, spool, None, disk, policy)?;
+                spool_finished(client, spool)?;
+                Ok(moved)
             }
             State::Holding { .. } => hold::watch_client(client, scratch),
             // The client is not read until the upstream is up: its bytes
@@ -330,10 +358,15 @@ impl Transfer {
             // upstream and the spool together (see `upload`).
             State::Connecting { link, .. } => link.check_connect(policy),
             State::Streaming { spool, link } => {
-                let mut moved = link.forward(spool, scratch)?;
-                moved |= upload::read_client(client, spool, Some(link), scratch, policy)?;
+                let mut moved = link.forward(spool, disk, scratch)?;
+                moved |= upload::read_client(client, spool, Some(link), disk, policy)?;
+                spool_finished(client, spool)?;
                 moved |= link.pass_eof(client, spool);
-                moved |= link.relay_answer(client, scratch, policy)?;
+                // The answer reaches the client only once the recording is
+                // final (or early, while the upload is still coming: an
+                // upstream that refuses mid-way).
+                let deliver = !client.eof() || spool.is_finished();
+                moved |= link.relay_answer(client, scratch, deliver, policy)?;
                 if link.is_done(client) {
                     return Err(Happened::Relayed);
                 }
@@ -422,7 +455,7 @@ impl Transfer {
     /// even start, the upstream is unavailable.
     fn connect(
         &mut self,
-        spool: PartFile,
+        spool: Spool,
         source: upload::Source,
         cx: &mut Context<Timer>,
         policy: &Policy,
@@ -529,12 +562,14 @@ impl Transfer {
         }
         let now = Instant::now();
         let (received, our_fault) = match &self.state {
-            State::Receiving { spool } | State::Salvaging { spool, .. } => (spool.bytes(), false),
+            State::Receiving { spool } | State::Salvaging { spool, .. } => {
+                (spool.bytes(), spool.disk_bound())
+            }
             // Not reading while connecting is our doing, not the client's.
             State::Connecting { spool, .. } => (spool.bytes(), true),
             State::Streaming { spool, link } => (
                 spool.bytes(),
-                link.forwarding() && link.lag(spool) >= LAG_LIMIT,
+                spool.disk_bound() || (link.forwarding() && link.lag(spool) >= LAG_LIMIT),
             ),
             _ => return,
         };
@@ -609,5 +644,21 @@ impl Transfer {
             self.on(Happened::ClientLost(e), cx, policy);
         }
         None
+    }
+}
+
+/// Reports the end of the upload once, when the spool has it all on disk
+/// under its final name; reports a failed disk write as soon as it is known.
+fn spool_finished(client: &Peer, spool: &mut Spool) -> Result<(), Happened> {
+    if let Some(e) = spool.take_failure() {
+        return Err(Happened::SpoolFailed(e));
+    }
+    if !client.eof() || spool.is_finished() {
+        return Ok(());
+    }
+    match spool.try_finish() {
+        Ok(true) => Err(Happened::UploadComplete),
+        Ok(false) => Ok(()),
+        Err(e) => Err(Happened::SpoolFailed(e)),
     }
 }

@@ -1,27 +1,28 @@
 //! The upload direction: client -> spool -> upstream, with back-pressure.
 //!
-//! **Fresh bytes go straight through; the spool is the backlog.** Each
-//! chunk read from the client (into the loop's one scratch buffer) is
-//! written to the upstream at once when the upstream is caught up, then
-//! appended to the spool. Whatever the upstream did not take is *not* copied
-//! anywhere: it is in the spool already, and goes out from there with
-//! `sendfile(2)` when the upstream drains (from the page cache, by
-//! reference, no user-space copy). A transfer therefore owns no buffer at
-//! all for the upload direction, however slow its upstream.
+//! **Every byte is in memory once, and goes both ways from there.** A read
+//! from the client lands straight in the spool's staging chunk (see
+//! `spool`); the upstream is sent the bytes from that same memory, and the
+//! disk is handed whole chunks of it. Forwarding starts with the first byte
+//! read: the upstream is connected before the client is read at all (see
+//! `Connecting`), so the server works on each piece while the next one
+//! arrives.
 //!
-//! Why this order: sending first lets the server work on a chunk while we
-//! write it to disk; sending fresh bytes from the buffer in hand (rather
-//! than always from the file) measured about 5% faster on a 1 GiB transfer,
-//! because a receiver reading page-cache-backed packets costs more CPU than
-//! it saves the sender on this 2-core machine (see `make bench`).
+//! **Back-pressure.** We stop reading the client when it is [`LAG_LIMIT`]
+//! bytes ahead of what the upstream has taken. The client's data then waits
+//! in the kernel, its TCP window closes, and its `write()` blocks: the slow
+//! upstream has slowed the client, as it should. The client's readiness
+//! flag stays set while we are not reading, because no new event will come
+//! for bytes that are already waiting; when the upstream drains, the same
+//! `drive` call resumes reading. The disk gets the same treatment: with
+//! `spool::MAX_IN_FLIGHT` writes outstanding, we wait for one to complete.
+//! So a transfer holds at most `LAG_LIMIT` bytes plus its staging chunk and
+//! the chunks the disk is writing, however slow its upstream or its disk.
 //!
-//! **Back-pressure.** We stop reading the client when the spool is more than
-//! [`LAG_LIMIT`] bytes ahead of what the upstream has taken. The client's
-//! data then waits in the kernel, its TCP window closes, and its `write()`
-//! blocks: the slow upstream has slowed the client, as it should. The
-//! client's readiness flag stays set while we are not reading, because no
-//! new event will come for bytes that are already waiting; when the upstream
-//! drains, the same `drive` call resumes reading.
+//! (Until issue 12, the backlog lived in the spool's page cache and went
+//! out with `sendfile`: no memory of ours, but every recorded byte copied
+//! into the page cache, which under load cost more than anything else the
+//! proxy did; see GUIDE section 13.)
 //!
 //! In hold mode the bytes come from the held file instead (see `hold`).
 
@@ -29,24 +30,22 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use crate::error::brief;
-use crate::event_loop::peer::is_connection_error;
+use crate::event_loop::disk::{Disk, CHUNK};
 use crate::event_loop::{Io, Peer};
-use crate::store::PartFile;
 
 use super::hold::Held;
+use super::spool::Spool;
 use super::{Happened, Policy, Step};
 
-/// How far (in bytes) the spool may run ahead of the upstream before we
-/// stop reading the client.
-pub const LAG_LIMIT: u64 = 1024 * 1024;
-
-/// Largest single `sendfile` from the spool to the upstream.
-const MAX_SENDFILE: u64 = 4 * 1024 * 1024;
+/// How far (in bytes) the client may run ahead of the upstream before we
+/// stop reading it: memory a transfer may hold for a slow upstream, beyond
+/// its staging chunk.
+pub const LAG_LIMIT: u64 = CHUNK as u64;
 
 /// Where the bytes sent upstream come from.
 #[derive(Debug)]
 pub(super) enum Source {
-    /// The spool, as it grows (streaming).
+    /// The spool's memory, as the upload arrives (streaming).
     Spool,
     /// The held file, reopened after the hold (hold mode).
     Held(Held),
@@ -77,7 +76,7 @@ impl Link {
     }
 
     /// Bytes to forward that the upstream has not taken yet.
-    pub fn lag(&self, spool: &PartFile) -> u64 {
+    pub fn lag(&self, spool: &Spool) -> u64 {
         match &self.source {
             Source::Spool => spool.bytes() - self.forwarded,
             Source::Held(held) => held.len - self.forwarded,
@@ -112,40 +111,45 @@ impl Link {
         }
     }
 
-    /// Sends the upstream what it has not taken yet: the spool's backlog,
-    /// or the held file.
-    pub fn forward(&mut self, spool: &PartFile, scratch: &mut [u8]) -> Step {
+    /// Sends the upstream what it has not taken yet: the upload bytes in
+    /// the spool's memory, or the held file.
+    pub fn forward(&mut self, spool: &mut Spool, disk: &mut Disk, scratch: &mut [u8]) -> Step {
         match self.source {
-            Source::Spool => self.forward_spool(spool),
+            Source::Spool => self.forward_spool(spool, disk),
             Source::Held(_) => self.forward_held(scratch),
         }
     }
 
-    /// The backlog goes out straight from the spool file with `sendfile`:
-    /// the bytes are in the page cache (we just wrote them), and whatever
-    /// the upstream does not take now simply stays in the file.
-    fn forward_spool(&mut self, spool: &PartFile) -> Step {
+    /// Writes the upload bytes the upstream has not taken, straight from
+    /// the spool's chunks, until it has them all or would block; then lets
+    /// the spool release what is no longer needed.
+    fn forward_spool(&mut self, spool: &mut Spool, disk: &mut Disk) -> Step {
         let mut moved = false;
-        while self.forwarding() && self.lag(spool) > 0 {
-            let want = self.lag(spool).min(MAX_SENDFILE) as usize;
-            match self.up.send_file(spool.file(), self.forwarded, want) {
-                Io::Data(0) => {
-                    let e = io::Error::new(io::ErrorKind::UnexpectedEof, "spool file shrank");
-                    return Err(Happened::SpoolFailed(e));
-                }
-                Io::Data(n) => {
-                    self.forwarded += n as u64;
-                    moved = true;
-                }
-                Io::Blocked | Io::Eof => break,
-                Io::Failed(e) if is_connection_error(&e) => {
-                    self.upstream_broke(&e);
-                    return Ok(true);
-                }
-                Io::Failed(e) => return Err(Happened::SpoolFailed(e)),
+        while self.forwarding() && self.lag(spool) > 0 && self.up.is_writable() {
+            let data = spool.bytes_at(self.forwarded);
+            let (sent, failed) = self.up.write_ready(data);
+            self.forwarded += sent as u64;
+            moved |= sent > 0;
+            if let Some(e) = failed {
+                self.upstream_broke(&e);
+                break;
+            }
+            if sent < data.len() {
+                break; // the upstream is full; WRITABLE brings us back
             }
         }
+        spool.release(self.released_upto(spool), disk);
         Ok(moved)
+    }
+
+    /// How far the spool may let go of its bytes: what the upstream has
+    /// taken, or all of them once it will take no more.
+    fn released_upto(&self, spool: &Spool) -> u64 {
+        if self.forwarding() {
+            self.forwarded
+        } else {
+            spool.bytes()
+        }
     }
 
     /// Hold mode: forwards the reopened file, reading it back chunk by
@@ -189,17 +193,6 @@ impl Link {
         Ok(moved)
     }
 
-    /// Writes fresh upload bytes to the upstream until it takes them all or
-    /// would block, and returns how many it took. (The caller counts them as
-    /// forwarded once they are in the spool too.)
-    fn write_fresh(&mut self, data: &[u8]) -> usize {
-        let (sent, failed) = self.up.write_ready(data);
-        if let Some(e) = failed {
-            self.upstream_broke(&e);
-        }
-        sent
-    }
-
     /// The upstream will take nothing more. It may have said why (an early
     /// `ERR` answer), so look for an answer before deciding it failed.
     fn upstream_broke(&mut self, e: &io::Error) {
@@ -208,7 +201,7 @@ impl Link {
     }
 
     /// Passes the client's FIN on, once every byte has been forwarded.
-    pub fn pass_eof(&mut self, client: &Peer, spool: &PartFile) -> bool {
+    pub fn pass_eof(&mut self, client: &Peer, spool: &Spool) -> bool {
         if client.eof() && self.lag(spool) == 0 && self.forwarding() {
             self.up.shutdown_write();
             return true;
@@ -217,17 +210,17 @@ impl Link {
     }
 }
 
-/// Reads the client until `WouldBlock`, EOF, or back-pressure, storing each
-/// chunk in the spool and, when the upstream is connected and caught up,
-/// sending it on at once (seed steps 2, 3 and 5 together).
+/// Reads the client until `WouldBlock`, EOF, or back-pressure, each read
+/// landing in the spool's memory and, when there is an upstream, going on
+/// to it at once (seed steps 2, 3 and 5 together).
 ///
-/// `link` is the upstream while there is one (`Connecting`, `Streaming`);
-/// without one (`Receiving`, `Salvaging`) the bytes go to the spool only.
+/// `link` is the upstream while there is one (`Streaming`); without one
+/// (`Receiving`, `Salvaging`) the bytes go to the spool only.
 pub(super) fn read_client(
     client: &mut Peer,
-    spool: &mut PartFile,
+    spool: &mut Spool,
     mut link: Option<&mut Link>,
-    scratch: &mut [u8],
+    disk: &mut Disk,
     policy: &Policy,
 ) -> Step {
     let mut moved = false;
@@ -235,46 +228,62 @@ pub(super) fn read_client(
         if client.eof() {
             return Ok(moved); // the upload is over (reported once, below)
         }
-        if let Some(link) = link.as_deref() {
-            if client.is_readable() && link.forwarding() && link.lag(spool) >= LAG_LIMIT {
-                // Back-pressure: leave the bytes in the kernel. The readiness
-                // flag stays set, so we come back when the upstream drains.
-                log::trace!("{} read paused, lag {}", client.who(), link.lag(spool));
-                return Ok(moved);
-            }
+        if !client.is_readable() {
+            spool.settle(disk, true); // nothing to read: hold no chunk
+            return Ok(moved);
         }
-        let n = match client.read(scratch) {
+        // Read no more than the upstream can be behind by.
+        let room = match link.as_deref() {
+            Some(link) if link.forwarding() => LAG_LIMIT.saturating_sub(link.lag(spool)),
+            _ => LAG_LIMIT,
+        };
+        let why = if room == 0 {
+            Some("the upstream")
+        } else if spool.disk_bound() {
+            Some("the disk")
+        } else if spool.spare(disk, room as usize).is_empty() {
+            Some("memory") // queued for a chunk: the loop wakes us
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            if client.is_readable() {
+                // Back-pressure: leave the bytes in the kernel. The readiness
+                // flag stays set, so we come back when the upstream drains,
+                // a disk write completes or a chunk is free.
+                log::trace!("{} read paused: waiting for {why}", client.who());
+            }
+            spool.settle(disk, false);
+            return Ok(moved);
+        }
+        let n = match client.read(spool.spare(disk, room as usize)) {
             Io::Data(n) => n,
             Io::Eof => {
-                // The client's half-close: the upload is complete.
-                spool.finish().map_err(Happened::SpoolFailed)?;
-                return Err(Happened::UploadComplete);
+                // The client's half-close: the upload is complete. The rest
+                // goes to the disk; the file is renamed once it is all there.
+                spool.end(disk).map_err(Happened::SpoolFailed)?;
+                return Ok(true);
             }
-            Io::Blocked => return Ok(moved),
+            Io::Blocked => {
+                spool.settle(disk, true);
+                return Ok(moved);
+            }
             Io::Failed(e) => return Err(Happened::ClientLost(e)),
         };
         moved = true;
-        let data = &scratch[..n];
         if let Some(limit) = policy.max_bytes {
             if spool.bytes() + n as u64 > limit {
                 return Err(Happened::TooLarge(limit));
             }
         }
-        // Forward first, when the upstream is up and caught up: the server
-        // gets to work on these bytes while we write them to disk. What it
-        // does not take now goes out from the spool later. (While the
-        // connect is in flight the upstream's write flag is clear, so
-        // nothing is written.)
-        let sent = match link.as_deref_mut() {
-            Some(l) if l.lag(spool) == 0 && l.forwarding() => l.write_fresh(data),
-            _ => 0,
-        };
-        spool.write(data).map_err(Happened::SpoolFailed)?;
-        if let Some(link) = link.as_deref_mut() {
-            link.forwarded += sent as u64;
-            if matches!(link.source, Source::Spool) && link.up.is_writable() {
-                link.forward_spool(spool)?;
+        spool.commit(n, disk);
+        match link.as_deref_mut() {
+            // Straight on to the server, which works on these bytes while
+            // we read the next ones.
+            Some(link) => {
+                link.forward_spool(spool, disk)?;
             }
+            None => spool.release(spool.bytes(), disk),
         }
     }
 }
