@@ -22,7 +22,7 @@
 //! |---|---|
 //! | [`answer`] | the wire answer line (`OK ...` / `ERR ...`): format and parse |
 //! | [`store`] | files on disk: unique names, `.part` then rename, O_EXCL, 0600 |
-//! | [`event_loop`] | poll plumbing both loops share: the loop, tokens, timers, the acceptor (gate, back-off, stop, signals), the peer and its one I/O verdict, our own reply line |
+//! | [`event_loop`] | poll plumbing both loops share: the loop, tokens, timers, the acceptor (gate, back-off, stop, signals), the peer and its one I/O verdict, our own reply line, asynchronous direct disk writes (`io_uring`) |
 //! | [`server`] | the server role; `server/conn.rs` is one connection |
 //! | [`proxy`] | the proxy role; [`proxy::transfer`] is one transfer's state machine |
 //! | [`client`] | the blocking client, and the verification of an answer |
@@ -30,7 +30,7 @@
 //! | [`cli`] | command-line definitions |
 //! | [`error`] | errors that say what was being done, and to what |
 //! | [`human`] | output for people: MB/s, progress bars |
-//! | [`sys`] | every direct libc call, each with its SAFETY note |
+//! | [`sys`] | every direct libc call, each with its SAFETY note (the other `unsafe`: `event_loop::disk`) |
 //!
 //! For a guided tour of the code, read `docs/GUIDE.md`.
 //!

@@ -213,6 +213,7 @@ impl Store {
                         crc: 0,
                         reserved: 0,
                         preallocate: true,
+                        extend_reserve: false,
                         finished: false,
                     })
                 }
@@ -244,6 +245,8 @@ pub struct PartFile {
     reserved: u64,
     /// False once the filesystem has refused a preallocation.
     preallocate: bool,
+    /// Reserve by extending the file's length (see [`PartFile::extend_reserve`]).
+    extend_reserve: bool,
     finished: bool,
 }
 
@@ -266,6 +269,17 @@ impl PartFile {
         self.bytes += data.len() as u64;
     }
 
+    /// From now on, reserve space by extending the file's length rather
+    /// than with `FALLOC_FL_KEEP_SIZE`. For a writer whose writes would
+    /// otherwise each extend the file: on ext4 an extending `O_DIRECT`
+    /// write holds the inode lock until the device is done, so writes in
+    /// flight queue up one behind the other; inside the length they do not.
+    /// The price: until [`PartFile::finish`] (or `keep_incomplete`) trims
+    /// it, the `.part` file is longer than its data, with zeros at the end.
+    pub fn extend_reserve(&mut self) {
+        self.extend_reserve = true;
+    }
+
     /// The open file, shared (for writes that outlive the call).
     pub fn shared_file(&self) -> &Arc<File> {
         &self.file
@@ -280,7 +294,12 @@ impl PartFile {
         }
         let from = self.reserved.max(self.bytes);
         let to = end + self.bytes.min(PREALLOCATE_STEP_MAX);
-        match sys::fallocate_keep_size(&self.file, from, to - from) {
+        let mode = if self.extend_reserve {
+            0
+        } else {
+            libc::FALLOC_FL_KEEP_SIZE
+        };
+        match sys::fallocate(&self.file, mode, from, to - from) {
             Ok(()) => self.reserved = to,
             Err(e) => {
                 log::debug!(

@@ -13,9 +13,11 @@
 //! | `getrlimit`/`setrlimit` | the accept gate, the load generator | no std API |
 //! | `setsockopt(SO_RCVLOWAT)` | the server | neither std nor socket2 |
 //! | `fcntl(F_SETFL, O_DIRECT)` | the proxy's spool | no std API |
+//! | `sync_file_range`, `posix_fadvise` | the proxy's spool (overflow) | no std API |
 //! | `fallocate(FALLOC_FL_KEEP_SIZE)` | the store | no std API |
 //! | `renameat2(RENAME_NOREPLACE)` | the store | `fs::rename` replaces |
 //! | `geteuid` | the store (who owns a directory) | no std API |
+//! | `mmap` + `mincore` | the bench and the tests (page cache a file holds) | no std API |
 //!
 //! Every function here is a thin wrapper: no policy, no retries, no logging.
 //! Callers decide what an error means.
@@ -82,6 +84,12 @@ pub fn set_recv_low_water(sock: &impl AsRawFd, bytes: usize) -> io::Result<()> {
 /// `fallocate(FALLOC_FL_KEEP_SIZE)`: reserves `len` bytes of disk from
 /// `offset` without changing the file's length.
 pub fn fallocate_keep_size(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(file, libc::FALLOC_FL_KEEP_SIZE, offset, len)
+}
+
+/// `fallocate(2)` with `mode` (0: reserve and extend the file's length;
+/// `FALLOC_FL_KEEP_SIZE`: reserve only).
+pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -90,7 +98,7 @@ pub fn fallocate_keep_size(file: &File, offset: u64, len: u64) -> io::Result<()>
     };
     // SAFETY: fallocate only reads its integer arguments; the descriptor is
     // owned by `file`, which outlives the call.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) };
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
     if rc == 0 {
         Ok(())
     } else {
@@ -119,6 +127,41 @@ pub fn set_direct_io(file: &File, on: bool) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: starts writeback of the
+/// dirty pages in the range, without waiting for it.
+pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "range too large",
+        ));
+    };
+    // SAFETY: integer arguments only; `file` keeps the descriptor open.
+    let rc = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `posix_fadvise(POSIX_FADV_DONTNEED)` on the whole file: drops its clean
+/// pages from the page cache (dirty ones stay until written back).
+pub fn drop_cached(file: &File) -> io::Result<()> {
+    // SAFETY: integer arguments only; `file` keeps the descriptor open.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
 }
 
 /// `renameat2(RENAME_NOREPLACE)`: renames `from` to `to`, failing with
@@ -153,4 +196,43 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+/// Bytes of `file` in the page cache now, page by page (what `fincore(1)`
+/// prints), from `mincore(2)` on a mapping that touches nothing.
+pub fn page_cache_bytes(file: &File) -> io::Result<u64> {
+    let len = usize::try_from(file.metadata()?.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large to map"))?;
+    if len == 0 {
+        return Ok(0);
+    }
+    // SAFETY: sysconf has no memory arguments.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let mut resident = vec![0u8; len.div_ceil(page)];
+    // SAFETY: a shared read-only mapping of an open file (`file` keeps the
+    // descriptor open for the call); it is only passed to mincore, never
+    // read, and unmapped before returning.
+    let at = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if at == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `at` maps `len` bytes; mincore writes one byte per page into
+    // `resident`, which has exactly that many.
+    let rc = unsafe { libc::mincore(at, len, resident.as_mut_ptr()) };
+    let err = io::Error::last_os_error();
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(at, len) };
+    if rc != 0 {
+        return Err(err);
+    }
+    Ok(resident.iter().filter(|r| **r & 1 == 1).count() as u64 * page as u64)
 }

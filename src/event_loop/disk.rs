@@ -226,6 +226,9 @@ pub struct DiskCounters {
     pub writes: u64,
     pub bytes: u64,
     pub submits: u64,
+    /// Bytes a spool wrote through the page cache because the disk was
+    /// behind (see `proxy::transfer::spool`).
+    pub overflow_bytes: u64,
 }
 
 /// The loop's asynchronous disk writer (see the module docs).
@@ -325,6 +328,11 @@ impl Disk {
             "stopover_disk_write_bytes_total",
             "Bytes in those writes.",
             self.counters.bytes,
+        );
+        out.counter(
+            "stopover_disk_overflow_bytes_total",
+            "Spool bytes written through the page cache because the disk was behind.",
+            self.counters.overflow_bytes,
         );
     }
 

@@ -378,32 +378,9 @@ pub fn answer_and_close(sock: &mut TcpStream, line: &str) {
     let _ = sock.shutdown(std::net::Shutdown::Write);
 }
 
-/// Bytes of `path` that are in the page cache now, page by page with
-/// `mincore(2)` (what `fincore` prints). Mapping the file touches nothing.
+/// Bytes of `path` that are in the page cache now (see
+/// `stopover::sys::page_cache_bytes`).
 pub fn cached_bytes(path: &Path) -> u64 {
-    use std::os::fd::AsRawFd;
     let file = std::fs::File::open(path).unwrap();
-    let len = file.metadata().unwrap().len() as usize;
-    if len == 0 {
-        return 0;
-    }
-    let page = 4096;
-    let mut resident = vec![0u8; len.div_ceil(page)];
-    // SAFETY: a private read-only mapping of an open file, unmapped below;
-    // mincore writes one byte per page into a vector of that many bytes.
-    unsafe {
-        let at = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        );
-        assert_ne!(at, libc::MAP_FAILED, "mmap {}", path.display());
-        let rc = libc::mincore(at, len, resident.as_mut_ptr());
-        libc::munmap(at, len);
-        assert_eq!(rc, 0, "mincore {}", path.display());
-    }
-    resident.iter().filter(|r| **r & 1 == 1).count() as u64 * page as u64
+    stopover::sys::page_cache_bytes(&file).unwrap()
 }

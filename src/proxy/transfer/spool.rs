@@ -50,10 +50,13 @@ use crate::sys;
 /// the page cache, in one `pwrite` (see the module docs).
 pub const DIRECT_AFTER: usize = 64 * 1024;
 
-/// Most disk writes one spool may have in flight. Past this the client is
-/// not read until one completes: a disk slower than the client slows the
-/// client, as a slow upstream does, instead of piling up chunks in memory.
-pub const MAX_IN_FLIGHT: u32 = 2;
+/// Most direct writes one spool may have in flight. A chunk that fills up
+/// beyond that (the disk is slower than the client) *overflows*: it is
+/// written the ordinary way, into the page cache, so the transfer goes on
+/// at memory speed, as the server's own writes do; its writeback starts at
+/// once and its pages are dropped from the cache when the file is finished.
+/// Only where even that is impossible does the client wait for the disk.
+pub const MAX_IN_FLIGHT: u32 = 4;
 
 /// Whether the spool file is open with `O_DIRECT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +91,12 @@ pub struct Spool {
     tail: Vec<u8>,
     /// Queued for a chunk (see `Disk::wait`).
     waiting: bool,
+    /// A second, ordinary descriptor for overflow writes (see
+    /// [`MAX_IN_FLIGHT`]), opened the first time one is needed; `Err` once
+    /// opening it failed (then the client waits for the disk instead).
+    overflow: Option<Result<File, ()>>,
+    /// Bytes written through `overflow`.
+    overflowed: u64,
 }
 
 impl Spool {
@@ -103,6 +112,8 @@ impl Spool {
             ended: false,
             tail: Vec::new(),
             waiting: false,
+            overflow: None,
+            overflowed: 0,
         }
     }
 
@@ -178,6 +189,52 @@ impl Spool {
         let filled = chunk.filled();
         self.part.record(&filled[filled.len() - n..]);
         if chunk.is_full() {
+            if self.in_flight >= MAX_IN_FLIGHT && self.direct == Direct::On {
+                self.overflow_staging(disk);
+            } else {
+                self.submit_staging(disk, CHUNK);
+            }
+        }
+    }
+
+    /// The disk is behind: write the full staging chunk the ordinary way
+    /// (see [`MAX_IN_FLIGHT`]), keeping it for the upstream as usual.
+    fn overflow_staging(&mut self, disk: &mut Disk) {
+        if self.overflow.is_none() {
+            let path = self.part.path();
+            let opened = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(|e| log::debug!("{}: no overflow: {e}", path.display()));
+            self.overflow = Some(opened);
+        }
+        let Some(Ok(file)) = self.overflow.as_ref() else {
+            return; // stays staged; the client waits for the disk
+        };
+        let Some((at, chunk)) = self.staging.take() else {
+            return;
+        };
+        let data = chunk.filled();
+        if let Err(e) = file.write_all_at(data, at) {
+            let e = io::Error::new(
+                e.kind(),
+                format!("writing {}: {e}", self.part.path().display()),
+            );
+            self.failed.get_or_insert(e);
+        }
+        // Start writeback now, so that the pages are clean (and can be
+        // dropped) by the time the file is finished.
+        let _ = sys::start_writeback(file, at, data.len() as u64);
+        self.overflowed += data.len() as u64;
+        disk.counters.overflow_bytes += data.len() as u64;
+        self.sent_to_disk.push_back((at, Arc::new(chunk)));
+    }
+
+    /// A full chunk that could neither go to the disk nor overflow goes to
+    /// the disk as soon as a write completes.
+    pub fn retry_full(&mut self, disk: &mut Disk) {
+        if self.disk_bound() && self.in_flight < MAX_IN_FLIGHT {
             self.submit_staging(disk, CHUNK);
         }
     }
@@ -190,7 +247,10 @@ impl Spool {
         };
         if self.direct == Direct::NotYet && len > 0 {
             self.direct = match sys::set_direct_io(self.part.shared_file(), true) {
-                Ok(()) => Direct::On,
+                Ok(()) => {
+                    self.part.extend_reserve();
+                    Direct::On
+                }
                 Err(e) => {
                     log::debug!(
                         "{}: O_DIRECT refused ({e}): writing through the page cache",
@@ -295,6 +355,17 @@ impl Spool {
             return Ok(false);
         }
         self.part.finish()?;
+        if self.overflowed > 0 {
+            // What overflowed through the page cache leaves it (the pages
+            // still being written back stay until they are clean).
+            log::debug!(
+                "{}: {} of {} bytes overflowed through the page cache",
+                self.part.name(),
+                self.overflowed,
+                self.part.bytes()
+            );
+            let _ = sys::drop_cached(self.part.shared_file());
+        }
         Ok(true)
     }
 
@@ -310,7 +381,9 @@ impl Spool {
     /// True while the disk is behind: reading more would only pile up
     /// chunks (see [`MAX_IN_FLIGHT`]).
     pub fn disk_bound(&self) -> bool {
-        self.in_flight >= MAX_IN_FLIGHT
+        // A full chunk still staged: it could neither go to the disk nor
+        // overflow.
+        self.staging.as_ref().is_some_and(|(_, c)| c.is_full())
     }
 
     /// The first failed disk write, if any (for the caller to act on at
@@ -461,6 +534,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_disk_that_is_behind_overflows_through_the_page_cache_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut poll = mio::Poll::new().unwrap();
+        let mut disk = Disk::new(poll.registry(), mio::Token(3), "test", 1 << 30);
+        // Eight chunks and nothing reaped meanwhile: the disk is "behind"
+        // after MAX_IN_FLIGHT of them.
+        let data: Vec<u8> = (0..8 * CHUNK + 777).map(|i| (i % 239) as u8).collect();
+        let mut spool = Spool::new(store.create().unwrap(), Owner { key: 0, id: 1 });
+        fill(&mut spool, &mut disk, &data, usize::MAX, false);
+        if spool.direct != Direct::On {
+            eprintln!("no O_DIRECT on {}; nothing overflows", dir.path().display());
+            return;
+        }
+        assert_eq!(spool.in_flight, MAX_IN_FLIGHT);
+        assert_eq!(
+            disk.counters.overflow_bytes,
+            (8 - MAX_IN_FLIGHT as usize) as u64 * CHUNK as u64,
+            "the chunks past MAX_IN_FLIGHT overflowed"
+        );
+        spool.end(&mut disk).unwrap();
+        wait_for_writes(&mut spool, &mut disk, &mut poll);
+        assert!(spool.try_finish().unwrap());
+        assert_eq!(std::fs::read(spool.path()).unwrap(), data);
     }
 
     #[test]

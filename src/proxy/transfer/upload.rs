@@ -14,10 +14,11 @@
 //! upstream has slowed the client, as it should. The client's readiness
 //! flag stays set while we are not reading, because no new event will come
 //! for bytes that are already waiting; when the upstream drains, the same
-//! `drive` call resumes reading. The disk gets the same treatment: with
-//! `spool::MAX_IN_FLIGHT` writes outstanding, we wait for one to complete.
-//! So a transfer holds at most `LAG_LIMIT` bytes plus its staging chunk and
-//! the chunks the disk is writing, however slow its upstream or its disk.
+//! `drive` call resumes reading. (A disk slower than the client does not
+//! slow it: with `spool::MAX_IN_FLIGHT` writes outstanding, a full chunk
+//! overflows through the page cache instead; see `spool`.) So a transfer
+//! holds at most `LAG_LIMIT` bytes plus its staging chunk and the chunks the
+//! disk is writing, however slow its upstream or its disk.
 //!
 //! (Until issue 12, the backlog lived in the spool's page cache and went
 //! out with `sendfile`: no memory of ours, but every recorded byte copied
@@ -200,9 +201,12 @@ impl Link {
         self.up.mark_readable();
     }
 
-    /// Passes the client's FIN on, once every byte has been forwarded.
+    /// Passes the client's FIN on, once every byte has been forwarded and
+    /// the spool is complete under its final name: the server is told the
+    /// upload is whole only when our record of it is, so a spool that fails
+    /// at its last write still resets the upstream (see `failure`).
     pub fn pass_eof(&mut self, client: &Peer, spool: &Spool) -> bool {
-        if client.eof() && self.lag(spool) == 0 && self.forwarding() {
+        if client.eof() && self.lag(spool) == 0 && self.forwarding() && spool.is_finished() {
             self.up.shutdown_write();
             return true;
         }
@@ -232,6 +236,7 @@ pub(super) fn read_client(
             spool.settle(disk, true); // nothing to read: hold no chunk
             return Ok(moved);
         }
+        spool.retry_full(disk);
         // Read no more than the upstream can be behind by.
         let room = match link.as_deref() {
             Some(link) if link.forwarding() => LAG_LIMIT.saturating_sub(link.lag(spool)),
