@@ -42,6 +42,7 @@
 //!
 //! Sizes: the full run (default), `BENCH_QUICK=1` (under a minute) and
 //! `BENCH_SMOKE=1` (seconds; `make test` runs it so the bench never rots).
+//! `BENCH_ONLY=active,small` runs only the scenarios named.
 //! Outputs: the table on stdout, `target/bench/results.json` and
 //! `target/bench/report.svg` (smoke runs write under `target/bench/smoke/`).
 
@@ -182,7 +183,15 @@ fn main() {
         references,
         threaded,
     };
-    let scenarios = scenarios(preset);
+    // BENCH_ONLY=active,small runs just those scenarios.
+    let only = std::env::var("BENCH_ONLY").ok();
+    let scenarios: Vec<Scenario> = scenarios(preset)
+        .into_iter()
+        .filter(|s| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n.trim() == s.name))
+        })
+        .collect();
     // The paths each scenario is run over. HAProxy, when installed, is the
     // reference for the two scenarios the targets compare with it.
     // Behind the threaded receiver too, except where it would need a

@@ -25,6 +25,13 @@ pub struct Run {
     pub proxy_peak_conns: Option<usize>,
     /// CPU seconds of the load generator itself.
     pub load_cpu_s: f64,
+    /// How much the page cache (`Cached` in /proc/meminfo) grew during the
+    /// run, in KiB: the receiver's files, and the relay's if it records.
+    pub cache_growth_kib: i64,
+    /// For stopover's proxy: how much its spool files' bytes in the page
+    /// cache grew during the run, measured right after it (`mincore`, as
+    /// `fincore` shows).
+    pub spool_cached_bytes: Option<u64>,
 }
 
 impl Run {
@@ -110,6 +117,13 @@ impl Bench {
             r.reset_peak();
         }
         let (s_cpu, p_cpu) = (receiver.cpu_s(), relay.map_or(0.0, Daemon::cpu_s));
+        let cached0 = page_cache_kib();
+        let spool_dir = match via {
+            Via::Proxy => Some(self.work.join("spool")),
+            Via::ProxyThreaded => Some(self.work.join("spool-t")),
+            _ => None,
+        };
+        let spool_cached0 = spool_dir.as_deref().map_or(0, cached_in);
         let proxied = matches!(via, Via::Proxy | Via::ProxyThreaded);
         let mut cmd = Command::new(&self.bin);
         cmd.args([
@@ -170,6 +184,11 @@ impl Bench {
             server_peak_conns: server_peak,
             proxy_peak_conns: proxied.then_some(proxy_peak),
             load_cpu_s: children_cpu_s() - load_cpu0,
+            cache_growth_kib: page_cache_kib() - cached0,
+            // What this run's files added (earlier small files stay cached).
+            spool_cached_bytes: spool_dir
+                .as_deref()
+                .map(|d| cached_in(d).saturating_sub(spool_cached0)),
         };
         self.free_disk();
         run
@@ -192,6 +211,24 @@ impl Bench {
             }
         }
     }
+}
+
+/// `Cached` from /proc/meminfo, in KiB.
+fn page_cache_kib() -> i64 {
+    use procfs::Current;
+    procfs::Meminfo::current().map_or(0, |m| (m.cached / 1024) as i64)
+}
+
+/// Bytes of the files in `dir` that are in the page cache now.
+fn cached_in(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| fs::File::open(e.path()).ok())
+        .filter_map(|f| stopover::sys::page_cache_bytes(&f).ok())
+        .sum()
 }
 
 /// Creating files is normally ~25 us each here; this is "slow".

@@ -28,6 +28,19 @@ pub struct PathRow {
     pub proxy_peak_conns: Option<usize>,
     pub errors: u64,
     pub runs: usize,
+    /// Slowest and fastest repetition, for the chart's whiskers.
+    pub mb_per_s_min: f64,
+    pub mb_per_s_max: f64,
+    pub transfers_per_s_min: f64,
+    pub transfers_per_s_max: f64,
+    /// The relay's CPU per GiB relayed and per transfer (medians).
+    pub relay_cpu_s_per_gib: Option<f64>,
+    pub relay_cpu_us_per_transfer: Option<f64>,
+    /// How much the page cache grew during a run (median), in MiB.
+    pub cache_growth_mib: f64,
+    /// stopover's proxy: its spool files' bytes in the page cache right
+    /// after a run (the largest), in MiB.
+    pub spool_cached_mib: Option<f64>,
 }
 
 impl PathRow {
@@ -55,9 +68,30 @@ impl PathRow {
             proxy_peak_conns: runs.iter().filter_map(|r| r.proxy_peak_conns).max(),
             errors: runs.iter().map(Run::failed).sum(),
             runs: runs.len(),
+            mb_per_s_min: runs.iter().map(Run::mb_per_s).fold(f64::MAX, f64::min),
+            mb_per_s_max: runs.iter().map(Run::mb_per_s).fold(0.0, f64::max),
+            transfers_per_s_min: runs
+                .iter()
+                .map(Run::transfers_per_s)
+                .fold(f64::MAX, f64::min),
+            transfers_per_s_max: runs.iter().map(Run::transfers_per_s).fold(0.0, f64::max),
+            relay_cpu_s_per_gib: runs.iter().any(|r| r.proxy_cpu_s.is_some()).then(|| {
+                med(&|r| r.proxy_cpu_s.unwrap_or(0.0) / (r.load.bytes as f64 / GIB).max(1e-9))
+            }),
+            relay_cpu_us_per_transfer: runs.iter().any(|r| r.proxy_cpu_s.is_some()).then(|| {
+                med(&|r| r.proxy_cpu_s.unwrap_or(0.0) * 1e6 / (r.load.transfers_ok.max(1) as f64))
+            }),
+            cache_growth_mib: med(&|r| r.cache_growth_kib as f64 / 1024.0),
+            spool_cached_mib: runs
+                .iter()
+                .filter_map(|r| r.spool_cached_bytes)
+                .max()
+                .map(|b| b as f64 / (1u64 << 20) as f64),
         }
     }
 }
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// One scenario's line in results.json.
 #[derive(Debug, Serialize)]
@@ -117,8 +151,9 @@ const REFERENCES: [&str; 3] = ["haproxy", "nginx", "socat"];
 /// One target and whether the run met it.
 #[derive(Debug, Serialize)]
 pub struct Target {
-    pub target: &'static str,
-    pub met: bool,
+    pub target: String,
+    /// `None` where the run could not tell (a reference relay not installed).
+    pub met: Option<bool>,
 }
 
 /// Everything the run found.
@@ -211,6 +246,30 @@ pub fn report(
             .filter_map(|p| gib_moved(p).map(|v| format!("{p} {v:.2}")))
             .collect();
         println!("{:<12} receiver CPU s per GiB: {}", "", cells.join(", "));
+        // What each relay paid, per GiB and per transfer.
+        let cells: Vec<String> = PATHS
+            .into_iter()
+            .filter_map(|p| {
+                let row = summary.get(p)?;
+                Some(format!(
+                    "{p} {:.2} s/GiB {:.0} us/transfer",
+                    row.relay_cpu_s_per_gib?, row.relay_cpu_us_per_transfer?
+                ))
+            })
+            .collect();
+        println!("{:<12} relay CPU: {}", "", cells.join(", "));
+        // What each path left in the page cache; and of that, the proxy's spool.
+        let cells: Vec<String> = PATHS
+            .into_iter()
+            .filter_map(|p| {
+                let row = summary.get(p)?;
+                let spool = row
+                    .spool_cached_mib
+                    .map_or(String::new(), |m| format!(" (spool holds {m:.0})"));
+                Some(format!("{p} {:.0}{spool}", row.cache_growth_mib))
+            })
+            .collect();
+        println!("{:<12} page cache growth MiB: {}", "", cells.join(", "));
         rows.push(ScenarioRow {
             scenario: s.name,
             what: s.what.clone(),
@@ -271,22 +330,84 @@ pub fn report(
     let proxy_mib = conc
         .and_then(|c| c.proxied.proxy_peak_rss_mib)
         .unwrap_or(f64::MAX);
+    // The paired ratio of a scenario's proxied path, and of a reference
+    // relay (None if it did not run), in the unit the scenario is judged by.
+    let ratio = |name: &str| row(name).map(|r| r.ratio_mb_per_s);
+    let reference = |name: &str, relay: &str| {
+        row(name).and_then(|r| r.references.get(relay).map(|x| x.ratio_mb_per_s))
+    };
+    let best_reference = |name: &str| {
+        row(name).and_then(|r| {
+            r.references
+                .values()
+                .map(|x| x.ratio_mb_per_s)
+                .reduce(f64::max)
+        })
+    };
+    let at_least = |mine: Option<f64>, theirs: Option<f64>| match (mine, theirs) {
+        (Some(m), Some(t)) => Some(m >= t),
+        _ => None,
+    };
+    let receiver_ratio = row("active").and_then(|r| {
+        let d = r.receiver_cpu_s_per_gib.get("direct")?;
+        let p = r.receiver_cpu_s_per_gib.get("proxied")?;
+        Some(p / d.max(1e-9))
+    });
+    // "The smallest in memory": stopover's peak RSS against every
+    // reference relay's, in every scenario where both ran.
+    let smallest = rows
+        .iter()
+        .flat_map(|r| {
+            let mine = r.proxied.proxy_peak_rss_mib;
+            r.references
+                .iter()
+                .filter(|(name, _)| name.as_str() != "socat")
+                .filter_map(move |(_, x)| Some(mine? <= x.row.proxy_peak_rss_mib?))
+        })
+        .reduce(|a, b| a && b);
     let targets = vec![
         Target {
-            target: "bulk: proxied MB/s >= 0.5x direct",
-            met: row("bulk").is_some_and(|r| r.ratio_mb_per_s >= 0.5),
+            target: "active: ratio >= nginx's".into(),
+            met: at_least(ratio("active"), reference("active", "nginx")),
         },
         Target {
-            target: "small: proxied transfers/s >= 0.5x direct",
-            met: row("small").is_some_and(|r| r.ratio_transfers_per_s >= 0.5),
+            target: format!(
+                "active: receiver CPU per GiB behind stopover <= 1.25x direct (is {})",
+                receiver_ratio.map_or("-".into(), |r| format!("{r:.2}x"))
+            ),
+            met: receiver_ratio.map(|r| r <= 1.25),
         },
         Target {
-            target: "concurrency: proxy peak RSS <= 16 KiB per transfer",
-            met: proxy_mib * 1024.0 / conc_clients <= 16.0,
+            target: "small: ratio >= 0.85".into(),
+            met: row("small").map(|r| r.ratio_transfers_per_s >= 0.85),
         },
         Target {
-            target: "no scenario shows errors",
-            met: errors == 0,
+            target: "small: ratio >= nginx's".into(),
+            met: at_least(
+                row("small").map(|r| r.ratio_transfers_per_s),
+                row("small")
+                    .and_then(|r| r.references.get("nginx").map(|x| x.ratio_transfers_per_s)),
+            ),
+        },
+        Target {
+            target: "medium: ratio >= the best reference relay's".into(),
+            met: at_least(ratio("medium"), best_reference("medium")),
+        },
+        Target {
+            target: "bulk: ratio >= the best reference relay's".into(),
+            met: at_least(ratio("bulk"), best_reference("bulk")),
+        },
+        Target {
+            target: "concurrency: proxy peak RSS <= 16 KiB per transfer".into(),
+            met: conc.map(|_| proxy_mib * 1024.0 / conc_clients <= 16.0),
+        },
+        Target {
+            target: "proxy peak RSS <= HAProxy's and nginx's, in every scenario".into(),
+            met: smallest,
+        },
+        Target {
+            target: "no scenario shows errors".into(),
+            met: Some(errors == 0),
         },
     ];
     println!();
@@ -310,26 +431,46 @@ pub fn report(
             b.ratio_mb_per_s
         );
     }
-    println!(
-        "proxy peak RSS in the concurrency scenario: {proxy_mib:.1} MiB = {:.1} KiB per concurrent transfer",
-        proxy_mib * 1024.0 / conc_clients
-    );
-    let shown = |v: Option<usize>| v.map_or("null".to_string(), |n| n.to_string());
-    println!(
-        "concurrency reached (from the daemons' /metrics): proxy {} transfers, server {} connections (proxied run), server {} (direct run)",
-        shown(conc.and_then(|c| c.proxied.proxy_peak_conns)),
-        shown(conc.and_then(|c| c.proxied.server_peak_conns)),
-        shown(conc.and_then(|c| c.direct.server_peak_conns))
-    );
+    if let Some(conc) = conc {
+        println!(
+            "proxy peak RSS in the concurrency scenario: {proxy_mib:.1} MiB = {:.1} KiB per concurrent transfer",
+            proxy_mib * 1024.0 / conc_clients
+        );
+        let shown = |v: Option<usize>| v.map_or("null".to_string(), |n| n.to_string());
+        println!(
+            "concurrency reached (from the daemons' /metrics): proxy {} transfers, server {} connections (proxied run), server {} (direct run)",
+            shown(conc.proxied.proxy_peak_conns),
+            shown(conc.proxied.server_peak_conns),
+            shown(conc.direct.server_peak_conns)
+        );
+    }
+    // Peak RSS of every relay, scenario by scenario ("the smallest in
+    // memory"). socat's is its listening process only (it forks one per
+    // connection), so it is shown but not compared.
+    for r in &rows {
+        let mut cells = vec![format!(
+            "stopover {}",
+            r.proxied
+                .proxy_peak_rss_mib
+                .map_or("-".into(), |m| format!("{m:.1}"))
+        )];
+        for (name, x) in &r.references {
+            if let Some(m) = x.row.proxy_peak_rss_mib {
+                cells.push(format!("{name} {m:.1}"));
+            }
+        }
+        println!("relay peak RSS MiB, {}: {}", r.scenario, cells.join(", "));
+    }
     if preset != Preset::Full {
         println!("({preset:?} run: the targets are set for the full run; at these sizes they are only indicative)");
     }
     for t in &targets {
-        println!(
-            "target {}: {}",
-            if t.met { "met   " } else { "MISSED" },
-            t.target
-        );
+        let verdict = match t.met {
+            Some(true) => "met   ",
+            Some(false) => "MISSED",
+            None => "n/a   ",
+        };
+        println!("target {verdict}: {}", t.target);
     }
     Report {
         rows,
@@ -405,61 +546,117 @@ pub fn write(
     println!("wrote {} and {}", json_path.display(), svg_path.display());
 }
 
-/// A self-contained SVG: for each scenario, throughput and latency bars,
-/// direct against proxied, each panel on its own scale.
+/// The chart's colour for each path.
+const COLORS: [(&str, &str); 7] = [
+    ("direct", "#4c78a8"),
+    ("proxied", "#f58518"),
+    ("haproxy", "#54a24b"),
+    ("nginx", "#b279a2"),
+    ("socat", "#9d755d"),
+    ("direct-t", "#72b7b2"),
+    ("proxied-t", "#e45756"),
+];
+
+/// A self-contained SVG: for each scenario, throughput and latency bars
+/// for every path that ran (reference relays and the threaded receiver
+/// included), with min-max whiskers over the repetitions, and the paired
+/// ratios to direct under the title. Each panel has its own scale.
 fn svg_report(rows: &[ScenarioRow], machine: &Machine, preset: Preset) -> String {
-    const W: f64 = 220.0;
-    const H: f64 = 205.0;
+    const W: f64 = 300.0;
+    const H: f64 = 230.0;
     let (cols, panel_rows) = (rows.len().max(1) as f64, 2.0);
     let width = 40.0 + cols * W;
-    let height = 80.0 + panel_rows * H;
+    let height = 100.0 + panel_rows * H;
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"20\" y=\"24\" font-size=\"16\">stopover bench ({preset:?}): direct vs proxied</text>\n\
-         <text x=\"20\" y=\"42\" fill=\"#555\">{} cores, {}, kernel {}</text>\n\
-         <rect x=\"{}\" y=\"14\" width=\"10\" height=\"10\" fill=\"#4c78a8\"/><text x=\"{}\" y=\"23\">direct</text>\n\
-         <rect x=\"{}\" y=\"14\" width=\"10\" height=\"10\" fill=\"#f58518\"/><text x=\"{}\" y=\"23\">proxied</text>\n",
+         <text x=\"20\" y=\"24\" font-size=\"16\">stopover bench ({preset:?}): every path, medians with min-max whiskers</text>\n\
+         <text x=\"20\" y=\"42\" fill=\"#555\">{} cores, {}, kernel {}; ratios are paired medians against direct (-t: the threaded receiver)</text>\n",
         machine.cores,
         xml_escape(&machine.cpu),
         xml_escape(&machine.kernel),
-        width - 150.0,
-        width - 136.0,
-        width - 80.0,
-        width - 66.0,
     );
+    for (i, (name, color)) in COLORS.iter().enumerate() {
+        let x = 20.0 + i as f64 * 90.0;
+        svg += &format!(
+            "<rect x=\"{x}\" y=\"52\" width=\"10\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" y=\"61\">{name}</text>\n",
+            x + 14.0
+        );
+    }
     for (i, row) in rows.iter().enumerate() {
         let x0 = 30.0 + i as f64 * W;
-        let (name, what) = (row.scenario, row.what.as_str());
-        // Throughput: MB/s for bulk and medium, transfers/s where small
-        // payloads make MB/s meaningless.
-        let (d, p, unit) = if name == "small" || name == "concurrency" {
-            (
-                row.direct.transfers_per_s,
-                row.proxied.transfers_per_s,
-                "transfers/s",
-            )
+        let paths = row_paths(row);
+        // Throughput: MB/s, or transfers/s where small payloads make MB/s
+        // meaningless.
+        let per_transfer = row.scenario == "small" || row.scenario == "concurrency";
+        let unit = if per_transfer { "transfers/s" } else { "MB/s" };
+        let bars: Vec<Bar> = paths
+            .iter()
+            .map(|(name, p)| Bar {
+                color: color_of(name),
+                value: if per_transfer {
+                    p.transfers_per_s
+                } else {
+                    p.mb_per_s
+                },
+                low: if per_transfer {
+                    p.transfers_per_s_min
+                } else {
+                    p.mb_per_s_min
+                },
+                high: if per_transfer {
+                    p.transfers_per_s_max
+                } else {
+                    p.mb_per_s_max
+                },
+            })
+            .collect();
+        let ratio = if per_transfer {
+            row.ratio_transfers_per_s
         } else {
-            (row.direct.mb_per_s, row.proxied.mb_per_s, "MB/s")
+            row.ratio_mb_per_s
+        };
+        let mut ratios = format!("proxied {ratio:.2}x");
+        for (name, r) in &row.references {
+            let r = if per_transfer {
+                r.ratio_transfers_per_s
+            } else {
+                r.ratio_mb_per_s
+            };
+            ratios += &format!(", {name} {r:.2}x");
+        }
+        if let Some(r) = if per_transfer {
+            row.threaded_ratio_transfers_per_s
+        } else {
+            row.threaded_ratio_mb_per_s
+        } {
+            ratios += &format!(", -t {r:.2}x");
+        }
+        svg += &bar_panel(
+            x0,
+            80.0,
+            &format!("{}: {unit} ({})", row.scenario, row.what),
+            &ratios,
+            &[("", bars)],
+            |v| format!("{v:.0}"),
+        );
+        let lat = |f: fn(&PathRow) -> f64| -> Vec<Bar> {
+            paths
+                .iter()
+                .map(|(name, p)| Bar {
+                    color: color_of(name),
+                    value: f(p),
+                    low: f(p),
+                    high: f(p),
+                })
+                .collect()
         };
         svg += &bar_panel(
             x0,
-            60.0,
-            &format!("{name}: {unit}"),
-            what,
-            &[("", d, p)],
-            |v| format!("{v:.0}"),
-        );
-        let lat = [
-            ("p50", row.direct.p50_ms, row.proxied.p50_ms),
-            ("p99", row.direct.p99_ms, row.proxied.p99_ms),
-        ];
-        svg += &bar_panel(
-            x0,
-            60.0 + H,
-            &format!("{name}: latency ms"),
+            80.0 + H,
+            &format!("{}: latency ms (median run)", row.scenario),
             "",
-            &lat,
+            &[("p50", lat(|p| p.p50_ms)), ("p99", lat(|p| p.p99_ms))],
             |v| format!("{v:.1}"),
         );
     }
@@ -467,52 +664,104 @@ fn svg_report(rows: &[ScenarioRow], machine: &Machine, preset: Preset) -> String
     svg
 }
 
-/// One panel: groups of (label, direct, proxied) bars on a shared scale.
+/// Every path of a scenario that ran, in table order.
+fn row_paths(row: &ScenarioRow) -> Vec<(&'static str, &PathRow)> {
+    let mut v = vec![("direct", &row.direct), ("proxied", &row.proxied)];
+    for name in REFERENCES {
+        if let Some(r) = row.references.get(name) {
+            v.push((name, &r.row));
+        }
+    }
+    if let Some(p) = &row.direct_threaded {
+        v.push(("direct-t", p));
+    }
+    if let Some(p) = &row.proxied_threaded {
+        v.push(("proxied-t", p));
+    }
+    v
+}
+
+fn color_of(path: &str) -> &'static str {
+    COLORS
+        .iter()
+        .find(|(n, _)| *n == path)
+        .map_or("#888", |(_, c)| c)
+}
+
+/// One bar: the median, and the whisker from the slowest to the fastest
+/// repetition.
+struct Bar {
+    color: &'static str,
+    value: f64,
+    low: f64,
+    high: f64,
+}
+
+/// One panel: groups of bars on a shared scale, a whisker on each bar
+/// whose repetitions spread.
 fn bar_panel(
     x0: f64,
     y0: f64,
     title: &str,
     subtitle: &str,
-    groups: &[(&str, f64, f64)],
+    groups: &[(&str, Vec<Bar>)],
     fmt: impl Fn(f64) -> String,
 ) -> String {
-    let plot_h = 120.0;
-    let base = y0 + 44.0 + plot_h;
+    let plot_h = 130.0;
+    let base = y0 + 50.0 + plot_h;
     let max = groups
         .iter()
-        .flat_map(|g| [g.1, g.2])
+        .flat_map(|g| g.1.iter().map(|b| b.high.max(b.value)))
         .fold(0.0f64, f64::max)
         .max(1e-9);
     let mut s = format!(
-        "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{}</text>\n<text x=\"{x0}\" y=\"{}\" fill=\"#555\">{}</text>\n\
+        "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{}</text>\n<text x=\"{x0}\" y=\"{}\" fill=\"#555\" font-size=\"10\">{}</text>\n\
          <line x1=\"{x0}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\" stroke=\"#999\"/>\n",
         y0 + 4.0,
         xml_escape(title),
         y0 + 18.0,
         xml_escape(subtitle),
-        x0 + 190.0
+        x0 + 270.0
     );
-    let group_w = 180.0 / groups.len() as f64;
-    for (gi, (label, d, p)) in groups.iter().enumerate() {
-        let gx = x0 + 10.0 + gi as f64 * group_w;
-        let bw = (group_w - 20.0) / 2.0;
-        for (j, (v, color)) in [(*d, "#4c78a8"), (*p, "#f58518")].into_iter().enumerate() {
-            let h = v / max * plot_h;
+    let group_w = 260.0 / groups.len() as f64;
+    for (gi, (label, bars)) in groups.iter().enumerate() {
+        let gx = x0 + 6.0 + gi as f64 * group_w;
+        let bw = (group_w - 12.0) / bars.len().max(1) as f64;
+        for (j, bar) in bars.iter().enumerate() {
+            let h = bar.value / max * plot_h;
             let x = gx + j as f64 * bw;
+            let mid = x + (bw - 2.0) / 2.0;
             s += &format!(
-                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{color}\"/>\n\
-                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{}\"/>\n",
                 base - h,
-                bw - 4.0,
-                x + (bw - 4.0) / 2.0,
-                base - h - 3.0,
-                fmt(v)
+                bw - 2.0,
+                bar.color
+            );
+            if bar.high > bar.low {
+                let (y_lo, y_hi) = (
+                    base - bar.low / max * plot_h,
+                    base - bar.high / max * plot_h,
+                );
+                s += &format!(
+                    "<line x1=\"{mid:.1}\" y1=\"{y_lo:.1}\" x2=\"{mid:.1}\" y2=\"{y_hi:.1}\" stroke=\"#222\"/>\n\
+                     <line x1=\"{:.1}\" y1=\"{y_hi:.1}\" x2=\"{:.1}\" y2=\"{y_hi:.1}\" stroke=\"#222\"/>\n\
+                     <line x1=\"{:.1}\" y1=\"{y_lo:.1}\" x2=\"{:.1}\" y2=\"{y_lo:.1}\" stroke=\"#222\"/>\n",
+                    mid - 3.0,
+                    mid + 3.0,
+                    mid - 3.0,
+                    mid + 3.0
+                );
+            }
+            let top = base - (bar.high.max(bar.value) / max * plot_h) - 3.0;
+            s += &format!(
+                "<text x=\"{mid:.1}\" y=\"{top:.1}\" text-anchor=\"middle\" font-size=\"8\">{}</text>\n",
+                fmt(bar.value)
             );
         }
         if !label.is_empty() {
             s += &format!(
                 "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>\n",
-                gx + bw,
+                gx + (group_w - 12.0) / 2.0,
                 base + 14.0
             );
         }
