@@ -563,13 +563,13 @@ impl Transfer {
         let now = Instant::now();
         let (received, our_fault) = match &self.state {
             State::Receiving { spool } | State::Salvaging { spool, .. } => {
-                (spool.bytes(), spool.disk_bound())
+                (spool.bytes(), spool.held_back())
             }
             // Not reading while connecting is our doing, not the client's.
             State::Connecting { spool, .. } => (spool.bytes(), true),
             State::Streaming { spool, link } => (
                 spool.bytes(),
-                spool.disk_bound() || (link.forwarding() && link.lag(spool) >= LAG_LIMIT),
+                spool.held_back() || (link.forwarding() && link.lag(spool) >= LAG_LIMIT),
             ),
             _ => return,
         };
@@ -617,6 +617,15 @@ impl Transfer {
         let due = self.last_active + idle;
         if now < due {
             return Some(due);
+        }
+        if let State::Streaming { spool, .. }
+        | State::Receiving { spool }
+        | State::Salvaging { spool, .. } = &self.state
+        {
+            if spool.held_back() {
+                // Waiting for spool memory or the disk is our doing.
+                return Some(now + idle);
+            }
         }
         log::trace!("proxy: #{} timer fired: idle", self.key);
         let waiting_on_upstream = match &self.state {

@@ -149,6 +149,12 @@ impl Spool {
         self.waiting = false;
     }
 
+    /// True while the client is not read because of us: queued for memory,
+    /// or a full chunk waiting for the disk.
+    pub fn held_back(&self) -> bool {
+        self.waiting || self.disk_bound()
+    }
+
     /// Gives the partial staging chunk to the disk now (its whole blocks;
     /// the last partial block is set aside for the next chunk), so that the
     /// transfer holds no chunk of its own while it waits. Called when the
@@ -314,10 +320,11 @@ impl Spool {
         };
         let (at, len) = (*at, chunk.len());
         if self.direct == Direct::NotYet && len < DIRECT_AFTER {
-            // A small upload: one ordinary write, done.
+            // A small upload: one ordinary write, done. The chunk stays
+            // until the upstream has all of it (`release`).
             let (_, chunk) = self.staging.take().expect("staging exists");
             self.write_plain(chunk.filled(), at)?;
-            disk.recycle(chunk);
+            self.sent_to_disk.push_back((at, Arc::new(chunk)));
             return Ok(());
         }
         let aligned = len / ALIGN * ALIGN;
@@ -533,6 +540,35 @@ mod tests {
                     stored.len()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn bytes_the_upstream_has_not_taken_stay_held_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut poll = mio::Poll::new().unwrap();
+        let mut disk = Disk::new(poll.registry(), mio::Token(3), "test", 1 << 30);
+        for len in [1000, DIRECT_AFTER + 5, CHUNK + 5] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut spool = Spool::new(store.create().unwrap(), Owner { key: 0, id: 1 });
+            fill(&mut spool, &mut disk, &data, usize::MAX, false);
+            spool.end(&mut disk).unwrap(); // the upstream has taken nothing yet
+            let mut from_memory = Vec::new();
+            while from_memory.len() < len {
+                let piece = spool.bytes_at(from_memory.len() as u64);
+                assert!(
+                    !piece.is_empty(),
+                    "{len}: bytes at {} held",
+                    from_memory.len()
+                );
+                from_memory.extend_from_slice(piece);
+            }
+            assert_eq!(from_memory, data);
+            spool.release(len as u64, &mut disk);
+            wait_for_writes(&mut spool, &mut disk, &mut poll);
+            assert!(spool.try_finish().unwrap());
+            assert_eq!(std::fs::read(spool.path()).unwrap(), data);
         }
     }
 

@@ -128,6 +128,13 @@ impl Link {
         let mut moved = false;
         while self.forwarding() && self.lag(spool) > 0 && self.up.is_writable() {
             let data = spool.bytes_at(self.forwarded);
+            if data.is_empty() {
+                // Every byte not yet forwarded is held until it is; this
+                // would be a bug, and must not become a spinning loop.
+                debug_assert!(false, "upload bytes at {} not held", self.forwarded);
+                let e = io::Error::other(format!("lost upload bytes at {}", self.forwarded));
+                return Err(Happened::SpoolFailed(e));
+            }
             let (sent, failed) = self.up.write_ready(data);
             self.forwarded += sent as u64;
             moved |= sent > 0;
@@ -267,6 +274,12 @@ pub(super) fn read_client(
                 // The client's half-close: the upload is complete. The rest
                 // goes to the disk; the file is renamed once it is all there.
                 spool.end(disk).map_err(Happened::SpoolFailed)?;
+                match link {
+                    Some(link) => {
+                        link.forward_spool(spool, disk)?;
+                    }
+                    None => spool.release(spool.bytes(), disk),
+                }
                 return Ok(true);
             }
             Io::Blocked => {
