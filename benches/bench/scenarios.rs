@@ -37,7 +37,7 @@ pub fn scenarios(preset: Preset) -> Vec<Scenario> {
     match preset {
         Preset::Full => vec![
             s("bulk", 1, 1, K * K * K, false, 5),
-            s("small", 64, 20_000, K, false, 3),
+            s("small", 64, 12_000, K, false, 3),
             s("medium", 32, 2_000, K * K, false, 3),
             s("concurrency", 5_000, 5_000, 64 * K, true, 3),
             s("active", 1_000, 3_000, K * K, false, 3),
