@@ -616,27 +616,34 @@ fn svg_report(rows: &[ScenarioRow], machine: &Machine, preset: Preset) -> String
         } else {
             row.ratio_mb_per_s
         };
-        let mut ratios = format!("proxied {ratio:.2}x");
-        for (name, r) in &row.references {
-            let r = if per_transfer {
-                r.ratio_transfers_per_s
-            } else {
-                r.ratio_mb_per_s
-            };
-            ratios += &format!(", {name} {r:.2}x");
-        }
+        // Three lines under the title: what ran, stopover's ratios, the
+        // reference relays' ratios.
+        let mut ours = format!("ratio: proxied {ratio:.2}x");
         if let Some(r) = if per_transfer {
             row.threaded_ratio_transfers_per_s
         } else {
             row.threaded_ratio_mb_per_s
         } {
-            ratios += &format!(", -t {r:.2}x");
+            ours += &format!(", proxied-t {r:.2}x");
         }
+        let theirs: Vec<String> = row
+            .references
+            .iter()
+            .map(|(name, r)| {
+                let r = if per_transfer {
+                    r.ratio_transfers_per_s
+                } else {
+                    r.ratio_mb_per_s
+                };
+                format!("{name} {r:.2}x")
+            })
+            .collect();
+        let subtitle = format!("{}\n{ours}\n{}", row.what, theirs.join(", "));
         svg += &bar_panel(
             x0,
             80.0,
-            &format!("{}: {unit} ({})", row.scenario, row.what),
-            &ratios,
+            &format!("{}: {unit}", row.scenario),
+            &subtitle,
             &[("", bars)],
             |v| format!("{v:.0}"),
         );
@@ -707,22 +714,27 @@ fn bar_panel(
     groups: &[(&str, Vec<Bar>)],
     fmt: impl Fn(f64) -> String,
 ) -> String {
-    let plot_h = 130.0;
-    let base = y0 + 50.0 + plot_h;
+    let plot_h = 120.0;
+    let base = y0 + 60.0 + plot_h;
     let max = groups
         .iter()
         .flat_map(|g| g.1.iter().map(|b| b.high.max(b.value)))
         .fold(0.0f64, f64::max)
         .max(1e-9);
     let mut s = format!(
-        "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{}</text>\n<text x=\"{x0}\" y=\"{}\" fill=\"#555\" font-size=\"10\">{}</text>\n\
+        "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{}</text>\n\
          <line x1=\"{x0}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\" stroke=\"#999\"/>\n",
         y0 + 4.0,
         xml_escape(title),
-        y0 + 18.0,
-        xml_escape(subtitle),
         x0 + 270.0
     );
+    for (i, line) in subtitle.lines().enumerate() {
+        s += &format!(
+            "<text x=\"{x0}\" y=\"{}\" fill=\"#555\" font-size=\"10\">{}</text>\n",
+            y0 + 18.0 + 12.0 * i as f64,
+            xml_escape(line)
+        );
+    }
     let group_w = 260.0 / groups.len() as f64;
     for (gi, (label, bars)) in groups.iter().enumerate() {
         let gx = x0 + 6.0 + gi as f64 * group_w;
@@ -754,7 +766,7 @@ fn bar_panel(
             }
             let top = base - (bar.high.max(bar.value) / max * plot_h) - 3.0;
             s += &format!(
-                "<text x=\"{mid:.1}\" y=\"{top:.1}\" text-anchor=\"middle\" font-size=\"8\">{}</text>\n",
+                "<text x=\"{mid:.1}\" y=\"{top:.1}\" text-anchor=\"middle\" font-size=\"7\">{}</text>\n",
                 fmt(bar.value)
             );
         }
