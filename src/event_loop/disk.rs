@@ -385,6 +385,14 @@ impl Disk {
         self.waiters.len()
     }
 
+    /// True when [`Disk::wakeups`] has someone to wake now. The loop must
+    /// not sleep then: nothing else may come to wake it. (The queue may hold
+    /// owners that have since ended, or got a chunk another way; waking
+    /// them is harmless, and it drains them.)
+    pub fn has_wakeups(&self) -> bool {
+        !self.waiters.is_empty() && self.chunks_out() < self.budget
+    }
+
     /// Writes the first `len` bytes of `chunk` at `offset` of `file`, for
     /// `owner`, who hears of it through [`Disk::reap`]. With `O_DIRECT`,
     /// `offset` and `len` must be multiples of [`ALIGN`]. The chunk must not
@@ -611,10 +619,20 @@ mod tests {
         let mut held = held.into_iter();
         disk.recycle(held.next().unwrap()); // back to the pool
         drop(held.next().unwrap()); // or freed: both give room back
+        assert!(disk.has_wakeups(), "the loop must not sleep now");
         let woken: Vec<usize> = disk.wakeups().iter().map(|o| o.key).collect();
         assert_eq!(woken, [0, 1], "one per free chunk, oldest first");
         assert_eq!(disk.waiting(), 1);
-        assert!(disk.chunk().is_some());
+        assert!(
+            disk.has_wakeups(),
+            "the woken have not taken their chunks yet"
+        );
+        let taken = (disk.chunk().unwrap(), disk.chunk().unwrap());
+        assert!(
+            !disk.has_wakeups(),
+            "the budget is spent again: nothing to wake"
+        );
+        drop(taken);
     }
 
     #[test]

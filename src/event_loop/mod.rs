@@ -252,8 +252,9 @@ pub fn run<H: Handler>(
         .into_iter()
         .flatten()
         .min();
-        // Completions already waiting: look at the sockets, do not wait.
-        let timeout = if cx.disk.has_completions() {
+        // Completions already waiting, or chunks free for transfers that
+        // wait for one: look at the sockets, do not sleep.
+        let timeout = if cx.disk.has_completions() || cx.disk.has_wakeups() {
             Some(std::time::Duration::ZERO)
         } else {
             timeout
