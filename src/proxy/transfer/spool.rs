@@ -89,6 +89,9 @@ pub struct Spool {
     /// [`Spool::settle`]): the next chunk starts with it, because direct
     /// writes start on a block boundary.
     tail: Vec<u8>,
+    /// `tail` is on disk already (an ordinary write of a small upload's
+    /// first chunk wrote it), so the end need not write it again.
+    tail_written: bool,
     /// Queued for a chunk (see `Disk::wait`).
     waiting: bool,
     /// A second, ordinary descriptor for overflow writes (see
@@ -111,6 +114,7 @@ impl Spool {
             direct: Direct::NotYet,
             ended: false,
             tail: Vec::new(),
+            tail_written: false,
             waiting: false,
             overflow: None,
             overflowed: 0,
@@ -136,6 +140,7 @@ impl Spool {
             chunk.spare()[..self.tail.len()].copy_from_slice(&self.tail);
             chunk.commit(self.tail.len());
             self.tail.clear();
+            self.tail_written = false;
             self.staging = Some((at, chunk));
         }
         let (_, chunk) = self.staging.as_mut().expect("staging was just set");
@@ -179,6 +184,7 @@ impl Spool {
             if let Err(e) = self.write_plain(chunk.filled(), at) {
                 self.failed.get_or_insert(e);
             }
+            self.tail_written = true;
             self.sent_to_disk.push_back((at, Arc::new(chunk)));
             return;
         }
@@ -314,8 +320,12 @@ impl Spool {
         }
         self.ended = true;
         let Some((at, chunk)) = self.staging.as_ref() else {
-            // Nothing in hand but, perhaps, a partial block set aside.
+            // Nothing in hand but, perhaps, a partial block set aside (and
+            // perhaps written already).
             let tail = std::mem::take(&mut self.tail);
+            if self.tail_written {
+                return Ok(());
+            }
             return self.write_plain(&tail, self.part.bytes() - tail.len() as u64);
         };
         let (at, len) = (*at, chunk.len());
@@ -432,7 +442,7 @@ impl Spool {
     pub fn keep_incomplete(mut self) -> io::Result<PathBuf> {
         let pending = match self.staging.take() {
             Some((at, chunk)) => Some((at, chunk.filled().to_vec())),
-            None if !self.tail.is_empty() => {
+            None if !self.tail.is_empty() && !self.tail_written => {
                 let tail = std::mem::take(&mut self.tail);
                 Some((self.part.bytes() - tail.len() as u64, tail))
             }
