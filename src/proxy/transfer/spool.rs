@@ -350,6 +350,12 @@ impl Spool {
             return Ok(());
         }
         if self.direct == Direct::On {
+            // The overflow descriptor, if there is one, saves an open.
+            if let Some(Ok(file)) = self.overflow.as_ref() {
+                return file
+                    .write_all_at(data, offset)
+                    .with_context(|| format!("writing {}", self.part.path().display()));
+            }
             return write_by_path(self.part.path(), data, offset);
         }
         self.part
