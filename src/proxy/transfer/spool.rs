@@ -13,22 +13,26 @@
 //! memory**, and written to disk **from that memory** by DMA. A chunk is
 //! handed to the disk when it is full; it is let go once the upstream has
 //! all of it (the disk keeps its own reference until the write completes).
-//! So a transfer holds at most its staging chunk plus what the upstream has
-//! not taken yet, which back-pressure bounds at [`LAG_LIMIT`](super::LAG_LIMIT);
-//! and nothing it records lands in the page cache.
+//! When the client has nothing more for now, the partial staging chunk goes
+//! to the disk at once ([`Spool::settle`]) and only its last partial block
+//! is kept aside. So a transfer holds what the upstream has not taken yet
+//! (back-pressure bounds it at [`LAG_LIMIT`](super::LAG_LIMIT)) and the
+//! chunks its disk writes are using; all transfers' chunks together come out
+//! of one budget (`event_loop::disk`); and nothing it records lands in the
+//! page cache, unless the disk falls behind ([`MAX_IN_FLIGHT`]).
 //!
 //! **The end of an upload** (the client's FIN): the staging chunk's
 //! block-aligned part goes to the disk like any chunk; the last partial
 //! block (under 4 KiB) cannot be written with `O_DIRECT`, so it is written
-//! at once through a second, ordinary descriptor: one page of page cache
-//! per file. Once every write has completed, the file gets its final name
-//! (`store`'s rule: a final name means a complete upload), and only then is
-//! the upstream's answer passed to the client.
+//! at once through an ordinary descriptor: one page of page cache per file.
+//! Once every write has completed, the file gets its final name (`store`'s
+//! rule: a final name means a complete upload), and only then does the
+//! upstream get our FIN and the client the upstream's answer.
 //!
-//! **Small uploads** never use `O_DIRECT`: an upload that ends before
-//! filling a chunk is written with one plain `pwrite` at its end (no
-//! `fcntl`, no completion round trip): below [`DIRECT_AFTER`] bytes the page
-//! cache costs less than the ceremony.
+//! **Small uploads** never use `O_DIRECT`: while an upload is under
+//! [`DIRECT_AFTER`] bytes its bytes are written with plain `pwrite`s (at a
+//! pause, and at its end): no `fcntl`, no completion round trip. Below
+//! that size the page cache costs less than the ceremony.
 //!
 //! **Where `O_DIRECT` is refused** (tmpfs on older kernels, some network
 //! filesystems), the same writes go through the page cache: everything
