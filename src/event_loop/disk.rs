@@ -34,7 +34,8 @@
 //! sandbox that forbids it) every write is done at once with `pwrite` and
 //! its completion queued for the next reap, so callers see one behaviour.
 //! Where the filesystem refuses `O_DIRECT` (see `proxy::transfer::spool`)
-//! the writes go through the page cache as before. Both are logged once.
+//! the writes go through the page cache as before. The first is logged at
+//! startup, the second (at debug level) for each file.
 //!
 //! **Memory is a budget, shared.** All the chunks of all transfers together
 //! may take at most `--spool-memory` ([`DEFAULT_BUDGET`]); a transfer that
