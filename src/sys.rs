@@ -14,7 +14,7 @@
 //! | `setsockopt(SO_RCVLOWAT)` | the server | neither std nor socket2 |
 //! | `fcntl(F_SETFL, O_DIRECT)` | the proxy's spool | no std API |
 //! | `sync_file_range`, `posix_fadvise` | the proxy's spool (overflow) | no std API |
-//! | `fallocate(FALLOC_FL_KEEP_SIZE)` | the store | no std API |
+//! | `fallocate` | the store | no std API |
 //! | `renameat2(RENAME_NOREPLACE)` | the store | `fs::rename` replaces |
 //! | `geteuid` | the store (who owns a directory) | no std API |
 //! | `mmap` + `mincore` | the bench and the tests (page cache a file holds) | no std API |
@@ -79,12 +79,6 @@ pub fn set_recv_low_water(sock: &impl AsRawFd, bytes: usize) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
-}
-
-/// `fallocate(FALLOC_FL_KEEP_SIZE)`: reserves `len` bytes of disk from
-/// `offset` without changing the file's length.
-pub fn fallocate_keep_size(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    fallocate(file, libc::FALLOC_FL_KEEP_SIZE, offset, len)
 }
 
 /// `fallocate(2)` with `mode` (0: reserve and extend the file's length;

@@ -40,16 +40,7 @@ fn under_load_the_proxy_forwards_while_it_reads() {
     const TRANSFERS: usize = 60;
     let dirs = tempfile::tempdir().unwrap();
     let server = spawn_server(&dirs.path().join("r"), &[]);
-    let proxy = spawn(&[
-        "-vv",
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &server.addr.to_string(),
-        "--dir",
-        dirs.path().join("s").to_str().unwrap(),
-    ]);
+    let proxy = spawn_proxy(server.addr, &dirs.path().join("s"), &["-vv"]);
     load_1mib(proxy.addr, CLIENTS, TRANSFERS);
     wait_until("every transfer is closed", || {
         let lines = proxy.log_lines();

@@ -226,7 +226,6 @@ struct InFlight {
 pub struct DiskCounters {
     pub writes: u64,
     pub bytes: u64,
-    pub submits: u64,
     /// Bytes a spool wrote through the page cache because the disk was
     /// behind (see `proxy::transfer::spool`).
     pub overflow_bytes: u64,
@@ -337,19 +336,9 @@ impl Disk {
         );
     }
 
-    /// True when writes are asynchronous (`io_uring`).
-    pub fn is_async(&self) -> bool {
-        self.ring.is_some()
-    }
-
     /// Chunks out of the pool: held by spools or in flight.
     pub fn chunks_out(&self) -> usize {
         self.alive.load(Ordering::Relaxed) - self.pool.len()
-    }
-
-    /// The budget, in chunks.
-    pub fn budget(&self) -> usize {
-        self.budget
     }
 
     /// An empty chunk, from the pool when there is one, or `None` when the
@@ -441,7 +430,6 @@ impl Disk {
             if let Err(e) = ring.submit() {
                 log::warn!("io_uring submit: {e}");
             }
-            self.counters.submits += 1;
             self.queued = 0;
         }
         self.queued += 1;
@@ -468,7 +456,6 @@ impl Disk {
                 }
             }
         }
-        self.counters.submits += 1;
         self.queued = 0;
     }
 
