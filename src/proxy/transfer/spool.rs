@@ -342,9 +342,9 @@ impl Spool {
             return Ok(());
         }
         let aligned = len / ALIGN * ALIGN;
-        let tail = chunk.filled()[aligned..].to_vec();
+        self.write_plain(&chunk.filled()[aligned..], at + aligned as u64)?;
         self.submit_staging(disk, aligned);
-        self.write_plain(&tail, at + aligned as u64)
+        Ok(())
     }
 
     /// An ordinary (page-cache) write of `data` at `offset`: through our own
@@ -449,19 +449,16 @@ impl Spool {
     /// Keeps what was received as `<name>.incomplete`: bytes not yet handed
     /// to the disk are written now (ordinary writes), then the file is
     /// renamed. Writes still in flight land in it under its new name.
-    pub fn keep_incomplete(mut self) -> io::Result<PathBuf> {
-        let pending = match self.staging.take() {
-            Some((at, chunk)) => Some((at, chunk.filled().to_vec())),
-            None if !self.tail.is_empty() && !self.tail_written => {
-                let tail = std::mem::take(&mut self.tail);
-                Some((self.part.bytes() - tail.len() as u64, tail))
+    pub fn keep_incomplete(self) -> io::Result<PathBuf> {
+        let written = match self.staging.as_ref() {
+            Some((at, chunk)) => self.write_plain(chunk.filled(), *at),
+            None if !self.tail_written => {
+                self.write_plain(&self.tail, self.part.bytes() - self.tail.len() as u64)
             }
-            None => None,
+            None => Ok(()),
         };
-        if let Some((at, data)) = pending {
-            if let Err(e) = self.write_plain(&data, at) {
-                log::warn!("{e}"); // keep what is already there, at least
-            }
+        if let Err(e) = written {
+            log::warn!("{e}"); // keep what is already there, at least
         }
         self.part.keep_incomplete()
     }

@@ -249,26 +249,28 @@ pub(super) fn read_client(
             Some(link) if link.forwarding() => LAG_LIMIT.saturating_sub(link.lag(spool)),
             _ => LAG_LIMIT,
         };
-        let why = if room == 0 {
-            Some("the upstream")
+        let read = if room == 0 {
+            Err("the upstream")
         } else if spool.disk_bound() {
-            Some("the disk")
-        } else if spool.spare(disk, room as usize).is_empty() {
-            Some("memory") // queued for a chunk: the loop wakes us
+            Err("the disk")
         } else {
-            None
+            match spool.spare(disk, room as usize) {
+                [] => Err("memory"), // queued for a chunk: the loop wakes us
+                buf => Ok(client.read(buf)),
+            }
         };
-        if let Some(why) = why {
-            if client.is_readable() {
+        let read = match read {
+            Ok(read) => read,
+            Err(why) => {
                 // Back-pressure: leave the bytes in the kernel. The readiness
                 // flag stays set, so we come back when the upstream drains,
                 // a disk write completes or a chunk is free.
                 log::trace!("{} read paused: waiting for {why}", client.who());
+                spool.settle(disk, false);
+                return Ok(moved);
             }
-            spool.settle(disk, false);
-            return Ok(moved);
-        }
-        let n = match client.read(spool.spare(disk, room as usize)) {
+        };
+        let n = match read {
             Io::Data(n) => n,
             Io::Eof => {
                 // The client's half-close: the upload is complete. The rest
