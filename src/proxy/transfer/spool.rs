@@ -500,6 +500,16 @@ mod tests {
         }
     }
 
+    /// A store in a temp dir, and a disk writer with a budget no test
+    /// reaches. (The temp dir must outlive the test's files.)
+    fn setup() -> (tempfile::TempDir, Store, mio::Poll, Disk) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let disk = Disk::new(poll.registry(), mio::Token(3), "test", 1 << 30);
+        (dir, store, poll, disk)
+    }
+
     /// Reaps until every write of `spool` has completed (or 10 s).
     fn wait_for_writes(spool: &mut Spool, disk: &mut Disk, poll: &mut mio::Poll) {
         let mut events = mio::Events::with_capacity(8);
@@ -519,10 +529,7 @@ mod tests {
 
     #[test]
     fn every_size_lands_whole_under_its_final_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
-        let mut poll = mio::Poll::new().unwrap();
-        let mut disk = Disk::new(poll.registry(), mio::Token(3), "test", 1 << 30);
+        let (_dir, mut store, mut poll, mut disk) = setup();
         for len in [
             0,
             1,
@@ -562,10 +569,7 @@ mod tests {
 
     #[test]
     fn bytes_the_upstream_has_not_taken_stay_held_past_the_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
-        let mut poll = mio::Poll::new().unwrap();
-        let mut disk = Disk::new(poll.registry(), mio::Token(3), "test", 1 << 30);
+        let (_dir, mut store, mut poll, mut disk) = setup();
         for len in [1000, DIRECT_AFTER + 5, CHUNK + 5] {
             let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let mut spool = Spool::new(store.create().unwrap(), Owner { key: 0, id: 1 });
@@ -591,10 +595,7 @@ mod tests {
 
     #[test]
     fn a_disk_that_is_behind_overflows_through_the_page_cache_and_loses_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
-        let mut poll = mio::Poll::new().unwrap();
-        let mut disk = Disk::new(poll.registry(), mio::Token(3), "test", 1 << 30);
+        let (dir, mut store, mut poll, mut disk) = setup();
         // Eight chunks and nothing reaped meanwhile: the disk is "behind"
         // after MAX_IN_FLIGHT of them.
         let data: Vec<u8> = (0..8 * CHUNK + 777).map(|i| (i % 239) as u8).collect();
@@ -618,10 +619,7 @@ mod tests {
 
     #[test]
     fn an_abandoned_spool_keeps_every_byte_received() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
-        let mut poll = mio::Poll::new().unwrap();
-        let mut disk = Disk::new(poll.registry(), mio::Token(3), "test", 1 << 30);
+        let (_dir, mut store, mut poll, mut disk) = setup();
         let data: Vec<u8> = (0..CHUNK + 5000).map(|i| (i % 241) as u8).collect();
         let mut spool = Spool::new(store.create().unwrap(), Owner { key: 0, id: 1 });
         fill(&mut spool, &mut disk, &data, 100_000, true);
