@@ -113,19 +113,32 @@ impl Link {
                 }
             }
         }
-        // The answer is over and relayed: pass the upstream's FIN on.
+        // The answer is over and relayed: pass the upstream's FIN on. If
+        // that ends the transfer, the graceful close that follows at once
+        // sends it (one system call less); a client still sending (HTTP,
+        // say) needs it now.
         if self.up.eof() && self.answer.is_empty() && !client.shut() {
-            client.shutdown_write();
+            if self.upload_done(client) {
+                client.fin_with_close();
+            } else {
+                client.shutdown_write();
+            }
             moved = true;
         }
         Ok(moved)
     }
 
-    /// Streaming is over when both directions are: the whole upload went
-    /// upstream (or the upstream stopped taking it after answering) with our
-    /// FIN after it, and the whole answer went to the client with its FIN.
+    /// The upload direction is over: the whole upload went upstream (or
+    /// the upstream stopped taking it after answering) with our FIN after
+    /// it, and the upstream's FIN has been read.
+    fn upload_done(&self, client: &Peer) -> bool {
+        client.eof() && (self.up.shut() || self.up.broken()) && self.up.eof()
+    }
+
+    /// Streaming is over when both directions are: the upload (see
+    /// `upload_done`), and the whole answer to the client with its FIN.
     pub fn is_done(&self, client: &Peer) -> bool {
-        client.eof() && (self.up.shut() || self.up.broken()) && self.up.eof() && client.shut()
+        self.upload_done(client) && client.shut()
     }
 }
 
