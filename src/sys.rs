@@ -17,6 +17,7 @@
 //! | `fallocate` | the store | no std API |
 //! | `renameat2(RENAME_NOREPLACE)` | the store | `fs::rename` replaces |
 //! | `geteuid` | the store (who owns a directory) | no std API |
+//! | `fstatvfs` | retention (`--min-free`) | no std API |
 //! | `mmap` + `mincore` | the bench and the tests (page cache a file holds) | no std API |
 //!
 //! Every function here is a thin wrapper: no policy, no retries, no logging.
@@ -184,6 +185,25 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Space on the filesystem that holds `file` (`fstatvfs`), in bytes:
+/// `(available, total)`. Available is what an unprivileged writer may
+/// still use (`f_bavail`), the figure `df` shows.
+pub fn fs_space(file: &File) -> io::Result<(u64, u64)> {
+    // SAFETY: statvfs is plain old data, so all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open for the call (borrowed from `file`);
+    // fstatvfs writes only into `st`, which outlives the call.
+    let rc = unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let unit = st.f_frsize as u64;
+    Ok((
+        (st.f_bavail as u64).saturating_mul(unit),
+        (st.f_blocks as u64).saturating_mul(unit),
+    ))
 }
 
 /// The effective user id of this process: who owns what we create.
