@@ -405,3 +405,14 @@ fn bad_retention_values_are_usage_errors() {
         }
     }
 }
+
+#[test]
+fn retain_files_keeps_a_ring_of_the_newest_n() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_server(dir.path(), &["--retain-files", "3"]);
+    let stored: Vec<String> = (0..8)
+        .map(|i| stored(send(server.addr, &random_bytes(KIB, i)).unwrap()))
+        .collect();
+    wait_until("three files remain", || recordings(dir.path()).0.len() == 3);
+    assert_eq!(recordings(dir.path()).0, stored[5..], "the newest three");
+}
