@@ -30,6 +30,7 @@
 //! | [`cli`] | command-line definitions |
 //! | [`error`] | errors that say what was being done, and to what |
 //! | [`human`] | output for people: MB/s, progress bars |
+//! | [`logging`] | the logger: lines queued to a writer thread, so a closed or full stderr loses lines (counted), never the daemon |
 //! | [`sys`] | every direct libc call, each with its SAFETY note (the other `unsafe`: `event_loop::disk`) |
 //!
 //! For a guided tour of the code, read `docs/GUIDE.md`.
@@ -44,6 +45,7 @@ pub mod error;
 pub mod event_loop;
 pub mod human;
 pub mod load;
+pub mod logging;
 pub mod proxy;
 pub mod server;
 pub mod store;

@@ -165,6 +165,7 @@ impl Server {
     /// use").
     pub fn bind(config: &ServerConfig) -> io::Result<Server> {
         let store = Store::open(&config.dir)?;
+        let storing = format!("storing uploads in {}", store.dir().display());
         let core = Core {
             conns: Slab::with_capacity(1024),
             store,
@@ -190,6 +191,7 @@ impl Server {
             },
             core,
         )?;
+        log::info!("server: {storing}");
         if config.fsync {
             log::info!("server: --fsync: each file and its directory entry are synced before OK");
         }
