@@ -23,7 +23,7 @@
 //! | [`answer`] | the wire answer line (`OK ...` / `ERR ...`): format and parse |
 //! | [`store`] | files on disk: unique names, `.part` then rename, O_EXCL, 0600 |
 //! | [`event_loop`] | poll plumbing both loops share: the loop, tokens, timers, the acceptor (gate, back-off, stop, signals), the peer and its one I/O verdict, our own reply line, asynchronous direct disk writes (`io_uring`) |
-//! | [`server`] | the server role; `server/conn.rs` is one connection |
+//! | [`server`] | the server role; `server/conn.rs` is one connection, `server/sink.rs` where its upload goes (a file, or nowhere with `--discard`) |
 //! | [`proxy`] | the proxy role; [`proxy::transfer`] is one transfer's state machine |
 //! | [`client`] | the blocking client, and the verification of an answer |
 //! | [`load`] | the load generator: many concurrent verified clients, a summary |

@@ -93,6 +93,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 stats_addr: stats_addr(&args.limits)?,
                 stats_interval: args.limits.stats_interval,
                 fsync: args.fsync,
+                discard: args.discard,
             })
             .map_err(|e| e.to_string())?;
             server.handle_signals().map_err(|e| e.to_string())?;
