@@ -104,7 +104,7 @@ impl Format {
             let folded = line[start..].replace(['\n', '\r'], " ");
             line.replace_range(start.., &folded);
         }
-        if !self.role.is_empty() && !names_role(&line[start..], self.role) {
+        if !self.role.is_empty() && !names_a_role(&line[start..]) {
             line.insert_str(start, &format!("{}: ", self.role));
         }
         line.push('\n');
@@ -122,11 +122,18 @@ impl Format {
     }
 }
 
-/// True if `message` starts with `role: `.
-fn names_role(message: &str, role: &str) -> bool {
-    message
-        .strip_prefix(role)
-        .is_some_and(|rest| rest.starts_with(':'))
+/// The roles a line may name. The load generator's clients log as
+/// `client:`, which is what they are, so a line that names any role keeps
+/// it.
+const ROLES: [&str; 4] = ["server", "proxy", "client", "load"];
+
+/// True if `message` starts with `<role>:` for one of [`ROLES`].
+fn names_a_role(message: &str) -> bool {
+    ROLES.iter().any(|role| {
+        message
+            .strip_prefix(role)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })
 }
 
 /// The lines waiting for the writer.
@@ -425,6 +432,7 @@ mod tests {
         for (message, want) in [
             ("holding x", "proxy: holding x"),
             ("proxy: relayed", "proxy: relayed"),
+            ("client: connected", "client: connected"),
             ("proxying", "proxy: proxying"),
             ("a\nb", "proxy: a b"),
         ] {

@@ -283,4 +283,8 @@ fn load_v_shows_debug_lines() {
         .filter(|l| l.contains("client: answer after"))
         .count();
     assert_eq!(answers, 3, "{lines:?}");
+    assert!(
+        lines.iter().all(|l| !l.contains("load: client:")),
+        "one role per line: {lines:?}"
+    );
 }
