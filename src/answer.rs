@@ -13,12 +13,20 @@
 //! final name, and `bytes`/`crc32c` let the client check that they are the
 //! bytes it sent. The proxy relays the server's line untouched, and writes
 //! its own `ERR` line only when the server could not give one.
+//!
+//! A server started with `--discard` keeps nothing and says so:
+//! `file=-` ([`NOT_STORED`]); `bytes` and `crc32c` are still those of what
+//! it received, so the client checks the delivery just the same.
 
 use std::fmt;
 
 /// The longest answer line we accept, newline included. Real answers are
 /// under 100 bytes; the limit keeps a hostile peer from feeding us forever.
 pub const MAX_LINE: usize = 4096;
+
+/// The `file=` of an `OK` from a server that stores nothing (`--discard`).
+/// Never a stored name: those are timestamps.
+pub const NOT_STORED: &str = "-";
 
 /// A parsed answer line.
 #[derive(Debug, Clone, PartialEq, Eq)]

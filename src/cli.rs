@@ -67,6 +67,7 @@ Examples:
   stopover server
   stopover server --listen 127.0.0.1:9000 --dir /srv/uploads --fsync
   stopover server --max-conns 500 --max-bytes 1GiB --min-rate 1KiB/30s
+  stopover server --discard        # verify and count uploads, store nothing
 
 Exit codes: 0 stopped by SIGINT/SIGTERM; 1 cannot start (address, directory); 2 usage error.";
 
@@ -124,6 +125,12 @@ pub struct ServerArgs {
     /// so OK means durable (costs a disk flush per upload).
     #[arg(long)]
     pub fsync: bool,
+
+    /// Store nothing: answer with the byte count and CRC-32C of what
+    /// arrived and `file=-`, for load tests that measure the relay alone.
+    /// No directory is created or used (so no --retain-* or --min-free).
+    #[arg(long, conflicts_with_all = ["dir", "fsync", "retain_bytes", "retain_files", "retain_for", "min_free"])]
+    pub discard: bool,
 
     #[command(flatten)]
     pub limits: Limits,

@@ -233,6 +233,14 @@ pub fn upload(
     let started = Instant::now();
     // Seed step 2: connect.
     let mut sock = connect(to, timeout)?;
+    if log::log_enabled!(log::Level::Debug) {
+        let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        log::debug!(
+            "client: connected to {peer} from {local} in {:.3}s; sending {what}",
+            started.elapsed().as_secs_f64()
+        );
+    }
     let io_timeout = Some(timeout.max(Duration::from_millis(1)));
     sock.set_write_timeout(io_timeout)
         .and_then(|()| sock.set_read_timeout(io_timeout))
@@ -259,6 +267,7 @@ pub fn upload(
             }
             // The receiver may have refused the upload and said why before
             // closing: an answer beats "broken pipe" as an explanation.
+            log::debug!("client: sending failed after {sent_bytes} bytes ({e}); reading an answer");
             return match read_answer(&mut sock, timeout) {
                 Ok(line) => finish(line, sent_bytes, sent_crc32c, started),
                 Err(_) => Err(ClientError::Lost("sending", e)),
@@ -266,6 +275,7 @@ pub fn upload(
         }
         sent_crc32c = crc32c::crc32c_append(sent_crc32c, chunk);
         sent_bytes += chunk.len() as u64;
+        log::trace!("client: sent {} bytes ({sent_bytes} in all)", chunk.len());
         on_sent(chunk.len() as u64);
     }
 
@@ -274,6 +284,10 @@ pub fn upload(
     if let Err(e) = sock.shutdown(Shutdown::Write) {
         return Err(ClientError::Lost("half-closing", e));
     }
+    log::debug!(
+        "client: sent {sent_bytes} bytes crc32c={sent_crc32c:08x} in {:.3}s; half-closed, waiting for the answer",
+        started.elapsed().as_secs_f64()
+    );
     // Seed step 4: wait for the answer (seed step 5, close, is the drop,
     // a normal one now that the exchange is complete).
     let line = read_answer(&mut sock, timeout)?;
@@ -293,6 +307,11 @@ fn finish(
     sent_crc32c: u32,
     started: Instant,
 ) -> Result<Receipt, ClientError> {
+    log::debug!(
+        "client: answer after {:.3}s: {}",
+        started.elapsed().as_secs_f64(),
+        crate::human::printable(line.trim_end_matches('\n'))
+    );
     let answer = Answer::parse(&line).map_err(ClientError::BadAnswer)?;
     Ok(Receipt {
         sent_bytes,

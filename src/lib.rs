@@ -24,13 +24,14 @@
 //! | [`store`] | files on disk: unique names, `.part` then rename, O_EXCL, 0600 |
 //! | [`retention`] | deleting the oldest recordings, a little every turn (`--retain-*`, `--min-free`) |
 //! | [`event_loop`] | poll plumbing both loops share: the loop, tokens, timers, the acceptor (gate, back-off, stop, signals), the peer and its one I/O verdict, our own reply line, asynchronous direct disk writes (`io_uring`) |
-//! | [`server`] | the server role; `server/conn.rs` is one connection |
+//! | [`server`] | the server role; `server/conn.rs` is one connection, `server/sink.rs` where its upload goes (a file, or nowhere with `--discard`) |
 //! | [`proxy`] | the proxy role; [`proxy::transfer`] is one transfer's state machine |
 //! | [`client`] | the blocking client, and the verification of an answer |
 //! | [`load`] | the load generator: many concurrent verified clients, a summary |
 //! | [`cli`] | command-line definitions |
 //! | [`error`] | errors that say what was being done, and to what |
 //! | [`human`] | output for people: MB/s, progress bars |
+//! | [`logging`] | the logger: lines queued to a writer thread, so a closed or full stderr loses lines (counted), never the daemon |
 //! | [`sys`] | every direct libc call, each with its SAFETY note (the other `unsafe`: `event_loop::disk`) |
 //!
 //! For a guided tour of the code, read `docs/GUIDE.md`.
@@ -45,6 +46,7 @@ pub mod error;
 pub mod event_loop;
 pub mod human;
 pub mod load;
+pub mod logging;
 pub mod proxy;
 pub mod retention;
 pub mod server;

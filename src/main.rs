@@ -11,6 +11,7 @@ use log::LevelFilter;
 use stopover::cli::{Cli, Command};
 use stopover::client::{self, ClientConfig, Verdict};
 use stopover::load::{self, LoadConfig, Stop};
+use stopover::logging;
 use stopover::proxy::{Proxy, ProxyConfig};
 use stopover::server::{Server, ServerConfig};
 
@@ -39,13 +40,17 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli);
-    match run(cli.command) {
+    let code = match run(cli.command) {
         Ok(code) => code,
         Err(message) => {
-            eprintln!("stopover: {message}");
+            logging::message(&format!("stopover: {message}"));
             ExitCode::from(EXIT_FAILURE)
         }
-    }
+    };
+    // The last lines (a daemon's summary, the error above) reach a working
+    // stderr; a blocked one cannot hold the exit.
+    logging::flush(logging::EXIT_FLUSH);
+    code
 }
 
 fn init_logging(cli: &Cli) {
@@ -63,13 +68,15 @@ fn init_logging(cli: &Cli) {
         (false, 1) => LevelFilter::Debug,
         (false, _) => LevelFilter::Trace,
     };
-    // Logging is a convenience; failing to set it up is not a reason to stop.
-    let _ = simple_logger::SimpleLogger::new()
-        .with_level(level)
-        // mio traces its own registrations; ours say the same in our terms.
-        .with_module_level("mio", LevelFilter::Info)
-        .with_utc_timestamps()
-        .init();
+    // Each line names the process's role (see `logging`).
+    let role = match cli.command {
+        Command::Server(_) => "server",
+        Command::Proxy(_) => "proxy",
+        Command::Client(_) => "client",
+        Command::Load(_) => "load",
+        Command::Completions { .. } | Command::Manpage => "",
+    };
+    logging::init(level, role);
 }
 
 fn run(command: Command) -> Result<ExitCode, String> {
@@ -87,6 +94,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 stats_interval: args.limits.stats_interval,
                 retention: args.limits.retention(),
                 fsync: args.fsync,
+                discard: args.discard,
             })
             .map_err(|e| e.to_string())?;
             server.handle_signals().map_err(|e| e.to_string())?;
@@ -131,7 +139,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 Verdict::Verified => Ok(ExitCode::SUCCESS),
                 Verdict::Refused(_) => Ok(ExitCode::from(EXIT_FAILURE)),
                 mismatch @ Verdict::Mismatch { .. } => {
-                    eprintln!("stopover: {mismatch}");
+                    logging::message(&format!("stopover: {mismatch}"));
                     Ok(ExitCode::from(EXIT_MISMATCH))
                 }
             }

@@ -102,3 +102,57 @@ fn write_error_on_the_file_gets_err_removes_the_partial_and_keeps_serving() {
     assert_eq!(small.verdict(), Verdict::Verified, "server keeps serving");
     server.wait_for_log("upload refused");
 }
+
+#[test]
+fn discard_answers_count_and_crc_stores_nothing_and_needs_no_dir() {
+    // Started in an empty directory, without --dir: nothing may appear in
+    // it (not even the default `received`).
+    let cwd = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["server", "--discard", "--listen", "127.0.0.1:0"])
+        .current_dir(cwd.path());
+    let server = spawn_with(&mut cmd);
+    server.wait_for_log("server: --discard: uploads are counted and checksummed, never stored");
+    // Directly, and relayed by a proxy: verified by our client, `file=-`.
+    let proxy_dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(server.addr, proxy_dir.path());
+    for (to, seed) in [(server.addr, 31), (proxy.addr, 32)] {
+        let data = random_bytes(3 * 1024 * 1024 + 7, seed);
+        let receipt = send(to, &data).unwrap();
+        assert_eq!(receipt.line, ok_line(&data, "-").trim_end());
+        assert_eq!(receipt.verdict(), Verdict::Verified);
+    }
+    // An empty upload too.
+    assert_eq!(
+        send(server.addr, b"").unwrap().line,
+        ok_line(b"", "-").trim_end()
+    );
+    // The load generator accepts the answers as verified.
+    let out = std::process::Command::new(bin())
+        .args([
+            "load",
+            "--to",
+            &server.addr.to_string(),
+            "-n",
+            "20",
+            "-c",
+            "4",
+        ])
+        .args(["--size", "1KiB..64KiB", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["transfers_ok"], 20, "{summary}");
+    server.wait_for_log("discarded upload from");
+    assert_eq!(file_names(cwd.path()), Vec::<String>::new());
+}
+
+#[test]
+fn discard_with_a_dir_is_a_usage_error() {
+    let out = std::process::Command::new(bin())
+        .args(["server", "--discard", "--dir", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

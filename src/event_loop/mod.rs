@@ -218,7 +218,7 @@ impl<H: Handler> Daemon<H> {
     pub fn run(mut self) -> io::Result<H::Stats> {
         // This line tells tests and scripts that we are ready: everything is
         // set up (signals included) and the loop is about to wait.
-        log::info!("{} listening on {}", H::ROLE, self.local_addr());
+        log::info!("{}: listening on {}", H::ROLE, self.local_addr());
         let ran = run(&mut self.poll, &mut self.cx, &mut self.handler).context(H::ROLE);
         // Even when the loop failed: every connection still open goes
         // through the role's abandon path (kept, removed, reset).
@@ -372,6 +372,11 @@ fn exposition<H: Handler>(cx: &Context<H::Timer>, handler: &H) -> Exposition {
         "stopover_uptime_seconds",
         "Seconds since the daemon started.",
         cx.started.elapsed().as_secs_f64(),
+    );
+    e.counter(
+        "stopover_log_lines_dropped_total",
+        "Log lines lost because stderr was closed, failing or too slow (see logging).",
+        crate::logging::dropped(),
     );
     cx.disk.metrics(&mut e);
     handler.metrics(&mut e);

@@ -129,6 +129,8 @@ impl Tally {
     }
 
     fn fail(&mut self, kind: &str, message: String) {
+        // The summary keeps one example per kind; -v shows every one.
+        log::debug!("load: transfer failed ({kind}): {message}");
         *self.failures.entry(kind.to_string()).or_default() += 1;
         self.examples.entry(kind.to_string()).or_insert(message);
     }
@@ -242,6 +244,13 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
         CHUNK
     });
 
+    log::debug!(
+        "load: {} client thread(s) against {}, {} to {} bytes per upload, chunks of {chunk} bytes",
+        config.clients,
+        config.to,
+        config.size.min,
+        config.size.max
+    );
     let mut threads = Vec::with_capacity(config.clients);
     let mut spawn_error = None;
     for index in 0..config.clients {

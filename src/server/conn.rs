@@ -19,8 +19,8 @@ use crate::answer::Answer;
 use crate::error::brief;
 use crate::event_loop::{Io, Peer, RateWindow, Reply, ReplyStep, Throttle, TimerId};
 use crate::human::mb_per_s;
-use crate::store::PartFile;
 
+use super::sink::Sink;
 use super::Stats;
 
 /// One client connection.
@@ -41,8 +41,9 @@ pub(super) struct Conn {
 
 /// The life of one server connection. See the module docs.
 pub(super) enum State {
-    /// The upload is streaming into `<name>.part`.
-    Receiving(PartFile),
+    /// The upload is streaming into `<name>.part` (or, with `--discard`,
+    /// only into its count and checksum).
+    Receiving(Sink),
     /// Writing our answer line, then closing cleanly.
     Answering(Reply),
 }
@@ -104,7 +105,7 @@ impl Conn {
     fn refuse(&mut self, reason: &str, stats: &mut Stats) {
         stats.refused += 1;
         if let State::Receiving(part) = self.set_state(State::refusal(reason)) {
-            part.discard();
+            part.abandon();
         }
     }
 
@@ -139,9 +140,9 @@ impl Conn {
                             // Seed step 3: store the data.
                             if let Err(e) = part.write(&scratch[..n]) {
                                 log::warn!(
-                                    "server: writing {} for {}: {e}; upload refused",
-                                    part.path().display(),
-                                    self.addr
+                                    "server: writing the upload from {}: {e}; upload refused, {}",
+                                    self.addr,
+                                    part.fate()
                                 );
                                 self.refuse(
                                     &format!("storing upload failed: {}", brief(&e)),
@@ -157,7 +158,7 @@ impl Conn {
                             let answer = finished.as_ref().unwrap_or_else(|refusal| refusal);
                             let old = self.set_state(State::Answering(Reply::new(answer)));
                             if let (Err(_), State::Receiving(part)) = (finished, old) {
-                                part.discard();
+                                part.abandon();
                             }
                         }
                         Io::Blocked => return Next::Keep,
@@ -174,10 +175,10 @@ impl Conn {
                                 );
                             } else {
                                 aborts.warn(format_args!(
-                                    "server: upload from {} aborted after {} bytes ({e}); removed {}",
+                                    "server: upload from {} aborted after {} bytes ({e}); {}",
                                     self.addr,
                                     part.bytes(),
-                                    part.path().display()
+                                    part.fate()
                                 ));
                             }
                             stats.aborted += 1;
@@ -219,7 +220,7 @@ impl Conn {
     pub fn close(self, clean: bool) -> bool {
         let receiving = match self.state {
             State::Receiving(part) => {
-                part.discard();
+                part.abandon();
                 true
             }
             State::Answering(_) => false,
@@ -235,28 +236,31 @@ impl Conn {
 /// `OK` answer, or, if that fails, the `ERR` answer (the caller removes
 /// the file).
 fn finish_upload(
-    part: &mut PartFile,
+    part: &mut Sink,
     addr: SocketAddr,
     started: Instant,
     stats: &mut Stats,
     policy: Policy,
 ) -> Result<Answer, Answer> {
-    let finished = if policy.fsync {
-        part.finish_durable()
-    } else {
-        part.finish()
-    };
-    if let Err(e) = finished {
+    if let Err(e) = part.finish(policy.fsync) {
         log::warn!("server: {e}; upload from {} refused", addr);
         stats.refused += 1;
         return Err(Answer::err(format!("storing upload failed: {}", brief(&e))));
     }
-    stats.stored += 1;
-    stats.bytes += part.bytes();
     let elapsed = started.elapsed();
+    let what = match part {
+        Sink::File(_) => {
+            stats.stored += 1;
+            stats.bytes += part.bytes();
+            format!("stored {}", part.name())
+        }
+        Sink::Discard { .. } => {
+            stats.discarded += 1;
+            "discarded upload".to_string()
+        }
+    };
     log::info!(
-        "server: stored {} from {}: {} bytes in {:.3}s ({:.1} MB/s) crc32c={:08x}",
-        part.name(),
+        "server: {what} from {}: {} bytes in {:.3}s ({:.1} MB/s) crc32c={:08x}",
         addr,
         part.bytes(),
         elapsed.as_secs_f64(),

@@ -28,6 +28,10 @@
 //! is the loop around the connections: config, accept, events, timers,
 //! stop. `conn` is one connection.
 //!
+//! With `--discard` the store is not opened at all: each upload goes into
+//! a `sink::Sink` that only counts and checksums it, and the answer says
+//! `file=-` (see `sink`).
+//!
 //! Protections, all on the loop's timers or counters: at most
 //! `--max-conns` connections (the rest wait in the listen backlog); uploads
 //! over `--max-bytes` are refused; a connection that moves no byte for
@@ -43,6 +47,7 @@
 //! shared `event_loop::Acceptor`'s.
 
 mod conn;
+mod sink;
 
 use std::io;
 use std::net::SocketAddr;
@@ -62,6 +67,7 @@ use crate::retention::{self, Keeper};
 use crate::store::Store;
 
 use conn::{Conn, Next, Policy, State};
+use sink::Sink;
 
 /// The receive low-water mark (`SO_RCVLOWAT`) of client sockets: readiness
 /// is reported once this many bytes are queued, or at EOF or an error.
@@ -103,6 +109,9 @@ pub struct ServerConfig {
     pub retention: retention::Limits,
     /// Sync each file and its directory entry before answering `OK`.
     pub fsync: bool,
+    /// Store nothing: answer with the count and CRC-32C of what arrived
+    /// (`file=-`); `dir` is neither created nor used.
+    pub discard: bool,
 }
 
 impl Default for ServerConfig {
@@ -119,6 +128,7 @@ impl Default for ServerConfig {
             stats_interval: None,
             retention: retention::Limits::default(),
             fsync: false,
+            discard: false,
         }
     }
 }
@@ -137,6 +147,9 @@ pub enum Timer {
 pub struct Stats {
     /// Uploads stored and answered `OK`.
     pub stored: u64,
+    /// Uploads received whole and answered `OK` without storing them
+    /// (`--discard`).
+    pub discarded: u64,
     /// Uploads refused with `ERR` (too large, a write error on the file).
     pub refused: u64,
     /// Uploads abandoned before finishing (reset, idle, shutdown).
@@ -152,10 +165,12 @@ pub type Server = Daemon<Core>;
 
 /// The server's own part of the loop: its connections and its rules.
 pub struct Core {
-    /// Deletes old recordings from the store's directory (see `retention`).
-    retention: Keeper,
+    /// Deletes old recordings from the store's directory (see
+    /// `retention`); `None` with `--discard`.
+    retention: Option<Keeper>,
     conns: Slab<Conn>,
-    store: Store,
+    /// `None` with `--discard`.
+    store: Option<Store>,
     stats: Stats,
     policy: Policy,
     idle_timeout: Option<Duration>,
@@ -169,9 +184,20 @@ impl Server {
     /// loop. Errors name what failed ("binding 127.0.0.1:9000: Address in
     /// use").
     pub fn bind(config: &ServerConfig) -> io::Result<Server> {
-        let mut store = Store::open(&config.dir)?;
-        let retention = Keeper::open("server", store.dir(), config.retention)?;
-        store.record_to(retention.recorder());
+        // With --discard there is no directory: no store, nothing to retain.
+        let (store, retention) = match config.discard {
+            false => {
+                let mut store = Store::open(&config.dir)?;
+                let retention = Keeper::open("server", store.dir(), config.retention)?;
+                store.record_to(retention.recorder());
+                (Some(store), Some(retention))
+            }
+            true => (None, None),
+        };
+        let storing = match &store {
+            Some(store) => format!("storing uploads in {}", store.dir().display()),
+            None => "--discard: uploads are counted and checksummed, never stored".to_string(),
+        };
         let core = Core {
             retention,
             conns: Slab::with_capacity(1024),
@@ -202,7 +228,8 @@ impl Server {
             },
             core,
         )?;
-        if config.fsync {
+        log::info!("server: {storing}");
+        if config.fsync && !config.discard {
             log::info!("server: --fsync: each file and its directory entry are synced before OK");
         }
         Ok(server)
@@ -219,17 +246,20 @@ impl event_loop::Handler for Core {
     }
 
     fn chores(&mut self, now: Instant) -> Option<Instant> {
-        self.retention.turn(now)
+        self.retention.as_mut().and_then(|k| k.turn(now))
     }
 
     fn metrics(&self, out: &mut Exposition) {
-        self.retention.metrics(out);
+        if let Some(keeper) = &self.retention {
+            keeper.metrics(out);
+        }
         let s = &self.stats;
         out.counter_labelled(
             "stopover_uploads_total",
-            "Uploads by outcome: stored (answered OK), refused (answered ERR), aborted (no answer).",
+            "Uploads by outcome: stored (answered OK), discarded (answered OK, --discard), refused (answered ERR), aborted (no answer).",
             &[
                 ("outcome", "stored", s.stored),
+                ("outcome", "discarded", s.discarded),
                 ("outcome", "refused", s.refused),
                 ("outcome", "aborted", s.aborted),
             ],
@@ -252,19 +282,23 @@ impl event_loop::Handler for Core {
         let open = self.conns.len();
         for conn in self.conns.drain() {
             let addr = conn.addr;
-            let path = match &conn.state {
-                State::Receiving(part) => part.path().display().to_string(),
+            let fate = match &conn.state {
+                State::Receiving(part) => part.fate().to_string(),
                 State::Answering(_) => String::new(),
             };
             if conn.close(false) {
-                log::warn!("server: upload from {addr} aborted by shutdown; removed {path}");
+                log::warn!("server: upload from {addr} aborted by shutdown; {fate}");
                 self.stats.aborted += 1;
             }
         }
         log::info!(
-            "server: stopped: {} stored ({} bytes), {} refused, {} aborted ({open} open at shutdown)",
+            "server: stopped: {} stored ({} bytes), {}{} refused, {} aborted ({open} open at shutdown)",
             self.stats.stored,
             self.stats.bytes,
+            match self.stats.discarded {
+                0 => String::new(),
+                n => format!("{n} discarded, "),
+            },
             self.stats.refused,
             self.stats.aborted
         );
@@ -274,8 +308,12 @@ impl event_loop::Handler for Core {
     /// Seed step 1: a client connected. Create its file (or, if we cannot,
     /// prepare to refuse it with a reason), register it, and drive it.
     fn accepted(&mut self, cx: &mut Context<Timer>, mut sock: TcpStream, addr: SocketAddr) {
-        let state = match self.store.create() {
-            Ok(part) => State::Receiving(part),
+        let created = match self.store.as_mut() {
+            Some(store) => store.create().map(Sink::File),
+            None => Ok(Sink::discard()),
+        };
+        let state = match created {
+            Ok(sink) => State::Receiving(sink),
             Err(e) => {
                 // Cannot store: refuse this upload, saying why.
                 log::warn!("server: refusing upload from {addr}: {e}");
@@ -295,7 +333,7 @@ impl event_loop::Handler for Core {
         ) {
             log::warn!("server: registering connection from {addr}: {e}");
             if let State::Receiving(part) = state {
-                part.discard();
+                part.abandon();
             }
             return;
         }
@@ -423,10 +461,10 @@ impl Core {
         match &conn.state {
             State::Receiving(part) => {
                 cx.aborts.warn(format_args!(
-                    "server: {} idle for {for_how_long}: upload aborted after {} bytes; removed {}",
+                    "server: {} idle for {for_how_long}: upload aborted after {} bytes; {}",
                     conn.addr,
                     part.bytes(),
-                    part.path().display()
+                    part.fate()
                 ));
                 self.stats.aborted += 1;
             }

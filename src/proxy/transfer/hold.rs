@@ -53,7 +53,7 @@ impl Transfer {
     pub(super) fn hold(&mut self, spool: Spool, cx: &mut Context<Timer>, policy: &Policy) -> State {
         let hold = policy.hold.unwrap_or_default();
         log::info!(
-            "holding {} for {}: edit it now ({} bytes from {}, crc32c={:08x})",
+            "proxy: holding {} for {}: edit it now ({} bytes from {}, crc32c={:08x})",
             spool.path().display(),
             humantime::format_duration(hold),
             spool.bytes(),
