@@ -52,9 +52,10 @@ fn init_logging(cli: &Cli) {
     // The client's stdout carries the answer and its stderr is for the
     // user, so it logs only warnings unless asked; the daemons log info.
     let base = match cli.command {
-        Command::Client(_) | Command::Load(_) | Command::Completions { .. } | Command::Manpage => {
-            LevelFilter::Warn
-        }
+        Command::Client(_)
+        | Command::Load(_)
+        | Command::Completions { .. }
+        | Command::Manpage { .. } => LevelFilter::Warn,
         _ => LevelFilter::Info,
     };
     let level = match (cli.quiet, cli.verbose) {
@@ -139,11 +140,20 @@ fn run(command: Command) -> Result<ExitCode, String> {
             clap_complete::generate(shell, &mut cmd, "stopover", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Manpage => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(cmd)
-                .render(&mut std::io::stdout())
-                .map_err(|e| format!("writing the man page: {e}"))?;
+        Command::Manpage { page, dir } => {
+            match dir {
+                Some(dir) => {
+                    for path in stopover::man::write_all(&dir).map_err(|e| e.to_string())? {
+                        println!("{}", path.display());
+                    }
+                }
+                None => {
+                    let text = stopover::man::render(page.as_deref())
+                        .map_err(|e| format!("rendering the man page: {e}"))?;
+                    std::io::Write::write_all(&mut std::io::stdout(), &text)
+                        .map_err(|e| format!("writing the man page: {e}"))?;
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Load(args) => {
@@ -177,7 +187,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             // Failed transfers first (1), then crossed thresholds (4).
             Ok(if !summary.all_verified() {
                 ExitCode::from(EXIT_FAILURE)
-            } else if !summary.thresholds_met() {
+            } else if !summary.thresholds_passed() {
                 ExitCode::from(EXIT_THRESHOLD)
             } else {
                 ExitCode::SUCCESS
