@@ -145,6 +145,6 @@ mod tests {
         assert!(proxy.contains("spool\\-memory"), "{proxy}");
         let main = page(None);
         assert!(main.contains("stopover\\-load(1)") || main.contains("stopover-load(1)"));
-        assert!(main.contains(".SH EXIT STATUS"));
+        assert!(main.contains(".SH \"EXIT STATUS\""));
     }
 }
