@@ -130,7 +130,7 @@ mod tests {
         for name in PAGES {
             let text = page(Some(name));
             assert!(text.contains(&format!(".TH stopover-{name} 1")), "{name}");
-            for section in ["OPTIONS", "EXIT STATUS", "EXAMPLES", "SEE ALSO"] {
+            for section in ["OPTIONS", "\"EXIT STATUS\"", "EXAMPLES", "\"SEE ALSO\""] {
                 assert!(
                     text.contains(&format!(".SH {section}")),
                     "{name}: {section}"
