@@ -240,7 +240,7 @@ pub struct ServerArgs {
 pub struct Limits {
     /// Most connections at once; more wait in the kernel's listen backlog
     /// (default: as many as the open-files limit allows).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = parse_count::<u64>)]
     pub max_conns: Option<u64>,
 
     /// Refuse uploads larger than this with `ERR too large` (e.g. 100MiB).
@@ -304,7 +304,7 @@ pub struct ProxyArgs {
     /// 1 MiB chunks; at least 4 MiB). When it is spent, clients wait in
     /// the kernel until some is free: more memory, fewer and larger disk
     /// writes; less, more of them.
-    #[arg(long, default_value = "8MiB", value_name = "SIZE", value_parser = parse_bytes)]
+    #[arg(long, default_value = "8MiB", value_name = "SIZE", value_parser = parse_spool_memory)]
     pub spool_memory: u64,
 
     #[command(flatten)]
@@ -340,11 +340,11 @@ pub struct LoadArgs {
     pub to: String,
 
     /// Concurrent clients (threads, each one blocking client).
-    #[arg(long, short = 'c', default_value_t = 16, value_name = "C", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, short = 'c', default_value_t = 16, value_name = "C", value_parser = parse_count::<u32>)]
     pub clients: u32,
 
     /// Total transfers to run (default 1000 unless --duration is given).
-    #[arg(long, short = 'n', value_name = "N", conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, short = 'n', value_name = "N", conflicts_with = "duration", value_parser = parse_count::<u64>)]
     pub transfers: Option<u64>,
 
     /// Run for this long instead of a fixed number of transfers (e.g. 30s).
@@ -396,8 +396,9 @@ pub struct LoadArgs {
     #[arg(long, value_name = "FILE")]
     pub hdr_log: Option<PathBuf>,
 
-    /// Fail the run (exit 4) if this holds at the end, e.g. p99>50ms,
-    /// errors>0, error_rate>1, transfers_per_s<1000. Repeatable.
+    /// Fail the run (exit 4) if this is true at the end, e.g. 'p99>50ms',
+    /// 'errors>0', 'error_rate>1', 'transfers_per_s<1000'. Repeatable.
+    /// Quote it: unquoted, a shell takes > and < as redirections.
     #[arg(long, value_name = "CONDITION")]
     pub fail_if: Vec<crate::load::Threshold>,
 
@@ -426,6 +427,33 @@ pub fn parse_host_port(text: &str) -> Result<String, String> {
         )),
     }
 }
+
+/// A count of at least 1 (`-n`, `-c`, `--max-conns`), worded the same
+/// for each.
+pub fn parse_count<T: TryFrom<u64>>(text: &str) -> Result<T, String> {
+    let n = text
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| format!("{text:?}: want a whole number, at least 1"))?;
+    T::try_from(n).map_err(|_| format!("{text:?}: too large"))
+}
+
+/// `--spool-memory`: a size of at least [`MIN_SPOOL_MEMORY`].
+pub fn parse_spool_memory(text: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(text)?;
+    if bytes < MIN_SPOOL_MEMORY {
+        return Err(format!(
+            "{text} is less than the least allowed, 4MiB (one transfer streams with four 1 MiB chunks)"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The smallest `--spool-memory`: the disk's smallest budget.
+pub const MIN_SPOOL_MEMORY: u64 =
+    (crate::event_loop::disk::MIN_CHUNKS * crate::event_loop::disk::CHUNK) as u64;
 
 /// A positive number of transfers a second.
 pub fn parse_rate(text: &str) -> Result<f64, String> {
@@ -531,6 +559,20 @@ mod tests {
         for bad in ["127.0.0.1", "localhost", ":80", "host:http", "host:70000"] {
             assert!(parse_host_port(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn counts_and_spool_memory_have_one_wording_and_a_floor() {
+        assert_eq!(parse_count::<u32>("16"), Ok(16));
+        let n = parse_count::<u64>("0").unwrap_err();
+        let c = parse_count::<u32>("0").unwrap_err();
+        assert_eq!(n, c, "-n 0 and -c 0 say the same");
+        assert!(n.contains("at least 1"), "{n}");
+        assert!(parse_count::<u32>("5000000000").is_err());
+        assert_eq!(MIN_SPOOL_MEMORY, 4 * 1024 * 1024);
+        assert_eq!(parse_spool_memory("4MiB"), Ok(MIN_SPOOL_MEMORY));
+        let e = parse_spool_memory("1MiB").unwrap_err();
+        assert!(e.contains("at least") || e.contains("least allowed"), "{e}");
     }
 
     #[test]

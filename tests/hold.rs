@@ -157,6 +157,14 @@ fn a_held_file_deleted_during_the_hold_gets_err_and_the_proxy_keeps_serving() {
         receipt.line,
         format!("ERR held file {name} is gone: No such file or directory")
     );
+    // The log says the reason once (it once read "is gone: No such file
+    // or directory (No such file or directory (os error 2))").
+    let warning = proxy.wait_for_log("is gone");
+    assert_eq!(
+        warning.matches("No such file or directory").count(),
+        1,
+        "{warning}"
+    );
     assert!(
         final_files(&dirs.path().join("r")).is_empty(),
         "nothing reached the server"

@@ -180,8 +180,21 @@ pub struct Daemon<H: Handler> {
 impl<H: Handler> Daemon<H> {
     /// Binds the listener described by `config` for `handler`.
     pub fn new(config: &AcceptConfig, handler: H) -> io::Result<Daemon<H>> {
+        let budget = handler.disk_budget();
+        Daemon::bind_then(config, budget, || Ok(handler))
+    }
+
+    /// Binds the listener first, then builds the handler: a daemon that
+    /// cannot listen (an address in use) leaves nothing behind, not even
+    /// the storage directory its handler would have created.
+    pub fn bind_then(
+        config: &AcceptConfig,
+        disk_budget: Option<usize>,
+        build: impl FnOnce() -> io::Result<H>,
+    ) -> io::Result<Daemon<H>> {
         let poll = Poll::new().with_context(|| format!("{}: creating poll", H::ROLE))?;
-        let cx = Context::bind(&poll, config, handler.disk_budget())?;
+        let cx = Context::bind(&poll, config, disk_budget)?;
+        let handler = build()?;
         Ok(Daemon { poll, cx, handler })
     }
 
@@ -210,6 +223,7 @@ impl<H: Handler> Daemon<H> {
     /// Runs the loop until stopped, then lets the role close what is left
     /// and returns its counters.
     pub fn run(mut self) -> io::Result<H::Stats> {
+        self.cx.acceptor.log_capacity();
         // This line tells tests and scripts that we are ready: everything is
         // set up (signals included) and the loop is about to wait.
         log::info!("{} listening on {}", H::ROLE, self.local_addr());

@@ -202,39 +202,40 @@ pub struct Core {
 }
 
 impl Proxy {
-    /// Opens the spool directory, binds the listener and sets up the loop.
+    /// Binds the listener, opens the spool directory and sets up the loop.
     pub fn bind(config: &ProxyConfig) -> io::Result<Proxy> {
-        let store = Store::open(&config.dir)?;
-        let spool_dir = store.dir().display().to_string();
-        let core = Core {
-            transfers: Slab::with_capacity(1024),
-            store,
-            stats: Stats::default(),
-            policy: Policy {
-                upstream: config.upstream,
-                hold: config.hold,
-                max_bytes: config.max_bytes,
-                min_rate: config.min_rate,
-                connect_timeout: config.connect_timeout,
-            },
-            idle_timeout: config.idle_timeout,
-            next_id: 0,
-            spool_memory: config.spool_memory,
+        // Bind first: a proxy that cannot listen creates no directory.
+        let accept = AcceptConfig {
+            role: "proxy",
+            listen: config.listen,
+            // Descriptors per transfer: client, upstream, spool file,
+            // and in hold mode the held file, reopened when the hold ends.
+            per_conn: if config.hold.is_some() { 4 } else { 3 },
+            max_conns: config.max_conns,
+            grace: config.grace,
+            stats_listen: config.stats_addr,
+            stats_interval: config.stats_interval,
         };
-        let proxy = Daemon::new(
-            &AcceptConfig {
-                role: "proxy",
-                listen: config.listen,
-                // Descriptors per transfer: client, upstream, spool file,
-                // and in hold mode the held file, reopened when the hold ends.
-                per_conn: if config.hold.is_some() { 4 } else { 3 },
-                max_conns: config.max_conns,
-                grace: config.grace,
-                stats_listen: config.stats_addr,
-                stats_interval: config.stats_interval,
-            },
-            core,
-        )?;
+        let mut spool_dir = String::new();
+        let proxy = Daemon::bind_then(&accept, Some(config.spool_memory), || {
+            let store = Store::open(&config.dir)?;
+            spool_dir = store.dir().display().to_string();
+            Ok(Core {
+                transfers: Slab::with_capacity(1024),
+                store,
+                stats: Stats::default(),
+                policy: Policy {
+                    upstream: config.upstream,
+                    hold: config.hold,
+                    max_bytes: config.max_bytes,
+                    min_rate: config.min_rate,
+                    connect_timeout: config.connect_timeout,
+                },
+                idle_timeout: config.idle_timeout,
+                next_id: 0,
+                spool_memory: config.spool_memory,
+            })
+        })?;
         if let Some(hold) = config.hold {
             log::info!(
                 "proxy: hold mode: each upload is stored whole, held {} for editing, then forwarded",

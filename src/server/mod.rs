@@ -160,36 +160,35 @@ pub struct Core {
 }
 
 impl Server {
-    /// Opens the storage directory, binds the listener and sets up the poll
-    /// loop. Errors name what failed ("binding 127.0.0.1:9000: Address in
+    /// Binds the listener, opens the storage directory and sets up the
+    /// poll loop. Errors name what failed ("binding 127.0.0.1:9000: Address in
     /// use").
     pub fn bind(config: &ServerConfig) -> io::Result<Server> {
-        let store = Store::open(&config.dir)?;
-        let core = Core {
-            conns: Slab::with_capacity(1024),
-            store,
-            stats: Stats::default(),
-            policy: Policy {
-                max_bytes: config.max_bytes,
-                fsync: config.fsync,
-            },
-            idle_timeout: config.idle_timeout,
-            min_rate: config.min_rate,
-            next_id: 0,
+        // Bind first: a server that cannot listen creates no directory.
+        let accept = AcceptConfig {
+            role: "server",
+            listen: config.listen,
+            // Two descriptors per connection: its socket and its file.
+            per_conn: 2,
+            max_conns: config.max_conns,
+            grace: config.grace,
+            stats_listen: config.stats_addr,
+            stats_interval: config.stats_interval,
         };
-        let server = Daemon::new(
-            &AcceptConfig {
-                role: "server",
-                listen: config.listen,
-                // Two descriptors per connection: its socket and its file.
-                per_conn: 2,
-                max_conns: config.max_conns,
-                grace: config.grace,
-                stats_listen: config.stats_addr,
-                stats_interval: config.stats_interval,
-            },
-            core,
-        )?;
+        let server = Daemon::bind_then(&accept, None, || {
+            Ok(Core {
+                conns: Slab::with_capacity(1024),
+                store: Store::open(&config.dir)?,
+                stats: Stats::default(),
+                policy: Policy {
+                    max_bytes: config.max_bytes,
+                    fsync: config.fsync,
+                },
+                idle_timeout: config.idle_timeout,
+                min_rate: config.min_rate,
+                next_id: 0,
+            })
+        })?;
         if config.fsync {
             log::info!("server: --fsync: each file and its directory entry are synced before OK");
         }

@@ -94,8 +94,15 @@ impl Transfer {
                     (_, Some(libc::ELOOP)) | (_, None) => "is not a regular file".to_string(),
                     _ => format!("cannot be opened: {}", brief(&e)),
                 };
+                // The reason once: `why` already says it unless it is the
+                // symlink or FIFO case, where the errno is worth a look.
+                let detail = match e.raw_os_error() {
+                    Some(errno) if why.ends_with(&brief(&e)) => format!(" (os error {errno})"),
+                    Some(_) => format!(" ({e})"),
+                    None => String::new(),
+                };
                 log::warn!(
-                    "proxy: held file {} {why} ({e}); answering ERR",
+                    "proxy: held file {} {why}{detail}; answering ERR",
                     path.display()
                 );
                 State::Replying(Reply::new(&Answer::err(format!(
