@@ -16,15 +16,9 @@
 //!   quotes is spelled here from the constant itself (`tests/guide.rs`
 //!   does the same for the code references).
 
-mod common;
-
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::path::Path;
 
-use common::*;
 use pulldown_cmark::{CodeBlockKind, Event, Options, Parser, Tag, TagEnd};
 
 fn root() -> &'static Path {
@@ -237,4 +231,148 @@ fn the_markdown_check_finds_what_it_is_for() {
     }
     let fine = "```sh\nstopover server\n```\n\n| a |\n|---|\n| 1 |\n\n[x](README.md#stopover)\n";
     assert_eq!(problems_of("README.md", fine), Vec::<String>::new());
+}
+
+/// `text` with every run of white space made one space, so a phrase is
+/// found wherever the paragraph happens to wrap.
+fn flat(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn the_figures_the_docs_quote_are_the_codes() {
+    use stopover::cli::{Cli, Command, MAX_DURATION, MIN_SPOOL_MEMORY};
+    use stopover::event_loop::{disk, stats, MinRate, Throttle};
+    let readme = flat(&read("README.md"));
+    let guide = flat(&read("docs/GUIDE.md"));
+    let Command::Server(server) = <Cli as clap::Parser>::parse_from(["stopover", "server"]).command
+    else {
+        unreachable!("parsed as the server")
+    };
+    let rate = MinRate::DEFAULT;
+    let window = rate.window.as_secs();
+    let mib = |bytes: usize| bytes / (1024 * 1024);
+    // (document, phrase spelled from the code)
+    let claims: Vec<(&str, &String, String)> = vec![
+        // GUIDE section 6: what closes a plain `nc` that never half-closes.
+        ("GUIDE", &guide, format!("default of {} bytes a second over {window} s", rate.per_second)),
+        ("GUIDE", &guide, format!("closes the first one after {window} s")),
+        ("GUIDE", &guide, format!("too slow: 13 bytes in {window}s")),
+        (
+            "GUIDE",
+            &guide,
+            format!("after {} s of silence", server.limits.idle_timeout.as_secs()),
+        ),
+        ("README", &readme, format!("`{}B/{window}s`", rate.per_second)),
+        (
+            "README",
+            &readme,
+            format!("`{}s`", server.limits.idle_timeout.as_secs()),
+        ),
+        (
+            "README",
+            &readme,
+            format!("at most {} years", MAX_DURATION.as_secs() / (365 * 24 * 3600)),
+        ),
+        (
+            "README",
+            &readme,
+            format!("(1 MiB chunks, at least {})", MIN_SPOOL_MEMORY as usize / disk::CHUNK),
+        ),
+        (
+            "README",
+            &readme,
+            format!("`--spool-memory` ({} MiB)", mib(disk::DEFAULT_BUDGET)),
+        ),
+        (
+            "README",
+            &readme,
+            format!("at most {} bytes, newline included", stopover::answer::MAX_LINE),
+        ),
+        (
+            "README",
+            &readme,
+            format!(
+                "at most {} are served at once (more wait in the backlog), a request may be at most {} KiB, and a connection not done within {} s",
+                stats::MAX_CONNS,
+                stats::MAX_REQUEST / 1024,
+                stats::DEADLINE.as_secs()
+            ),
+        ),
+        (
+            "README",
+            &readme,
+            format!(
+                "throttled to {} per {} s",
+                Throttle::BURST,
+                Throttle::PERIOD.as_secs()
+            ),
+        ),
+    ];
+    let missing: Vec<String> = claims
+        .iter()
+        .filter(|(_, text, phrase)| !text.contains(phrase.as_str()))
+        .map(|(doc, _, phrase)| format!("{doc} should say {phrase:?}"))
+        .collect();
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+}
+
+/// The Usage table's defaults are clap's: `| \`server --listen\` |
+/// \`127.0.0.1:9000\` |` and `| \`--max-bytes\` | no limit |` (a flag
+/// without a role is a LIMITS flag, checked on the server).
+#[test]
+fn the_usage_tables_defaults_are_claps() {
+    let mut cmd = <stopover::cli::Cli as clap::CommandFactory>::command();
+    cmd.build();
+    let readme = read("README.md");
+    let mut checked = 0;
+    let mut problems = Vec::new();
+    for line in readme.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // ["", "`server --listen`", "`127.0.0.1:9000`", "notes", ""]
+        if cells.len() < 4 || !cells[1].starts_with('`') || !cells[1].contains("--") {
+            continue;
+        }
+        let name = cells[1].trim_matches('`');
+        let (role, flag) = match name.split_once(' ') {
+            Some((role, flag)) => (role, flag),
+            None => ("server", name),
+        };
+        let Some(sub) = cmd.find_subcommand(role) else {
+            continue;
+        };
+        let Some(arg) = sub
+            .get_arguments()
+            .find(|a| a.get_long().is_some_and(|l| format!("--{l}") == flag))
+        else {
+            problems.push(format!(
+                "README's Usage table names {name}, which clap lacks"
+            ));
+            continue;
+        };
+        let default: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let documented = cells[2];
+        let ok = match default.as_slice() {
+            // A switch: off unless given.
+            [value] if value == "false" => documented == "off",
+            [value] => documented == format!("`{value}`"),
+            // A switch, or a flag without a default: the table says so in words.
+            _ => !documented.starts_with('`'),
+        };
+        if !ok {
+            problems.push(format!(
+                "{name}: README says {documented}, clap's default is {default:?}"
+            ));
+        }
+        checked += 1;
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(
+        checked >= 15,
+        "expected the Usage table's rows; found {checked}"
+    );
 }
