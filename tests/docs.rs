@@ -263,6 +263,24 @@ fn the_figures_the_docs_quote_are_the_codes() {
             &guide,
             format!("after {} s of silence", server.limits.idle_timeout.as_secs()),
         ),
+        (
+            "GUIDE",
+            &guide,
+            format!(
+                "`src/sys.rs:set_recv_low_water`) of {} KiB",
+                stopover::server::RECV_LOW_WATER / 1024
+            ),
+        ),
+        (
+            "GUIDE",
+            &guide,
+            format!(
+                "The limits ({} clients, {} KiB, {} s)",
+                stats::MAX_CONNS,
+                stats::MAX_REQUEST / 1024,
+                stats::DEADLINE.as_secs()
+            ),
+        ),
         ("README", &readme, format!("`{}B/{window}s`", rate.per_second)),
         (
             "README",

@@ -493,3 +493,27 @@ fn make_demo_shows_a_verified_transfer_and_leaves_nothing_behind() {
         "make demo left its directory behind"
     );
 }
+
+#[test]
+fn a_client_that_never_half_closes_is_cut_by_min_rate_as_the_guide_says() {
+    // GUIDE section 6: `nc` without -N sends its 13 bytes and waits; the
+    // proxy's --min-rate ends it, logged as `too slow: 13 bytes in 10s`
+    // at the default window (1 s here, to keep the test short).
+    use std::io::Write;
+    let dirs = tempfile::tempdir().unwrap();
+    let server = spawn_server(&dirs.path().join("r"), &[]);
+    let proxy = spawn_proxy(
+        server.addr,
+        &dirs.path().join("s"),
+        &["--min-rate", "128B/1s"],
+    );
+    let mut nc = std::net::TcpStream::connect(proxy.addr).unwrap();
+    nc.write_all(b"hello, world\n").unwrap();
+    let line = proxy.wait_for_log("too slow:");
+    assert!(line.contains("too slow: 13 bytes in 1s"), "{line}");
+    let guide = read("docs/GUIDE.md");
+    assert!(
+        guide.contains("`too slow: 13 bytes in 10s`"),
+        "GUIDE section 6"
+    );
+}
