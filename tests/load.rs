@@ -368,16 +368,28 @@ fn a_duration_run_has_rate_times_duration_transfers_and_whole_intervals() {
     // Closed loop: clients send until the end, so some transfers end
     // after it; they belong to the last interval, not to a sliver of a
     // third one.
+    let hlog = dir.path().join("intervals.hlog");
+    let hlog = hlog.to_str().unwrap();
     for args in [
         &["--rate", "300", "-d", "1s"][..],
         &["-c", "2", "-d", "1s"][..],
     ] {
-        let (out, json) = load(&[&["--to", &to, "-i", "500ms", "-s", "1KiB"][..], args].concat());
+        let common = ["--to", &to, "-i", "500ms", "-s", "1KiB", "--hdr-log", hlog];
+        let (out, json) = load(&[&common[..], args].concat());
         assert_eq!(out.status.code(), Some(0), "{json}");
         let intervals = json["intervals"].as_array().unwrap();
         assert_eq!(intervals.len(), 2, "{args:?}: {json}");
         let last = &intervals[1];
         assert_eq!(last["start_s"].as_f64(), Some(0.5), "{json}");
         assert!(last["end_s"].as_f64().unwrap() >= 1.0, "{json}");
+        // The histogram log has the same two intervals, and no sliver.
+        let log = std::fs::read_to_string(hlog).unwrap();
+        let lengths: Vec<f64> = log
+            .lines()
+            .filter(|l| l.contains(",HISTF"))
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(lengths.len(), 2, "{log}");
+        assert!(lengths.iter().all(|&s| s >= 0.499), "{lengths:?}");
     }
 }
