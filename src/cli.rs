@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::event_loop::MinRate;
+use crate::help;
 
 /// A client -> proxy -> server file relay on hand-driven mio poll loops.
 ///
@@ -17,7 +18,7 @@ use crate::event_loop::MinRate;
 /// `OK bytes=<n> crc32c=<hex> file=<name>`, and the answer travels back to
 /// the client, which checks it against what it sent.
 #[derive(Debug, Parser)]
-#[command(name = "stopover", version, propagate_version = true, after_help = STOPOVER.help())]
+#[command(name = "stopover", version, propagate_version = true, after_help = help::STOPOVER.help())]
 pub struct Cli {
     /// More logging: -v for debug (connection life cycle), -vv for trace
     /// (every readiness event and every read and write).
@@ -42,25 +43,25 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Store each upload in its own file and answer with its size and CRC-32C.
-    #[command(after_help = SERVER.help())]
+    #[command(after_help = help::SERVER.help())]
     Server(ServerArgs),
     /// Relay uploads to a server, keeping a copy of each in a spool directory.
-    #[command(after_help = PROXY.help())]
+    #[command(after_help = help::PROXY.help())]
     Proxy(ProxyArgs),
     /// Send one file and verify the answer (exit 0 verified, 1 failed, 3 mismatch).
-    #[command(after_help = CLIENT.help())]
+    #[command(after_help = help::CLIENT.help())]
     Client(ClientArgs),
     /// Run many concurrent verifying clients and summarize throughput and latency.
-    #[command(after_help = LOAD.help())]
+    #[command(after_help = help::LOAD.help())]
     Load(LoadArgs),
     /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell).
-    #[command(after_help = COMPLETIONS.help())]
+    #[command(after_help = help::COMPLETIONS.help())]
     Completions {
         #[arg(value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
     /// Print a man page (roff): stopover(1), or stopover-SUBCOMMAND(1).
-    #[command(after_help = MANPAGE.help())]
+    #[command(after_help = help::MANPAGE.help())]
     Manpage {
         /// Print this subcommand's page instead of stopover(1).
         #[arg(value_name = "SUBCOMMAND", value_parser = crate::man::PAGES)]
@@ -71,149 +72,6 @@ pub enum Command {
         dir: Option<PathBuf>,
     },
 }
-
-/// What a command's `--help` ends with, and what its man page says under
-/// EXAMPLES and EXIT STATUS: written once, here, for both.
-pub struct Epilogue {
-    /// Command lines, each runnable as written in a POSIX shell (a `#`
-    /// comment may follow).
-    pub examples: &'static [&'static str],
-    /// What the command prints, when that is worth a sentence.
-    pub output: &'static str,
-    /// Each exit code and what it means.
-    pub exit_codes: &'static [(u8, &'static str)],
-}
-
-impl Epilogue {
-    /// The text `--help` ends with.
-    pub fn help(&self) -> String {
-        let mut out = String::from("Examples:\n");
-        for example in self.examples {
-            out += &format!("  {example}\n");
-        }
-        if !self.output.is_empty() {
-            out += &format!("\n{}\n", self.output);
-        }
-        out += "\nExit codes:\n";
-        for (code, meaning) in self.exit_codes {
-            out += &format!("  {code}  {meaning}\n");
-        }
-        out.trim_end().to_string()
-    }
-}
-
-const USAGE_ERROR: (u8, &str) = (2, "usage error: a bad flag or value");
-
-/// `stopover` itself.
-pub const STOPOVER: Epilogue = Epilogue {
-    examples: &[
-        "stopover server --dir received &",
-        "stopover proxy --dir spool --upstream 127.0.0.1:9000 &",
-        "stopover client --to 127.0.0.1:8000 README.md",
-        "stopover help load        # a subcommand's options and examples",
-    ],
-    output: "",
-    exit_codes: &[
-        (0, "success"),
-        (1, "failure at run time"),
-        USAGE_ERROR,
-        (
-            3,
-            "(client) the server stored different bytes than were sent",
-        ),
-        (4, "(load) a --fail-if threshold was crossed"),
-    ],
-};
-
-pub const SERVER: Epilogue = Epilogue {
-    examples: &[
-        "stopover server",
-        "stopover server --listen 127.0.0.1:9000 --dir /tmp/uploads --fsync",
-        "stopover server --max-conns 500 --max-bytes 1GiB --min-rate 1KiB/30s",
-    ],
-    output: "",
-    exit_codes: &[
-        (0, "stopped by SIGINT or SIGTERM"),
-        (1, "cannot start (address, directory)"),
-        USAGE_ERROR,
-    ],
-};
-
-pub const PROXY: Epilogue = Epilogue {
-    examples: &[
-        "stopover proxy",
-        "stopover proxy --listen 127.0.0.1:8000 --upstream localhost:9000 --dir spool",
-        "stopover proxy --hold 30s        # store, hold 30 s for editing, then forward",
-    ],
-    output: "",
-    exit_codes: &[
-        (0, "stopped by SIGINT or SIGTERM"),
-        (1, "cannot start (address, directory, upstream name)"),
-        USAGE_ERROR,
-    ],
-};
-
-pub const CLIENT: Epilogue = Epilogue {
-    examples: &[
-        "stopover client notes.txt",
-        "stopover client --to 127.0.0.1:9000 big.iso    # straight to a server",
-        "tar c docs | stopover client -                  # standard input",
-    ],
-    output: "Prints the answer line on stdout.",
-    exit_codes: &[
-        (
-            0,
-            "verified: OK, with the same byte count and CRC-32C as sent",
-        ),
-        (
-            1,
-            "failed: cannot read, connect or finish, an ERR or malformed answer",
-        ),
-        USAGE_ERROR,
-        (3, "the server stored different bytes than were sent"),
-    ],
-};
-
-pub const LOAD: Epilogue = Epilogue {
-    examples: &[
-        "stopover load -c 64 -n 20000 -s 1KiB",
-        "stopover load -c 16 -d 30s -s 64KiB..1MiB --json > result.json",
-        "stopover load -c 2000 -s 64KiB --all-at-once --hold-open 1s",
-        "stopover load --rate 500 -d 60s --warmup 5s -i 1s --fail-if 'p99>50ms'",
-    ],
-    output: "Prints a summary (transfers ok and failed by kind, MB/s, transfers/s,
-latency percentiles, each --fail-if passed or FAILED), or one JSON object
-with --json, on stdout; with -i, one line per interval first. Quote each
---fail-if condition: unquoted, a shell takes > and < as redirections.",
-    exit_codes: &[
-        (0, "every transfer verified, every --fail-if passed"),
-        (1, "a transfer failed, or none ran"),
-        USAGE_ERROR,
-        (
-            4,
-            "every transfer verified, but a --fail-if threshold was crossed",
-        ),
-    ],
-};
-
-pub const COMPLETIONS: Epilogue = Epilogue {
-    examples: &[
-        "stopover completions bash > ~/.local/share/bash-completion/completions/stopover",
-        "stopover completions zsh > ~/.zfunc/_stopover",
-    ],
-    output: "",
-    exit_codes: &[(0, "printed"), (1, "cannot write"), USAGE_ERROR],
-};
-
-pub const MANPAGE: Epilogue = Epilogue {
-    examples: &[
-        "stopover manpage > stopover.1",
-        "stopover manpage load | man -l -",
-        "stopover manpage --dir ~/.local/share/man/man1",
-    ],
-    output: "",
-    exit_codes: &[(0, "printed or written"), (1, "cannot write"), USAGE_ERROR],
-};
 
 /// `stopover server`.
 #[derive(Debug, Args)]

@@ -27,7 +27,8 @@
 //! | [`proxy`] | the proxy role; [`proxy::transfer`] is one transfer's state machine |
 //! | [`client`] | the blocking client, and the verification of an answer |
 //! | [`load`] | the load generator: many concurrent verified clients, a summary |
-//! | [`cli`] | command-line definitions, and the examples and exit codes `--help` ends with |
+//! | [`cli`] | command-line definitions |
+//! | [`help`] | the examples and exit codes `--help` ends with (and the man pages show) |
 //! | [`man`] | man pages from the same definitions: `stopover(1)`, `stopover-SUBCOMMAND(1)` |
 //! | [`error`] | errors that say what was being done, and to what |
 //! | [`human`] | output for people: MB/s, progress bars |
@@ -43,6 +44,7 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod event_loop;
+pub mod help;
 pub mod human;
 pub mod load;
 pub mod man;

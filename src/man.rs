@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use clap::CommandFactory;
 use roff::{bold, roman, Roff};
 
-use crate::cli::{self, Cli, Epilogue};
+use crate::cli::Cli;
 use crate::error::Context;
+use crate::help::{self, Epilogue};
 
 /// The subcommands that have a page of their own.
 pub const PAGES: [&str; 4] = ["server", "proxy", "client", "load"];
@@ -24,13 +25,13 @@ pub fn render(page: Option<&str>) -> io::Result<Vec<u8>> {
     let mut root = Cli::command().disable_help_subcommand(true);
     root.build();
     let (cmd, epilogue) = match page {
-        None => (root.clone(), &cli::STOPOVER),
+        None => (root.clone(), &help::STOPOVER),
         Some(name) => {
             let epilogue = match name {
-                "server" => &cli::SERVER,
-                "proxy" => &cli::PROXY,
-                "client" => &cli::CLIENT,
-                "load" => &cli::LOAD,
+                "server" => &help::SERVER,
+                "proxy" => &help::PROXY,
+                "client" => &help::CLIENT,
+                "load" => &help::LOAD,
                 _ => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,

@@ -163,7 +163,7 @@ fn try_in_a_shell(command: &str) -> Option<String> {
     }
     let script = format!(
         "stopover() {{ if [ \"$1\" = help ]; then set -- \"$@\"; else set -- \"$@\" --help; fi; \
-         \"$STOPOVER\" \"$@\" >/dev/null 2>\"$FAILED\" || echo \"exit $?\" >>\"$FAILED\"; }}\n{command}\nwait\n"
+         \"$STOPOVER\" \"$@\" >/dev/null 2>>\"$FAILED\" || echo \"stopover-exit $?\" >>\"$FAILED\"; }}\n{command}\nwait\n"
     );
     let out = Command::new("sh")
         .arg("-c")
@@ -176,7 +176,7 @@ fn try_in_a_shell(command: &str) -> Option<String> {
         .output()
         .expect("run sh");
     let complaint = std::fs::read_to_string(&failed).unwrap_or_default();
-    if complaint.contains("exit ") {
+    if complaint.contains("stopover-exit ") {
         return Some(format!("stopover rejects it: {}", complaint.trim()));
     }
     let _ = std::fs::remove_file(&failed);
