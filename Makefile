@@ -45,7 +45,8 @@ run-proxy: build
 	$(BIN) proxy
 
 ## install: the binary (stripped), shell completions (bash, zsh, fish) and
-## the man pages (stopover(1), stopover-server(1), -proxy, -client, -load),
+## the man pages (stopover(1), stopover-server(1), -proxy, -client, -load,
+## -completions, -manpage),
 ## all generated from the same clap definitions, under PREFIX (default
 ## /usr/local; e.g. `make install PREFIX=$$HOME/.local`)
 PREFIX ?= /usr/local
@@ -68,7 +69,8 @@ install: build
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/stopover $(COMPLETIONS) \
 		$(MANDIR)/stopover.1 $(MANDIR)/stopover-server.1 $(MANDIR)/stopover-proxy.1 \
-		$(MANDIR)/stopover-client.1 $(MANDIR)/stopover-load.1
+		$(MANDIR)/stopover-client.1 $(MANDIR)/stopover-load.1 \
+		$(MANDIR)/stopover-completions.1 $(MANDIR)/stopover-manpage.1
 
 ## clean: remove build output and demo files
 clean:

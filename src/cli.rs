@@ -66,8 +66,8 @@ pub enum Command {
         /// Print this subcommand's page instead of stopover(1).
         #[arg(value_name = "SUBCOMMAND", value_parser = crate::man::PAGES)]
         page: Option<String>,
-        /// Write every page into DIR (stopover.1 and stopover-SUBCOMMAND.1
-        /// for server, proxy, client and load) instead of printing one.
+        /// Write every page into DIR (stopover.1, and stopover-SUBCOMMAND.1
+        /// for each subcommand) instead of printing one.
         #[arg(long, value_name = "DIR", conflicts_with = "page")]
         dir: Option<PathBuf>,
     },

@@ -1,6 +1,7 @@
 //! Man pages, generated from the same clap definitions as `--help`:
 //! `stopover(1)` for the whole tool and `stopover-server(1)`,
-//! `stopover-proxy(1)`, `stopover-client(1)` and `stopover-load(1)`, each
+//! `stopover-proxy(1)`, `stopover-client(1)`, `stopover-load(1)`,
+//! `stopover-completions(1)` and `stopover-manpage(1)`, each
 //! with every option, and EXIT STATUS and EXAMPLES sections written from
 //! the same [`Epilogue`] that ends its `--help`.
 //!
@@ -17,8 +18,16 @@ use crate::cli::Cli;
 use crate::error::Context;
 use crate::help::{self, Epilogue};
 
-/// The subcommands that have a page of their own.
-pub const PAGES: [&str; 4] = ["server", "proxy", "client", "load"];
+/// The subcommands, each with a page of its own (stopover(1) names them
+/// all).
+pub const PAGES: [&str; 6] = [
+    "server",
+    "proxy",
+    "client",
+    "load",
+    "completions",
+    "manpage",
+];
 
 /// Renders `stopover(1)`, or `stopover-SUBCOMMAND(1)` for one of [`PAGES`].
 pub fn render(page: Option<&str>) -> io::Result<Vec<u8>> {
@@ -32,6 +41,8 @@ pub fn render(page: Option<&str>) -> io::Result<Vec<u8>> {
                 "proxy" => &help::PROXY,
                 "client" => &help::CLIENT,
                 "load" => &help::LOAD,
+                "completions" => &help::COMPLETIONS,
+                "manpage" => &help::MANPAGE,
                 _ => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,

@@ -397,6 +397,8 @@ fn completions_and_man_pages_are_what_readme_and_make_install_promise() {
         "stopover-proxy.1",
         "stopover-client.1",
         "stopover-load.1",
+        "stopover-completions.1",
+        "stopover-manpage.1",
     ];
     assert_eq!(names, pages.iter().map(|p| p.to_string()).collect());
     for page in &pages[1..] {
@@ -436,6 +438,25 @@ fn completions_and_man_pages_are_what_readme_and_make_install_promise() {
                     "{page} lacks {flag}"
                 );
             }
+        }
+    }
+    // Every page a page names exists (stopover(1) once named
+    // stopover-completions(1), which was never made).
+    for page in pages {
+        let written = std::fs::read_to_string(man1.join(page)).unwrap();
+        for named in written
+            .split_whitespace()
+            .filter(|w| w.ends_with("(1)") || w.ends_with("(1),"))
+        {
+            let name = named
+                .trim_end_matches(',')
+                .trim_end_matches("(1)")
+                .replace("\\-", "-");
+            let placeholder = name.chars().any(|c| c.is_ascii_uppercase()); // stopover-SUBCOMMAND(1)
+            assert!(
+                placeholder || pages.contains(&format!("{name}.1").as_str()),
+                "{page} names {named}"
+            );
         }
     }
     // What `make install` writes, `make uninstall` removes; the binary is
