@@ -56,11 +56,16 @@ pub fn render(page: Option<&str>) -> io::Result<Vec<u8>> {
             (sub.clone(), epilogue)
         }
     };
-    let man = clap_mangen::Man::new(cmd)
-        .source(format!("stopover {}", env!("CARGO_PKG_VERSION")))
-        .manual("stopover manual");
+    let title = cmd.get_display_name().unwrap_or(cmd.get_name()).to_string();
+    let man = clap_mangen::Man::new(cmd);
     let mut out = Vec::new();
-    man.render_title(&mut out)?;
+    // The title line by hand: clap_mangen leaves an empty date unquoted,
+    // which shifts the source and manual into the wrong fields.
+    writeln!(
+        out,
+        ".TH {title} 1 \"\" \"stopover {}\" \"stopover manual\"",
+        env!("CARGO_PKG_VERSION")
+    )?;
     man.render_name_section(&mut out)?;
     man.render_synopsis_section(&mut out)?;
     man.render_description_section(&mut out)?;
