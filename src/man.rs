@@ -146,7 +146,12 @@ mod tests {
     fn each_subcommand_page_has_its_options_exit_status_and_examples() {
         for name in PAGES {
             let text = page(Some(name));
-            assert!(text.contains(&format!(".TH stopover-{name} 1")), "{name}");
+            // Title, section, (no) date, source, manual: each in its field.
+            let th = format!(
+                ".TH stopover-{name} 1 \"\" \"stopover {}\" \"stopover manual\"\n",
+                env!("CARGO_PKG_VERSION")
+            );
+            assert!(text.starts_with(&th), "{name}: {text}");
             for section in ["OPTIONS", "\"EXIT STATUS\"", "EXAMPLES", "\"SEE ALSO\""] {
                 assert!(
                     text.contains(&format!(".SH {section}")),
