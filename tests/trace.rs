@@ -64,13 +64,13 @@ fn trace_shows_one_transfer_step_by_step() {
         "#0 upstream read ",
         "#0 client write ", // relayed
         "#0 upstream read EOF",
-        "#0 client shutdown(Write)",
+        "#0 client shutdown(Write)|#0 client FIN with the close",
         "#0 closed (Relayed)",
     ];
     let connect = [
         "proxy: accept 127.0.0.1:",
         "#0 upstream event WRITABLE", // the connect has finished...
-        "#0 upstream connected",      // ...successfully (SO_ERROR clear)
+        "#0 upstream connected",      // ...successfully (it has a peer address)
         "#0 state Connecting -> Streaming",
         "#0 upstream write 13|#0 upstream sendfile 13",
         "#0 upstream shutdown(Write)",

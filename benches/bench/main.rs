@@ -51,11 +51,14 @@
 //! test), `measure` (one run, and the arithmetic that compares runs),
 //! `report` (the table, the targets, results.json and the chart).
 
+mod chart;
 mod daemons;
 mod measure;
 mod receiver;
 mod report;
 mod scenarios;
+mod syscalls;
+mod targets;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -63,7 +66,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use daemons::{Daemon, Reference};
-use measure::{machine, wait_for_fast_file_creation, Bench, Run, Via};
+use measure::{file_floor_us, machine, wait_for_fast_file_creation, Bench, Run, Via};
 use scenarios::{scenarios, warm_up, Preset, Scenario};
 
 fn main() {
@@ -217,7 +220,12 @@ fn main() {
         }
     }
 
+    let strace = syscalls::available();
+    if !strace {
+        println!("strace is not installed, so no system-call counts (apt-get install strace)");
+    }
     let mut results: BTreeMap<&str, BTreeMap<&str, Vec<Run>>> = BTreeMap::new();
+    let mut syscall_counts: BTreeMap<&str, BTreeMap<&str, f64>> = BTreeMap::new();
     for s in &scenarios {
         let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
         for rep in 0..s.reps {
@@ -236,10 +244,34 @@ fn main() {
             }
         }
         results.insert(s.name, runs);
+        // System calls per transfer: a separate short run per relay, after
+        // the timed ones (see `syscalls`).
+        if strace {
+            let short = syscalls::short(s);
+            let counts = paths(s)
+                .into_iter()
+                .filter_map(|via| Some((via.name(), syscalls::per_transfer(&bench, &short, via)?)))
+                .collect();
+            syscall_counts.insert(s.name, counts);
+        }
     }
+    // The file floor, in the proxy's spool as the scenarios left it.
+    let floor = file_floor_us(
+        &bench.work.join("spool"),
+        if preset == Preset::Smoke { 200 } else { 2_000 },
+    );
     drop(bench);
 
-    let report = report::report(preset, &scenarios, &results, &m);
+    let report = report::report(
+        preset,
+        &scenarios,
+        &results,
+        &report::Extras {
+            syscalls: &syscall_counts,
+            file_floor: floor,
+        },
+        &m,
+    );
     let wall = started.elapsed().as_secs_f64();
     report::footer(preset, wall, waited);
     report::write(&out_dir, preset, &m, wall, waited, &report);
@@ -252,6 +284,17 @@ fn main() {
     }
     if report.errors > 0 {
         eprintln!("bench: {} transfers failed", report.errors);
+        std::process::exit(1);
+    }
+    // The smoke run keeps the counting from rotting: with strace installed,
+    // every scenario must have a count for stopover's proxy.
+    let uncounted: Vec<&str> = scenarios
+        .iter()
+        .map(|s| s.name)
+        .filter(|name| strace && !syscall_counts[name].contains_key("proxied"))
+        .collect();
+    if !uncounted.is_empty() {
+        eprintln!("bench: no system-call count for the proxy in {uncounted:?}");
         std::process::exit(1);
     }
 }

@@ -99,6 +99,11 @@ impl Bench {
         }
     }
 
+    /// The relay's process id on `via`, if it has a relay.
+    pub fn relay_pid(&self, via: Via) -> Option<u32> {
+        self.relay(via).map(Daemon::pid)
+    }
+
     fn receiver(&self, via: Via) -> &Daemon {
         match via {
             Via::DirectThreaded | Via::ProxyThreaded => {
@@ -109,6 +114,13 @@ impl Bench {
     }
 
     pub fn run(&self, s: &Scenario, via: Via) -> Run {
+        self.run_sampled(s, via, true)
+    }
+
+    /// [`Bench::run`], with or without sampling the daemons' `/metrics`
+    /// while it runs (a scrape is a connection to the daemon: a run whose
+    /// system calls are counted must not make any).
+    pub fn run_sampled(&self, s: &Scenario, via: Via, sample: bool) -> Run {
         let relay = self.relay(via);
         let receiver = self.receiver(via);
         let to = relay.map_or(&receiver.addr, |r| &r.addr);
@@ -153,7 +165,7 @@ impl Bench {
         let sampler = std::thread::scope(|scope| {
             let sampler = scope.spawn(|| {
                 let mut peak = (0usize, 0usize);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while sample && !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     peak.0 = peak.0.max(receiver.open_conns());
                     peak.1 = peak.1.max(relay.map_or(0, Daemon::open_conns));
                     std::thread::sleep(Duration::from_millis(10)); // sampling interval
@@ -211,6 +223,35 @@ impl Bench {
             }
         }
     }
+}
+
+/// The file floor: what storing one 1 KiB upload costs in `dir` with the
+/// discipline stopover keeps (create `NAME.part` with `O_EXCL`, write,
+/// `renameat2(RENAME_NOREPLACE)` to `NAME`, close), in microseconds per
+/// file over `n` files, and how many entries `dir` held. Measured by the
+/// bench in the proxy's own spool directory, so a reader can see how much
+/// of a relay's cost per transfer is the recording itself.
+pub fn file_floor_us(dir: &Path, n: usize) -> Option<(f64, usize)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let entries = fs::read_dir(dir).ok()?.count();
+    let data = [0x5au8; 1024];
+    let tag = std::process::id();
+    let started = Instant::now();
+    for i in 0..n {
+        let part = dir.join(format!("floor-{tag}-{i}.part"));
+        let done = dir.join(format!("floor-{tag}-{i}"));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&part)
+            .ok()?;
+        f.write_all(&data).ok()?;
+        stopover::sys::rename_noreplace(&part, &done).ok()?;
+        drop(f);
+    }
+    Some((started.elapsed().as_secs_f64() * 1e6 / n as f64, entries))
 }
 
 /// `Cached` from /proc/meminfo, in KiB.

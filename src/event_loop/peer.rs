@@ -97,10 +97,18 @@ pub struct Peer {
     writable: bool,
     /// We have read this peer's EOF (or its read side failed).
     eof: bool,
+    /// An event said the peer's FIN has arrived (`EPOLLRDHUP`, no error).
+    fin_arrived: bool,
+    /// A read after that came back short: the receive queue is empty, so
+    /// the next read is the EOF, and needs no system call.
+    drained_to_fin: bool,
     /// We have shut our write side (sent our FIN).
     shut: bool,
     /// A write failed: the peer will take nothing more.
     broken: bool,
+    /// Read system calls made (for the tests that count them).
+    #[cfg(test)]
+    reads: u32,
 }
 
 impl Peer {
@@ -111,17 +119,24 @@ impl Peer {
     /// without [`Peer::close`], or with the process killed, it resets the
     /// connection instead of sending a FIN.
     pub fn accepted(sock: TcpStream, who: Who) -> Peer {
-        Peer::new(sock, who, true)
+        Peer::new(sock, who, true, true)
+    }
+
+    /// An accepted socket that closes abortively already: it inherited
+    /// `SO_LINGER` 0 from its listener (`event_loop::accept`, which checks
+    /// that it did). Saves a system call per connection.
+    pub fn inherited(sock: TcpStream, who: Who) -> Peer {
+        Peer::new(sock, who, true, false)
     }
 
     /// A socket whose non-blocking connect is in flight: neither readable
     /// nor writable until an event (WRITABLE is how the handshake reports
     /// its end, either way; see [`Peer::connect_finished`]).
     pub fn connecting(sock: TcpStream, who: Who) -> Peer {
-        Peer::new(sock, who, false)
+        Peer::new(sock, who, false, true)
     }
 
-    fn new(sock: TcpStream, who: Who, writable: bool) -> Peer {
+    fn new(sock: TcpStream, who: Who, writable: bool, set_linger: bool) -> Peer {
         // Abortive unless we say otherwise: with SO_LINGER {on, 0}, the
         // kernel closes this socket with a reset, not a FIN, and a FIN is
         // how the other end learns an upload is complete. So if this
@@ -129,8 +144,10 @@ impl Peer {
         // every descriptor), no peer mistakes a half-sent upload for a
         // whole one. A connection that ended well is closed with
         // [`Peer::close`], which turns lingering back to normal first.
-        if let Err(e) = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO)) {
-            log::debug!("{who} setting SO_LINGER 0: {e}");
+        if set_linger {
+            if let Err(e) = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO)) {
+                log::debug!("{who} setting SO_LINGER 0: {e}");
+            }
         }
         Peer {
             sock,
@@ -138,8 +155,12 @@ impl Peer {
             readable: false,
             writable,
             eof: false,
+            fin_arrived: false,
+            drained_to_fin: false,
             shut: false,
             broken: false,
+            #[cfg(test)]
+            reads: 0,
         }
     }
 
@@ -159,6 +180,9 @@ impl Peer {
     pub fn on_event(&mut self, event: &Event) {
         if event.is_readable() || event.is_read_closed() || event.is_error() {
             self.readable = true;
+        }
+        if event.is_read_closed() && !event.is_error() {
+            self.fin_arrived = true;
         }
         if event.is_writable() || event.is_write_closed() || event.is_error() {
             self.writable = true;
@@ -199,14 +223,31 @@ impl Peer {
     /// One `read` into `buf`. After `Eof`, every later call says `Eof`
     /// again without a system call. A `Failed` read leaves the decision to
     /// the caller (see [`Peer::end_reads`]).
+    ///
+    /// **The EOF that costs no read** (after nginx's `pending_eof`): once an
+    /// event has said the peer's FIN arrived (`EPOLLRDHUP`), every byte it
+    /// sent is already queued, because TCP delivers the FIN in order, after
+    /// the data. A read that then comes back shorter than the buffer has
+    /// emptied the queue, so the next read would only return 0: we say
+    /// `Eof` without making it. Most small transfers arrive with their FIN,
+    /// so this saves one `recvfrom` per connection and direction.
     pub fn read(&mut self, buf: &mut [u8]) -> Io {
         if self.eof {
+            return Io::Eof;
+        }
+        if self.drained_to_fin {
+            log::trace!("{} read EOF (it came with the data)", self.who);
+            self.eof = true;
             return Io::Eof;
         }
         if !self.readable {
             return Io::Blocked;
         }
         loop {
+            #[cfg(test)]
+            {
+                self.reads += 1;
+            }
             match self.sock.read(buf) {
                 Ok(0) => {
                     log::trace!("{} read EOF", self.who);
@@ -215,6 +256,7 @@ impl Peer {
                 }
                 Ok(n) => {
                     log::trace!("{} read {n}", self.who);
+                    self.drained_to_fin = self.fin_arrived && n < buf.len();
                     return Io::Data(n);
                 }
                 Err(e) => match self.failed(e, Call::Read) {
@@ -325,6 +367,18 @@ impl Peer {
         }
     }
 
+    /// Counts our FIN as sent, for a caller that closes gracefully
+    /// ([`Peer::close`]) right after: `close` sends what is queued and then
+    /// a FIN, the same bytes on the wire as `shutdown` then `close`, for one
+    /// system call less. A caller that might reset instead must use
+    /// [`Peer::shutdown_write`].
+    pub fn fin_with_close(&mut self) {
+        if !self.shut {
+            self.shut = true;
+            log::trace!("{} FIN with the close", self.who);
+        }
+    }
+
     /// Closes gracefully: whatever we wrote is delivered and followed by a
     /// FIN. For a connection that ended well.
     pub fn close(self) {
@@ -354,15 +408,13 @@ impl Peer {
 
     /// The connect-in-progress check. A non-blocking `connect` returns at
     /// once; the socket becomes WRITABLE when the handshake is over, either
-    /// way. `SO_ERROR` (`take_error`) says which; a writable socket with no
-    /// error and no peer address yet was a spurious wake-up (`Ok(false)`,
-    /// and the write flag is cleared to wait for the real one).
+    /// way. A peer address (`getpeername`) means it succeeded: one system
+    /// call on the common path. Without one, `SO_ERROR` (`take_error`) says
+    /// why it failed; with no error either, the wake-up was spurious
+    /// (`Ok(false)`, and the write flag is cleared to wait for the real one).
     pub fn connect_finished(&mut self) -> io::Result<bool> {
         if !self.writable {
             return Ok(false);
-        }
-        if let Some(e) = self.sock.take_error()? {
-            return Err(e);
         }
         match self.sock.peer_addr() {
             Ok(_) => Ok(true),
@@ -370,6 +422,9 @@ impl Peer {
                 if e.kind() == io::ErrorKind::NotConnected
                     || e.kind() == io::ErrorKind::WouldBlock =>
             {
+                if let Some(e) = self.sock.take_error()? {
+                    return Err(e);
+                }
                 self.writable = false;
                 Ok(false)
             }
@@ -480,6 +535,93 @@ pub(crate) mod tests {
             .read_to_end(&mut rest)
             .expect("a clean EOF after the data");
         assert_eq!(rest, b"bye");
+    }
+
+    /// Registers `peer` with a fresh poll and feeds it events until one
+    /// says its read side closed (a FIN or a reset).
+    fn events_for(peer: &mut Peer) -> (mio::Poll, Vec<String>) {
+        let mut poll = mio::Poll::new().unwrap();
+        poll.registry()
+            .register(&mut peer.sock, mio::Token(0), mio::Interest::READABLE)
+            .unwrap();
+        let mut events = mio::Events::with_capacity(8);
+        let mut seen = Vec::new();
+        let mut closed = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !closed && std::time::Instant::now() < deadline {
+            let _ = poll.poll(&mut events, Some(Duration::from_millis(100)));
+            for event in events.iter() {
+                seen.push(crate::event_loop::flags(event));
+                closed |= event.is_read_closed();
+                peer.on_event(event);
+            }
+        }
+        (poll, seen)
+    }
+
+    #[test]
+    fn a_fin_that_came_with_the_data_costs_no_second_read() {
+        let (mut peer, mut other) = pair();
+        other.write_all(b"hello").unwrap();
+        other.shutdown(std::net::Shutdown::Write).unwrap();
+        let (_poll, seen) = events_for(&mut peer);
+        assert!(peer.fin_arrived, "an event reports the FIN: {seen:?}");
+        let mut buf = [0u8; 64];
+        assert!(matches!(peer.read(&mut buf), Io::Data(5)));
+        assert!(matches!(peer.read(&mut buf), Io::Eof));
+        assert_eq!(peer.reads, 1, "the EOF was known without a read");
+        assert!(peer.eof());
+    }
+
+    #[test]
+    fn a_full_read_before_the_fin_reads_on() {
+        let (mut peer, mut other) = pair();
+        other.write_all(b"0123456789").unwrap();
+        other.shutdown(std::net::Shutdown::Write).unwrap();
+        let (_poll, _) = events_for(&mut peer);
+        let mut buf = [0u8; 5];
+        let mut got = Vec::new();
+        loop {
+            match peer.read(&mut buf) {
+                Io::Data(n) => got.extend_from_slice(&buf[..n]),
+                Io::Eof => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            got, b"0123456789",
+            "a buffer filled to the brim proves nothing"
+        );
+        assert_eq!(peer.reads, 3, "two full reads, then the EOF read");
+    }
+
+    #[test]
+    fn a_reset_after_the_data_is_not_taken_for_an_eof() {
+        let (mut peer, mut other) = pair();
+        other.write_all(b"part of an upload").unwrap();
+        socket2::SockRef::from(&other)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(other); // a reset, not a FIN: the upload is not complete
+        let (_poll, seen) = events_for(&mut peer);
+        assert!(!peer.fin_arrived, "a reset is not a FIN: {seen:?}");
+        let mut buf = [0u8; 64];
+        let mut verdicts = Vec::new();
+        for _ in 0..3 {
+            match peer.read(&mut buf) {
+                Io::Failed(_) => {
+                    verdicts.push("failed");
+                    break;
+                }
+                Io::Eof => verdicts.push("eof"),
+                Io::Data(_) => verdicts.push("data"),
+                Io::Blocked => verdicts.push("blocked"),
+            }
+        }
+        assert!(
+            !verdicts.contains(&"eof"),
+            "a reset must never read as a clean end: {verdicts:?}"
+        );
     }
 
     #[test]

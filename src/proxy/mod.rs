@@ -215,6 +215,7 @@ impl Proxy {
             grace: config.grace,
             stats_listen: config.stats_addr,
             stats_interval: config.stats_interval,
+            recv_low_water: None,
         };
         let mut spool_dir = String::new();
         let proxy = Daemon::bind_then(&accept, Some(config.spool_memory), || {
@@ -321,7 +322,8 @@ impl event_loop::Handler for Core {
                 return;
             }
         };
-        let _ = client.set_nodelay(true);
+        // TCP_NODELAY and SO_LINGER 0 came from the listener (see
+        // `event_loop::accept`'s set_options).
         let entry = self.transfers.vacant_entry();
         let key = entry.key();
         self.next_id += 1;

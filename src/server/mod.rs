@@ -59,7 +59,6 @@ use crate::event_loop::{
     self, AcceptConfig, Context, Daemon, Exposition, MinRate, Peer, RateWindow, Who,
 };
 use crate::store::Store;
-use crate::sys;
 
 use conn::{Conn, Next, Policy, State};
 
@@ -174,6 +173,10 @@ impl Server {
             grace: config.grace,
             stats_listen: config.stats_addr,
             stats_interval: config.stats_interval,
+            // Wake for uploads in batches of at least RECV_LOW_WATER
+            // bytes (or at EOF): fewer, larger reads. See check_idle
+            // for the cost.
+            recv_low_water: Some(RECV_LOW_WATER),
         };
         let server = Daemon::bind_then(&accept, None, || {
             Ok(Core {
@@ -281,12 +284,8 @@ impl event_loop::Handler for Core {
             }
             return;
         }
-        let _ = sock.set_nodelay(true);
-        // Wake for uploads in batches of at least RECV_LOW_WATER bytes
-        // (or at EOF): fewer, larger reads. See check_idle for the cost.
-        if let Err(e) = sys::set_recv_low_water(&sock, RECV_LOW_WATER) {
-            log::debug!("server: SO_RCVLOWAT: {e}");
-        }
+        // TCP_NODELAY, SO_LINGER 0 and SO_RCVLOWAT came from the listener
+        // (see `event_loop::accept`'s set_options).
         self.next_id += 1;
         let id = self.next_id;
         log::trace!("server: accept {addr} -> #{key}, register READABLE|WRITABLE");
@@ -306,10 +305,12 @@ impl event_loop::Handler for Core {
             ),
             _ => None,
         };
-        // Optimistic: data may have arrived with the connection, and a
-        // read that finds nothing just returns WouldBlock.
-        let mut peer = Peer::accepted(sock, who);
-        peer.mark_readable();
+        // Not read now: the registration reports data that is already
+        // there (it starts from the socket's current state), and with
+        // SO_RCVLOWAT the first event comes with a batch or the EOF. A read
+        // on the off chance usually found nothing (measured: one wasted
+        // `recvfrom` per connection behind the proxy).
+        let peer = Peer::inherited(sock, who);
         entry.insert(Conn {
             id,
             peer,
@@ -322,9 +323,6 @@ impl event_loop::Handler for Core {
             state,
         });
         log::debug!("server: accepted {addr} as #{key}");
-        // Data may have arrived with the connection; the registration
-        // reports it too, but reading now saves a trip through poll.
-        self.drive(cx, key);
     }
 
     fn connection_event(&mut self, cx: &mut Context<Timer>, event: &Event) {

@@ -2,18 +2,25 @@
 //!
 //! A plain relay: read into the loop's scratch buffer, write to the client
 //! at once, and keep only what the client did not take, in a small buffer
-//! that exists only while it is not empty. Reads are at most
-//! [`ANSWER_CHUNK`] bytes, so that is also the most a transfer holds while
-//! its client is slow to take its answer. When the upstream's FIN arrives
+//! that exists only while it is not empty. When the upstream's FIN arrives
 //! and every answer byte is delivered, the FIN is passed on.
 //!
-//! The proxy does not parse the answer (the client does), but it bounds
-//! it: past [`MAX_LINE`] bytes it stops relaying, so an over-long answer
-//! ends the same way through the proxy as directly (`bad answer: longer
-//! than 4096 bytes` at the client). And once any answer byte has reached
-//! the client, the proxy never adds a line of its own (see `failure`).
+//! **Transparent, at any size.** The proxy relays whatever the upstream
+//! sends back, byte for byte and as long as it goes on: an HTTP server's
+//! megabytes, an echo server's copy of the whole upload. It does not parse
+//! the answer; the one-line rule (`answer::MAX_LINE`) is our *client's*,
+//! which checks it exactly as it would directly. What the proxy does bound
+//! is its memory: it holds at most [`ANSWER_CHUNK`] answer bytes per
+//! transfer, and while it holds that much it does not read the upstream.
+//! The answer then waits in the kernel, the upstream's window closes and
+//! its `write()` blocks: a slow client slows the upstream, as it would
+//! directly. The upstream's readiness flag stays set while we are not
+//! reading, so the next `drive` (the client draining, or the spool
+//! becoming final) resumes where we stopped.
+//!
+//! Once any answer byte has reached the client, the proxy never adds a
+//! line of its own (see `failure`).
 
-use crate::answer::MAX_LINE;
 use crate::error::brief;
 use crate::event_loop::{Io, Peer};
 
@@ -23,14 +30,18 @@ use super::hold::Held;
 use super::upload::{Link, Source};
 use super::{Happened, Policy, Step, Transfer};
 
-/// Largest read of answer bytes from the upstream at once; also the bound on
-/// the answer bytes a transfer may hold while its client is slow to take them.
-const ANSWER_CHUNK: usize = 64 * 1024;
+/// Largest read of answer bytes from the upstream at once, and the most
+/// answer bytes a transfer holds while its client is slow to take them (or
+/// while they wait for the spool to be final): past that, the upstream is
+/// not read. 64 KiB is one socket buffer's worth at the kernel's default,
+/// a few system calls per MiB relayed, and 64 MiB for 1,000 stalled
+/// transfers at the very worst.
+pub(super) const ANSWER_CHUNK: usize = 64 * 1024;
 
 impl Link {
     /// Relays answer bytes as they come, and the upstream's FIN after them.
-    /// Unless `deliver`, they are only read and kept (at most `MAX_LINE` + 1
-    /// bytes), for when the spool is final.
+    /// Unless `deliver`, they are only read and kept (at most
+    /// [`ANSWER_CHUNK`] bytes), for when the spool is final.
     pub fn relay_answer(
         &mut self,
         client: &mut Peer,
@@ -57,7 +68,12 @@ impl Link {
             if self.up.eof() {
                 break;
             }
-            let chunk_len = ANSWER_CHUNK.min(scratch.len());
+            if self.answer.len() >= ANSWER_CHUNK {
+                // Back-pressure: hold no more. The rest waits in the kernel;
+                // the upstream's readiness flag stays set for when we resume.
+                break;
+            }
+            let chunk_len = (ANSWER_CHUNK - self.answer.len()).min(scratch.len());
             let chunk = &mut scratch[..chunk_len];
             match self.up.read(chunk) {
                 Io::Eof => {
@@ -68,23 +84,8 @@ impl Link {
                     }
                 }
                 Io::Data(n) => {
-                    // An answer is one line of at most MAX_LINE bytes. Of a
-                    // longer one we relay MAX_LINE + 1 bytes, enough for the
-                    // client to see it is too long, exactly as it would
-                    // directly, and stop reading: a hostile upstream cannot
-                    // make us relay forever.
-                    let room = (MAX_LINE as u64 + 1).saturating_sub(self.answer_bytes);
-                    let n = n.min(room as usize);
                     self.answer_bytes += n as u64;
                     moved = true;
-                    if self.answer_bytes > MAX_LINE as u64 {
-                        log::warn!(
-                            "proxy: #{} upstream {} answered more than {MAX_LINE} bytes: relayed that much, cut off the rest",
-                            self.up.who().key,
-                            policy.upstream
-                        );
-                        self.up.end_reads();
-                    }
                     // Straight to the client; keep only what it won't take.
                     let (taken, failed) = if deliver {
                         client.write_ready(&chunk[..n])
@@ -112,19 +113,32 @@ impl Link {
                 }
             }
         }
-        // The answer is over and relayed: pass the upstream's FIN on.
+        // The answer is over and relayed: pass the upstream's FIN on. If
+        // that ends the transfer, the graceful close that follows at once
+        // sends it (one system call less); a client still sending (HTTP,
+        // say) needs it now.
         if self.up.eof() && self.answer.is_empty() && !client.shut() {
-            client.shutdown_write();
+            if self.upload_done(client) {
+                client.fin_with_close();
+            } else {
+                client.shutdown_write();
+            }
             moved = true;
         }
         Ok(moved)
     }
 
-    /// Streaming is over when both directions are: the whole upload went
-    /// upstream (or the upstream stopped taking it after answering) with our
-    /// FIN after it, and the whole answer went to the client with its FIN.
+    /// The upload direction is over: the whole upload went upstream (or
+    /// the upstream stopped taking it after answering) with our FIN after
+    /// it, and the upstream's FIN has been read.
+    fn upload_done(&self, client: &Peer) -> bool {
+        client.eof() && (self.up.shut() || self.up.broken()) && self.up.eof()
+    }
+
+    /// Streaming is over when both directions are: the upload (see
+    /// `upload_done`), and the whole answer to the client with its FIN.
     pub fn is_done(&self, client: &Peer) -> bool {
-        client.eof() && (self.up.shut() || self.up.broken()) && self.up.eof() && client.shut()
+        self.upload_done(client) && client.shut()
     }
 }
 

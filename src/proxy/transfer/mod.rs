@@ -264,7 +264,7 @@ impl Transfer {
         let mut t = Transfer {
             key,
             id,
-            client: Peer::accepted(client, who),
+            client: Peer::inherited(client, who),
             client_addr,
             started: now,
             last_active: now,
