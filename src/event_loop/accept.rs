@@ -271,6 +271,11 @@ impl Acceptor {
         }
     }
 
+    /// Once the graceful stop has begun: when its grace period ends.
+    pub fn draining_until(&self) -> Option<Instant> {
+        self.stop.until
+    }
+
     /// Checked after each round of events: starts the graceful stop at the
     /// first request, and says whether the loop should end now.
     pub fn should_stop(&mut self, open: usize, registry: &Registry) -> bool {

@@ -160,6 +160,9 @@ pub trait Handler {
     fn written(&mut self, _cx: &mut Context<Self::Timer>, _done: disk::Written) {}
     /// A chunk this owner queued for may be free (see `Disk::wait`).
     fn wake(&mut self, _cx: &mut Context<Self::Timer>, _owner: disk::Owner) {}
+    /// The graceful stop has begun: connections have until `until` to
+    /// finish. A role may end at once what cannot finish by then.
+    fn draining(&mut self, _cx: &mut Context<Self::Timer>, _until: Instant) {}
     /// The loop has ended: close what is still open, log the summary, and
     /// return the counters.
     fn stopped(&mut self) -> Self::Stats;
@@ -249,6 +252,7 @@ pub fn run<H: Handler>(
     handler: &mut H,
 ) -> io::Result<()> {
     let mut events = Events::with_capacity(1024);
+    let mut told_draining = false;
     loop {
         // Disk writes that completed go to their owners (which may queue
         // more); then everything queued goes to the kernel in one call.
@@ -313,6 +317,13 @@ pub fn run<H: Handler>(
         }
         if cx.acceptor.should_stop(handler.open(), &cx.registry) {
             return Ok(());
+        }
+        if let (false, Some(until)) = (told_draining, cx.acceptor.draining_until()) {
+            told_draining = true;
+            handler.draining(cx, until);
+            if cx.acceptor.should_stop(handler.open(), &cx.registry) {
+                return Ok(());
+            }
         }
         let now = Instant::now();
         if let Some(stats) = cx.stats.as_mut() {

@@ -48,6 +48,22 @@ pub(super) fn watch_client(client: &mut Peer, scratch: &mut [u8]) -> Step {
 }
 
 impl Transfer {
+    /// True while the upload is held and its hold ends after `t`.
+    pub fn held_past(&self, t: Instant) -> bool {
+        matches!(self.state, State::Holding { until, .. } if until > t)
+    }
+
+    /// True if the upload is complete under its final name but was never
+    /// forwarded (held, or connecting after the hold): what the proxy keeps
+    /// whole when it stops.
+    pub fn kept_whole(&self) -> bool {
+        match &self.state {
+            State::Holding { .. } => true,
+            State::Connecting { link, .. } => matches!(link.source, Source::Held(_)),
+            _ => false,
+        }
+    }
+
     /// The upload is complete (and renamed): hold it, with the deadline
     /// armed in the loop's timers.
     pub(super) fn hold(&mut self, spool: Spool, cx: &mut Context<Timer>, policy: &Policy) -> State {
@@ -61,10 +77,13 @@ impl Transfer {
             spool.crc32c()
         );
         let (key, id) = (self.key, self.id);
-        let timer = cx
-            .timers
-            .schedule(Instant::now() + hold, Timer::HoldOver { key, id });
-        State::Holding { spool, timer }
+        let until = Instant::now() + hold;
+        let timer = cx.timers.schedule(until, Timer::HoldOver { key, id });
+        State::Holding {
+            spool,
+            timer,
+            until,
+        }
     }
 
     /// The hold is over: reopen the spool by name (a person may have
