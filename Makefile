@@ -3,7 +3,7 @@
 CARGO ?= cargo
 BIN   := target/release/stopover
 
-.PHONY: build test lint bench demo demo-trace diagrams run-server run-proxy install uninstall clean
+.PHONY: build test lint bench soak demo demo-trace diagrams run-server run-proxy install uninstall clean
 
 ## build: release build of the `stopover` binary
 build:
@@ -18,6 +18,12 @@ test:
 ## bench: direct vs proxied throughput, latency, RSS, CPU (BENCH_QUICK=1: under a minute)
 bench:
 	$(CARGO) bench --bench bench
+
+## soak: proxy + server under 1,000 streaming clients for SOAK_S seconds
+## (default 240), retention on, the spool's filesystem filled mid-run (as
+## root); one row a minute: throughput, disk, RSS, descriptors, loop stalls
+soak: build
+	bash scripts/soak.sh $(BIN)
 
 ## lint: formatting and clippy, warnings are errors
 lint:

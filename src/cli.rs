@@ -129,6 +129,38 @@ pub struct Limits {
     /// (a second signal stops at once).
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub grace: Duration,
+
+    /// Keep at most this many bytes of recordings (finished and
+    /// .incomplete files) in --dir; the oldest are deleted first (e.g. 10GiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_positive_bytes)]
+    pub retain_bytes: Option<u64>,
+
+    /// Keep at most this many recordings in --dir (a ring of N files);
+    /// the oldest are deleted first.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub retain_files: Option<u64>,
+
+    /// Delete recordings older than this (their arrival time is in their
+    /// name), e.g. 1h, 7days.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+    pub retain_for: Option<Duration>,
+
+    /// While the filesystem of --dir has less free than this, delete the
+    /// oldest recordings (checked every second), e.g. 10GiB, 5%.
+    #[arg(long, value_name = "SIZE|PERCENT", value_parser = crate::retention::parse_min_free)]
+    pub min_free: Option<crate::retention::MinFree>,
+}
+
+impl Limits {
+    /// The retention flags, for the roles' configs.
+    pub fn retention(&self) -> crate::retention::Limits {
+        crate::retention::Limits {
+            bytes: self.retain_bytes,
+            files: self.retain_files,
+            age: self.retain_for,
+            min_free: self.min_free,
+        }
+    }
 }
 
 /// `stopover proxy`.
@@ -335,6 +367,14 @@ pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
 /// Parses `64KiB`, `100MB`, `1GiB` (parse-size's syntax).
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     parse_size::parse_size(text).map_err(|e| format!("{e} (try e.g. 64KiB, 100MB, 1GiB)"))
+}
+
+/// Like [`parse_bytes`], but zero is refused.
+pub fn parse_positive_bytes(text: &str) -> Result<u64, String> {
+    match parse_bytes(text)? {
+        0 => Err(format!("{text} is zero: give a positive size")),
+        n => Ok(n),
+    }
 }
 
 /// `--min-rate`: a minimum, or `0` for none.

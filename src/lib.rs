@@ -22,6 +22,7 @@
 //! |---|---|
 //! | [`answer`] | the wire answer line (`OK ...` / `ERR ...`): format and parse |
 //! | [`store`] | files on disk: unique names, `.part` then rename, O_EXCL, 0600 |
+//! | [`retention`] | deleting the oldest recordings, a little every turn (`--retain-*`, `--min-free`) |
 //! | [`event_loop`] | poll plumbing both loops share: the loop, tokens, timers, the acceptor (gate, back-off, stop, signals), the peer and its one I/O verdict, our own reply line, asynchronous direct disk writes (`io_uring`) |
 //! | [`server`] | the server role; `server/conn.rs` is one connection |
 //! | [`proxy`] | the proxy role; [`proxy::transfer`] is one transfer's state machine |
@@ -49,6 +50,7 @@ pub mod human;
 pub mod load;
 pub mod man;
 pub mod proxy;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod sys;

@@ -86,6 +86,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 grace: args.limits.grace,
                 stats_addr: stats_addr(&args.limits)?,
                 stats_interval: args.limits.stats_interval,
+                retention: args.limits.retention(),
                 fsync: args.fsync,
             })
             .map_err(|e| e.to_string())?;
@@ -108,6 +109,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 grace: args.limits.grace,
                 stats_addr: stats_addr(&args.limits)?,
                 stats_interval: args.limits.stats_interval,
+                retention: args.limits.retention(),
                 spool_memory: usize::try_from(args.spool_memory).unwrap_or(usize::MAX),
             })
             .map_err(|e| e.to_string())?;

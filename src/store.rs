@@ -52,6 +52,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::error::Context;
+use crate::retention::{Recorder, Ticket};
 use crate::sys;
 
 /// Suffix of a file still being written.
@@ -75,6 +76,8 @@ pub struct Store {
     dir: PathBuf,
     pid: u32,
     seq: u64,
+    /// Where finished and kept files are announced (see `retention`).
+    recorder: Option<Recorder>,
 }
 
 impl Store {
@@ -131,6 +134,7 @@ impl Store {
             dir: dir.to_path_buf(),
             pid: std::process::id(),
             seq: 0,
+            recorder: None,
         };
         // Probe: the cheapest honest test of "can we create files here" is to
         // create one. Permission bits alone lie (root, ACLs, read-only mounts).
@@ -157,6 +161,12 @@ impl Store {
     /// The directory this store writes into.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Announces every file finished or kept from now on to `recorder`
+    /// (the retention keeper's books).
+    pub fn record_to(&mut self, recorder: Recorder) {
+        self.recorder = Some(recorder);
     }
 
     fn report_leftovers(&mut self) {
@@ -215,6 +225,7 @@ impl Store {
                         preallocate: true,
                         extend_reserve: false,
                         finished: false,
+                        ticket: self.recorder.as_ref().map(Recorder::ticket),
                     })
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -248,6 +259,9 @@ pub struct PartFile {
     /// Reserve by extending the file's length (see [`PartFile::extend_reserve`]).
     extend_reserve: bool,
     finished: bool,
+    /// Announces the file to the retention keeper; dropped with the
+    /// `PartFile`, it lets go of the finished file.
+    ticket: Option<Ticket>,
 }
 
 impl PartFile {
@@ -377,6 +391,9 @@ impl PartFile {
         rename_noreplace(&self.part_path, &self.final_path)
             .with_context(|| format!("renaming {} to its final name", self.part_path.display()))?;
         self.finished = true;
+        if let Some(ticket) = &mut self.ticket {
+            ticket.finished(&self.name, self.bytes);
+        }
         Ok(())
     }
 
@@ -400,6 +417,9 @@ impl PartFile {
         self.finish()?;
         let dir = self.final_path.parent().unwrap_or(Path::new("."));
         if let Err(e) = sync_dir(dir) {
+            if let Some(ticket) = &mut self.ticket {
+                ticket.removed(self.bytes);
+            }
             if let Err(rm) = fs::remove_file(&self.final_path) {
                 log::warn!(
                     "removing {} after a failed sync: {rm}",
@@ -437,6 +457,9 @@ impl PartFile {
         rename_noreplace(&self.part_path, &to).with_context(|| {
             format!("renaming {} to {}", self.part_path.display(), to.display())
         })?;
+        if let Some(ticket) = &mut self.ticket {
+            ticket.kept(&format!("{}{INCOMPLETE_SUFFIX}", self.name), self.bytes);
+        }
         Ok(to)
     }
 }

@@ -17,6 +17,8 @@
 //! | `fallocate` | the store | no std API |
 //! | `renameat2(RENAME_NOREPLACE)` | the store | `fs::rename` replaces |
 //! | `geteuid` | the store (who owns a directory) | no std API |
+//! | `fstatvfs` | retention (`--min-free`) | no std API |
+//! | `io_uring` `unlinkat` | retention ([`UnlinkRing`]) | no std API: an unlink that does not wait |
 //! | `mmap` + `mincore` | the bench and the tests (page cache a file holds) | no std API |
 //!
 //! Every function here is a thin wrapper: no policy, no retries, no logging.
@@ -186,6 +188,25 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
+/// Space on the filesystem that holds `file` (`fstatvfs`), in bytes:
+/// `(available, total)`. Available is what an unprivileged writer may
+/// still use (`f_bavail`), the figure `df` shows.
+pub fn fs_space(file: &File) -> io::Result<(u64, u64)> {
+    // SAFETY: statvfs is plain old data, so all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open for the call (borrowed from `file`);
+    // fstatvfs writes only into `st`, which outlives the call.
+    let rc = unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let unit = st.f_frsize as u64;
+    Ok((
+        (st.f_bavail as u64).saturating_mul(unit),
+        (st.f_blocks as u64).saturating_mul(unit),
+    ))
+}
+
 /// The effective user id of this process: who owns what we create.
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
@@ -229,4 +250,85 @@ pub fn page_cache_bytes(file: &File) -> io::Result<u64> {
         return Err(err);
     }
     Ok(resident.iter().filter(|r| **r & 1 == 1).count() as u64 * page as u64)
+}
+
+/// Unlinks done by the kernel, off the calling thread: a small `io_uring`
+/// of its own, whose `unlinkat` requests the kernel always runs in one of
+/// its worker threads (`iou-wrk-*`). Handing one over costs one
+/// `io_uring_enter` that does not wait; what the unlink itself costs
+/// (freeing the file's blocks, waiting for the journal) is paid there.
+///
+/// Nothing is registered with a poll: the caller looks for completions
+/// ([`UnlinkRing::reap`], which reads shared memory, no system call).
+pub struct UnlinkRing {
+    ring: io_uring::IoUring,
+    /// The paths of the unlinks in flight, by id. The kernel copies a path
+    /// when the request is submitted; we keep it until the completion all
+    /// the same, so no reading of the kernel's can outlive it.
+    in_flight: std::collections::HashMap<u64, CString>,
+    next_id: u64,
+}
+
+impl UnlinkRing {
+    /// A ring for up to `entries` unlinks in flight.
+    pub fn new(entries: u32) -> io::Result<UnlinkRing> {
+        Ok(UnlinkRing {
+            ring: io_uring::IoUring::new(entries)?,
+            in_flight: std::collections::HashMap::new(),
+            next_id: 0,
+        })
+    }
+
+    /// Unlinks in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Queues the unlink of `path` (for the next [`UnlinkRing::submit`]);
+    /// returns its id, which [`UnlinkRing::reap`] reports with the result.
+    /// `WouldBlock` when the queue is full.
+    pub fn unlink(&mut self, path: &Path) -> io::Result<u64> {
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+        self.next_id += 1;
+        let id = self.next_id;
+        let entry =
+            io_uring::opcode::UnlinkAt::new(io_uring::types::Fd(libc::AT_FDCWD), c_path.as_ptr())
+                .build()
+                .user_data(id);
+        // SAFETY: the entry points at `c_path`, which is stored in
+        // `in_flight` below and stays there (a CString's buffer does not
+        // move when the CString does) until its completion is reaped.
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "unlink ring full",
+            ));
+        }
+        self.in_flight.insert(id, c_path);
+        Ok(id)
+    }
+
+    /// Hands every queued unlink to the kernel in one `io_uring_enter`
+    /// that does not wait.
+    pub fn submit(&mut self) -> io::Result<()> {
+        self.ring.submit().map(drop)
+    }
+
+    /// The unlinks that have completed since the last call: each id with
+    /// its result.
+    pub fn reap(&mut self) -> Vec<(u64, io::Result<()>)> {
+        let mut done = Vec::new();
+        for cqe in self.ring.completion() {
+            let id = cqe.user_data();
+            self.in_flight.remove(&id);
+            let result = match cqe.result() {
+                r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+                _ => Ok(()),
+            };
+            done.push((id, result));
+        }
+        done
+    }
 }

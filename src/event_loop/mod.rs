@@ -163,6 +163,12 @@ pub trait Handler {
     /// The graceful stop has begun: connections have until `until` to
     /// finish. A role may end at once what cannot finish by then.
     fn draining(&mut self, _cx: &mut Context<Self::Timer>, _until: Instant) {}
+    /// Work the role does a little of on every turn, before `poll` (the
+    /// retention keeper's deletions, see `retention`). Returns when it
+    /// wants the next turn at the latest (`None`: no sooner than an event).
+    fn chores(&mut self, _now: Instant) -> Option<Instant> {
+        None
+    }
     /// The loop has ended: close what is still open, log the summary, and
     /// return the counters.
     fn stopped(&mut self) -> Self::Stats;
@@ -259,9 +265,11 @@ pub fn run<H: Handler>(
         deliver_written(cx, handler);
         cx.disk.submit();
         let now = Instant::now();
+        let chores = handler.chores(now);
         let stats_deadline = cx.stats.as_ref().and_then(StatsServer::deadline);
         let timeout = [
             cx.timers.timeout(now),
+            chores.map(|t| t.saturating_duration_since(now)),
             cx.acceptor
                 .deadline()
                 .map(|t| t.saturating_duration_since(now)),

@@ -41,6 +41,7 @@ use slab::Slab;
 
 use crate::event_loop::disk::{Owner, Written};
 use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon, Exposition, MinRate};
+use crate::retention::{self, Keeper};
 use crate::store::Store;
 
 use transfer::{Next, Outcome, Policy, Side, Transfer};
@@ -73,6 +74,8 @@ pub struct ProxyConfig {
     pub stats_addr: Option<SocketAddr>,
     /// Log the counters this often (`None`: never).
     pub stats_interval: Option<Duration>,
+    /// When to delete old recordings (`--retain-*`, `--min-free`).
+    pub retention: retention::Limits,
     /// Memory for spool chunks, all transfers together (see
     /// `event_loop::disk`).
     pub spool_memory: usize,
@@ -93,6 +96,7 @@ impl Default for ProxyConfig {
             grace: Duration::from_secs(10),
             stats_addr: None,
             stats_interval: None,
+            retention: retention::Limits::default(),
             spool_memory: event_loop::disk::DEFAULT_BUDGET,
         }
     }
@@ -193,6 +197,8 @@ pub type Proxy = Daemon<Core>;
 
 /// The proxy's own part of the loop: its transfers and its rules.
 pub struct Core {
+    /// Deletes old recordings from the store's directory (see `retention`).
+    retention: Keeper,
     transfers: Slab<Transfer>,
     store: Store,
     stats: Stats,
@@ -222,9 +228,12 @@ impl Proxy {
         };
         let mut spool_dir = String::new();
         let proxy = Daemon::bind_then(&accept, Some(config.spool_memory), || {
-            let store = Store::open(&config.dir)?;
+            let mut store = Store::open(&config.dir)?;
+            let retention = Keeper::open("proxy", store.dir(), config.retention)?;
+            store.record_to(retention.recorder());
             spool_dir = store.dir().display().to_string();
             Ok(Core {
+                retention,
                 transfers: Slab::with_capacity(1024),
                 store,
                 stats: Stats::default(),
@@ -263,7 +272,12 @@ impl event_loop::Handler for Core {
         self.transfers.len()
     }
 
+    fn chores(&mut self, now: Instant) -> Option<Instant> {
+        self.retention.turn(now)
+    }
+
     fn metrics(&self, out: &mut Exposition) {
+        self.retention.metrics(out);
         let s = &self.stats;
         out.counter_labelled(
             "stopover_transfers_total",

@@ -58,6 +58,7 @@ use crate::error::brief;
 use crate::event_loop::{
     self, AcceptConfig, Context, Daemon, Exposition, MinRate, Peer, RateWindow, Who,
 };
+use crate::retention::{self, Keeper};
 use crate::store::Store;
 
 use conn::{Conn, Next, Policy, State};
@@ -98,6 +99,8 @@ pub struct ServerConfig {
     pub stats_addr: Option<SocketAddr>,
     /// Log the counters this often (`None`: never).
     pub stats_interval: Option<Duration>,
+    /// When to delete old recordings (`--retain-*`, `--min-free`).
+    pub retention: retention::Limits,
     /// Sync each file and its directory entry before answering `OK`.
     pub fsync: bool,
 }
@@ -114,6 +117,7 @@ impl Default for ServerConfig {
             grace: Duration::from_secs(10),
             stats_addr: None,
             stats_interval: None,
+            retention: retention::Limits::default(),
             fsync: false,
         }
     }
@@ -148,6 +152,8 @@ pub type Server = Daemon<Core>;
 
 /// The server's own part of the loop: its connections and its rules.
 pub struct Core {
+    /// Deletes old recordings from the store's directory (see `retention`).
+    retention: Keeper,
     conns: Slab<Conn>,
     store: Store,
     stats: Stats,
@@ -179,9 +185,13 @@ impl Server {
             recv_low_water: Some(RECV_LOW_WATER),
         };
         let server = Daemon::bind_then(&accept, None, || {
+            let mut store = Store::open(&config.dir)?;
+            let retention = Keeper::open("server", store.dir(), config.retention)?;
+            store.record_to(retention.recorder());
             Ok(Core {
+                retention,
                 conns: Slab::with_capacity(1024),
-                store: Store::open(&config.dir)?,
+                store,
                 stats: Stats::default(),
                 policy: Policy {
                     max_bytes: config.max_bytes,
@@ -208,7 +218,12 @@ impl event_loop::Handler for Core {
         self.conns.len()
     }
 
+    fn chores(&mut self, now: Instant) -> Option<Instant> {
+        self.retention.turn(now)
+    }
+
     fn metrics(&self, out: &mut Exposition) {
+        self.retention.metrics(out);
         let s = &self.stats;
         out.counter_labelled(
             "stopover_uploads_total",
