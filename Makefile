@@ -51,10 +51,9 @@ run-proxy: build
 	$(BIN) proxy
 
 ## install: the binary (stripped), shell completions (bash, zsh, fish) and
-## the man pages (stopover(1), stopover-server(1), -proxy, -client, -load,
-## -completions, -manpage),
-## all generated from the same clap definitions, under PREFIX (default
-## /usr/local; e.g. `make install PREFIX=$$HOME/.local`)
+## the man pages (stopover(1) and one per subcommand: stopover-server(1),
+## stopover-load(1), ...), all generated from the same clap definitions,
+## under PREFIX (default /usr/local; e.g. `make install PREFIX=$$HOME/.local`)
 PREFIX ?= /usr/local
 MANDIR := $(DESTDIR)$(PREFIX)/share/man/man1
 COMPLETIONS := $(DESTDIR)$(PREFIX)/share/bash-completion/completions/stopover \

@@ -2,9 +2,10 @@
 # Runs the whole system once: a server and a proxy on free loopback ports,
 # a sample file sent through them by the client, then the answer and the
 # stored files in both directories. Both daemons are stopped by PID on exit,
-# whatever happens, and the working directory is removed (KEEP=1 keeps it). With TRACE=1 (make demo-trace), the daemons run with -vv
-# and the demo ends with their readiness traces: every event, every read and
-# write, every state change, one line each.
+# whatever happens, and the working directory is removed (KEEP=1 keeps it).
+# With TRACE=1 (make demo-trace), the daemons run with -vv and the demo ends
+# with their readiness traces: every event, every read and write, every
+# state change, one line each.
 set -euo pipefail
 
 bin=${1:-target/release/stopover}

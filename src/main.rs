@@ -143,19 +143,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Manpage { page, dir } => {
-            match dir {
-                Some(dir) => {
-                    for path in stopover::man::write_all(&dir).map_err(|e| e.to_string())? {
-                        println!("{}", path.display());
-                    }
-                }
-                None => {
-                    let text = stopover::man::render(page.as_deref())
-                        .map_err(|e| format!("rendering the man page: {e}"))?;
-                    std::io::Write::write_all(&mut std::io::stdout(), &text)
-                        .map_err(|e| format!("writing the man page: {e}"))?;
-                }
-            }
+            stopover::man::run(page.as_deref(), dir.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Load(args) => {

@@ -111,6 +111,27 @@ fn sections(epilogue: &Epilogue, page: Option<&str>) -> Roff {
     roff
 }
 
+/// `stopover manpage`: prints `page` (stopover(1) without one), or with
+/// `dir` writes every page there and prints their paths.
+pub fn run(page: Option<&str>, dir: Option<&Path>) -> Result<(), String> {
+    let mut stdout = io::stdout();
+    match dir {
+        Some(dir) => {
+            for path in write_all(dir).map_err(|e| e.to_string())? {
+                writeln!(stdout, "{}", path.display())
+                    .map_err(|e| format!("writing the list of pages: {e}"))?;
+            }
+        }
+        None => {
+            let text = render(page).map_err(|e| format!("rendering the man page: {e}"))?;
+            stdout
+                .write_all(&text)
+                .map_err(|e| format!("writing the man page: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// The file name of a page: `stopover.1`, `stopover-load.1`.
 pub fn file_name(page: Option<&str>) -> String {
     match page {
