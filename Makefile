@@ -3,7 +3,7 @@
 CARGO ?= cargo
 BIN   := target/release/stopover
 
-.PHONY: build test lint bench soak demo demo-trace diagrams run-server run-proxy install clean
+.PHONY: build test lint bench soak demo demo-trace diagrams run-server run-proxy install uninstall clean
 
 ## build: release build of the `stopover` binary
 build:
@@ -50,20 +50,32 @@ run-server: build
 run-proxy: build
 	$(BIN) proxy
 
-## install: the binary, shell completions (bash, zsh, fish) and the man
-## page, all generated from the same clap definitions, under PREFIX
-## (default /usr/local; e.g. `make install PREFIX=$$HOME/.local`)
+## install: the binary (stripped), shell completions (bash, zsh, fish) and
+## the man pages (stopover(1) and one per subcommand: stopover-server(1),
+## stopover-load(1), ...), all generated from the same clap definitions,
+## under PREFIX (default /usr/local; e.g. `make install PREFIX=$$HOME/.local`)
 PREFIX ?= /usr/local
+MANDIR := $(DESTDIR)$(PREFIX)/share/man/man1
+COMPLETIONS := $(DESTDIR)$(PREFIX)/share/bash-completion/completions/stopover \
+	$(DESTDIR)$(PREFIX)/share/zsh/site-functions/_stopover \
+	$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/stopover.fish
 install: build
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 \
+	install -d $(DESTDIR)$(PREFIX)/bin $(MANDIR) \
 		$(DESTDIR)$(PREFIX)/share/bash-completion/completions \
 		$(DESTDIR)$(PREFIX)/share/zsh/site-functions \
 		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
-	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/stopover
-	$(BIN) manpage > $(DESTDIR)$(PREFIX)/share/man/man1/stopover.1
+	install -s -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/stopover
+	$(BIN) manpage --dir $(MANDIR) >/dev/null
 	$(BIN) completions bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/stopover
 	$(BIN) completions zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_stopover
 	$(BIN) completions fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/stopover.fish
+
+## uninstall: remove what `make install` installed under the same PREFIX
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/stopover $(COMPLETIONS) \
+		$(MANDIR)/stopover.1 $(MANDIR)/stopover-server.1 $(MANDIR)/stopover-proxy.1 \
+		$(MANDIR)/stopover-client.1 $(MANDIR)/stopover-load.1 \
+		$(MANDIR)/stopover-completions.1 $(MANDIR)/stopover-manpage.1
 
 ## clean: remove build output and demo files
 clean:

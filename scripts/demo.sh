@@ -2,9 +2,10 @@
 # Runs the whole system once: a server and a proxy on free loopback ports,
 # a sample file sent through them by the client, then the answer and the
 # stored files in both directories. Both daemons are stopped by PID on exit,
-# whatever happens. With TRACE=1 (make demo-trace), the daemons run with -vv
-# and the demo ends with their readiness traces: every event, every read and
-# write, every state change, one line each.
+# whatever happens, and the working directory is removed (KEEP=1 keeps it).
+# With TRACE=1 (make demo-trace), the daemons run with -vv and the demo ends
+# with their readiness traces: every event, every read and write, every
+# state change, one line each.
 set -euo pipefail
 
 bin=${1:-target/release/stopover}
@@ -15,8 +16,15 @@ pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    if [ "${KEEP:-0}" = 1 ]; then
+        echo "== kept $work"
+    else
+        rm -rf "$work"
+    fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # Waits (bounded) for a daemon's "listening on ADDR" log line; prints ADDR.
 listening_addr() {
@@ -32,7 +40,7 @@ listening_addr() {
     return 1
 }
 
-echo "== working in $work"
+echo "== working in $work (removed at the end; KEEP=1 keeps it)"
 "$bin" "${verbosity[@]}" server --listen 127.0.0.1:0 --dir "$work/received" 2>"$work/server.log" &
 pids+=($!)
 server=$(listening_addr "$work/server.log" "${pids[-1]}")

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::event_loop::MinRate;
+use crate::help;
 
 /// A client -> proxy -> server file relay on hand-driven mio poll loops.
 ///
@@ -17,7 +18,7 @@ use crate::event_loop::MinRate;
 /// `OK bytes=<n> crc32c=<hex> file=<name>`, and the answer travels back to
 /// the client, which checks it against what it sent.
 #[derive(Debug, Parser)]
-#[command(name = "stopover", version, propagate_version = true, after_help = EXIT_CODES)]
+#[command(name = "stopover", version, propagate_version = true, after_help = help::STOPOVER.help())]
 pub struct Cli {
     /// More logging: -v for debug (connection life cycle), -vv for trace
     /// (every readiness event and every read and write).
@@ -42,73 +43,35 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Store each upload in its own file and answer with its size and CRC-32C.
-    #[command(after_help = SERVER_EXAMPLES)]
+    #[command(after_help = help::SERVER.help())]
     Server(ServerArgs),
     /// Relay uploads to a server, keeping a copy of each in a spool directory.
-    #[command(after_help = PROXY_EXAMPLES)]
+    #[command(after_help = help::PROXY.help())]
     Proxy(ProxyArgs),
     /// Send one file and verify the answer (exit 0 verified, 1 failed, 3 mismatch).
-    #[command(after_help = CLIENT_EXAMPLES)]
+    #[command(after_help = help::CLIENT.help())]
     Client(ClientArgs),
     /// Run many concurrent verifying clients and summarize throughput and latency.
-    #[command(after_help = LOAD_EXAMPLES)]
+    #[command(after_help = help::LOAD.help())]
     Load(LoadArgs),
     /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = help::COMPLETIONS.help())]
     Completions {
         #[arg(value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff), e.g. `stopover manpage > stopover.1`.
-    Manpage,
+    /// Print a man page (roff): stopover(1), or stopover-SUBCOMMAND(1).
+    #[command(after_help = help::MANPAGE.help())]
+    Manpage {
+        /// Print this subcommand's page instead of stopover(1).
+        #[arg(value_name = "SUBCOMMAND", value_parser = crate::man::PAGES)]
+        page: Option<String>,
+        /// Write every page into DIR (stopover.1, and stopover-SUBCOMMAND.1
+        /// for each subcommand) instead of printing one.
+        #[arg(long, value_name = "DIR", conflicts_with = "page")]
+        dir: Option<PathBuf>,
+    },
 }
-
-const SERVER_EXAMPLES: &str = "\
-Examples:
-  stopover server
-  stopover server --listen 127.0.0.1:9000 --dir /srv/uploads --fsync
-  stopover server --max-conns 500 --max-bytes 1GiB --min-rate 1KiB/30s
-  stopover server --discard        # verify and count uploads, store nothing
-
-Exit codes: 0 stopped by SIGINT/SIGTERM; 1 cannot start (address, directory); 2 usage error.";
-
-const PROXY_EXAMPLES: &str = "\
-Examples:
-  stopover proxy
-  stopover proxy --listen 127.0.0.1:8000 --upstream localhost:9000 --dir spool
-  stopover proxy --hold 30s        # store, hold 30 s for editing, then forward
-
-Exit codes: 0 stopped by SIGINT/SIGTERM; 1 cannot start (address, directory, upstream name); 2 usage error.";
-
-const CLIENT_EXAMPLES: &str = "\
-Examples:
-  stopover client notes.txt
-  stopover client --to 127.0.0.1:9000 big.iso    # straight to a server
-  tar c docs | stopover client -                  # standard input
-
-Prints the answer line on stdout.
-Exit codes: 0 verified (OK, same bytes and CRC-32C); 1 failed (cannot read,
-connect or finish, an ERR or malformed answer); 2 usage error; 3 the server
-stored different bytes than were sent.";
-
-const LOAD_EXAMPLES: &str = "\
-Examples:
-  stopover load -c 64 -n 20000 -s 1KiB
-  stopover load -c 16 -d 30s -s 64KiB..1MiB --json > result.json
-  stopover load -c 2000 -s 64KiB --all-at-once --hold-open 1s
-
-  stopover load --rate 500 -d 60s --warmup 5s -i 1s --fail-if p99>50ms
-
-Prints a summary (transfers ok and failed by kind, MB/s, transfers/s,
-latency percentiles), or one JSON object with --json, on stdout; with -i,
-one line per interval first.
-Exit codes: 0 every transfer verified; 1 a transfer failed or none ran;
-2 usage error; 4 a --fail-if threshold was crossed.";
-
-const EXIT_CODES: &str = "\
-Exit codes: 0 success; 1 failure at run time; 2 usage error; 3 (client) the
-server stored different bytes than were sent; 4 (load) a --fail-if threshold
-was crossed. `stopover help SUBCOMMAND`
-shows examples.";
 
 /// `stopover server`.
 #[derive(Debug, Args)]
@@ -141,7 +104,7 @@ pub struct ServerArgs {
 pub struct Limits {
     /// Most connections at once; more wait in the kernel's listen backlog
     /// (default: as many as the open-files limit allows).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = parse_count::<u64>)]
     pub max_conns: Option<u64>,
 
     /// Refuse uploads larger than this with `ERR too large` (e.g. 100MiB).
@@ -237,7 +200,7 @@ pub struct ProxyArgs {
     /// 1 MiB chunks; at least 4 MiB). When it is spent, clients wait in
     /// the kernel until some is free: more memory, fewer and larger disk
     /// writes; less, more of them.
-    #[arg(long, default_value = "8MiB", value_name = "SIZE", value_parser = parse_bytes)]
+    #[arg(long, default_value = "8MiB", value_name = "SIZE", value_parser = parse_spool_memory)]
     pub spool_memory: u64,
 
     #[command(flatten)]
@@ -273,11 +236,11 @@ pub struct LoadArgs {
     pub to: String,
 
     /// Concurrent clients (threads, each one blocking client).
-    #[arg(long, short = 'c', default_value_t = 16, value_name = "C", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, short = 'c', default_value_t = 16, value_name = "C", value_parser = parse_count::<u32>)]
     pub clients: u32,
 
     /// Total transfers to run (default 1000 unless --duration is given).
-    #[arg(long, short = 'n', value_name = "N", conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, short = 'n', value_name = "N", conflicts_with = "duration", value_parser = parse_count::<u64>)]
     pub transfers: Option<u64>,
 
     /// Run for this long instead of a fixed number of transfers (e.g. 30s).
@@ -329,8 +292,9 @@ pub struct LoadArgs {
     #[arg(long, value_name = "FILE")]
     pub hdr_log: Option<PathBuf>,
 
-    /// Fail the run (exit 4) if this holds at the end, e.g. p99>50ms,
-    /// errors>0, error_rate>1, transfers_per_s<1000. Repeatable.
+    /// Fail the run (exit 4) if this is true at the end, e.g. 'p99>50ms',
+    /// 'errors>0', 'error_rate>1', 'transfers_per_s<1000'. Repeatable.
+    /// Quote it: unquoted, a shell takes > and < as redirections.
     #[arg(long, value_name = "CONDITION")]
     pub fail_if: Vec<crate::load::Threshold>,
 
@@ -359,6 +323,33 @@ pub fn parse_host_port(text: &str) -> Result<String, String> {
         )),
     }
 }
+
+/// A count of at least 1 (`-n`, `-c`, `--max-conns`), worded the same
+/// for each.
+pub fn parse_count<T: TryFrom<u64>>(text: &str) -> Result<T, String> {
+    let n = text
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| format!("{text:?}: want a whole number, at least 1"))?;
+    T::try_from(n).map_err(|_| format!("{text:?}: too large"))
+}
+
+/// `--spool-memory`: a size of at least [`MIN_SPOOL_MEMORY`].
+pub fn parse_spool_memory(text: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(text)?;
+    if bytes < MIN_SPOOL_MEMORY {
+        return Err(format!(
+            "{text} is less than the least allowed, 4MiB (one transfer streams with four 1 MiB chunks)"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The smallest `--spool-memory`: the disk's smallest budget.
+pub const MIN_SPOOL_MEMORY: u64 =
+    (crate::event_loop::disk::MIN_CHUNKS * crate::event_loop::disk::CHUNK) as u64;
 
 /// A positive number of transfers a second.
 pub fn parse_rate(text: &str) -> Result<f64, String> {
@@ -472,6 +463,20 @@ mod tests {
         for bad in ["127.0.0.1", "localhost", ":80", "host:http", "host:70000"] {
             assert!(parse_host_port(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn counts_and_spool_memory_have_one_wording_and_a_floor() {
+        assert_eq!(parse_count::<u32>("16"), Ok(16));
+        let n = parse_count::<u64>("0").unwrap_err();
+        let c = parse_count::<u32>("0").unwrap_err();
+        assert_eq!(n, c, "-n 0 and -c 0 say the same");
+        assert!(n.contains("at least 1"), "{n}");
+        assert!(parse_count::<u32>("5000000000").is_err());
+        assert_eq!(MIN_SPOOL_MEMORY, 4 * 1024 * 1024);
+        assert_eq!(parse_spool_memory("4MiB"), Ok(MIN_SPOOL_MEMORY));
+        let e = parse_spool_memory("1MiB").unwrap_err();
+        assert!(e.contains("at least") || e.contains("least allowed"), "{e}");
     }
 
     #[test]

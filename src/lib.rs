@@ -29,6 +29,8 @@
 //! | [`client`] | the blocking client, and the verification of an answer |
 //! | [`load`] | the load generator: many concurrent verified clients, a summary |
 //! | [`cli`] | command-line definitions |
+//! | [`help`] | the examples and exit codes `--help` ends with (and the man pages show) |
+//! | [`man`] | man pages from the same definitions: `stopover(1)`, `stopover-SUBCOMMAND(1)` |
 //! | [`error`] | errors that say what was being done, and to what |
 //! | [`human`] | output for people: MB/s, progress bars |
 //! | [`logging`] | the logger: lines queued to a writer thread, so a closed or full stderr loses lines (counted), never the daemon |
@@ -44,9 +46,11 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod event_loop;
+pub mod help;
 pub mod human;
 pub mod load;
 pub mod logging;
+pub mod man;
 pub mod proxy;
 pub mod retention;
 pub mod server;

@@ -57,9 +57,10 @@ fn init_logging(cli: &Cli) {
     // The client's stdout carries the answer and its stderr is for the
     // user, so it logs only warnings unless asked; the daemons log info.
     let base = match cli.command {
-        Command::Client(_) | Command::Load(_) | Command::Completions { .. } | Command::Manpage => {
-            LevelFilter::Warn
-        }
+        Command::Client(_)
+        | Command::Load(_)
+        | Command::Completions { .. }
+        | Command::Manpage { .. } => LevelFilter::Warn,
         _ => LevelFilter::Info,
     };
     let level = match (cli.quiet, cli.verbose) {
@@ -74,7 +75,7 @@ fn init_logging(cli: &Cli) {
         Command::Proxy(_) => "proxy",
         Command::Client(_) => "client",
         Command::Load(_) => "load",
-        Command::Completions { .. } | Command::Manpage => "",
+        Command::Completions { .. } | Command::Manpage { .. } => "",
     };
     logging::init(level, role);
 }
@@ -149,11 +150,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
             clap_complete::generate(shell, &mut cmd, "stopover", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Manpage => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(cmd)
-                .render(&mut std::io::stdout())
-                .map_err(|e| format!("writing the man page: {e}"))?;
+        Command::Manpage { page, dir } => {
+            stopover::man::run(page.as_deref(), dir.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Load(args) => {
@@ -187,7 +185,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             // Failed transfers first (1), then crossed thresholds (4).
             Ok(if !summary.all_verified() {
                 ExitCode::from(EXIT_FAILURE)
-            } else if !summary.thresholds_met() {
+            } else if !summary.thresholds_passed() {
                 ExitCode::from(EXIT_THRESHOLD)
             } else {
                 ExitCode::SUCCESS

@@ -257,6 +257,10 @@ fn bad_input_gets_one_clear_line_exit_2_for_usage_and_1_at_run_time() {
             "longer than the longest allowed",
         ),
         (vec!["teleport".into()], "unrecognized subcommand"),
+        (
+            vec!["proxy".into(), "--spool-memory".into(), "1MiB".into()],
+            "invalid value '1MiB'",
+        ),
     ];
     // What the command line itself gets wrong is a usage error (2); what
     // only running can find out (a taken port, a bad directory, a name
@@ -422,4 +426,44 @@ fn listen_accepts_a_host_name() {
         send(server.addr, b"by name").unwrap().verdict(),
         stopover::client::Verdict::Verified
     );
+}
+
+#[test]
+fn counts_are_worded_alike_and_spool_memory_has_the_floor_help_states() {
+    let reason = |args: &[&str]| {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr(&out);
+        let line = err.lines().next().unwrap_or("").to_string();
+        // `error: invalid value '0' for '--clients <C>': REASON`
+        line.rsplit_once("': ")
+            .map(|(_, r)| r.to_string())
+            .unwrap_or(line)
+    };
+    let n = reason(&["load", "-n", "0"]);
+    assert_eq!(n, reason(&["load", "-c", "0"]));
+    assert_eq!(n, reason(&["server", "--max-conns", "0"]));
+    assert!(n.contains("at least 1"), "{n}");
+    let help = String::from_utf8_lossy(&run(&["proxy", "--help"]).stdout).into_owned();
+    assert!(help.contains("at least 4 MiB"), "{help}");
+    let low = reason(&["proxy", "--spool-memory", "1MiB"]);
+    assert!(low.contains("least allowed, 4MiB"), "{low}");
+}
+
+#[test]
+fn a_daemon_that_cannot_bind_creates_no_directory() {
+    let taken = TcpListener::bind(loopback0()).unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let parent = tempfile::tempdir().unwrap();
+    for role in ["server", "proxy"] {
+        let dir = parent.path().join(role);
+        let out = run(&[role, "--listen", &taken, "--dir", dir.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{role}: {}", stderr(&out));
+        assert!(stderr(&out).contains("Address already in use"), "{role}");
+        assert!(
+            !dir.exists(),
+            "{role} created {} before failing",
+            dir.display()
+        );
+    }
 }

@@ -157,6 +157,14 @@ fn a_held_file_deleted_during_the_hold_gets_err_and_the_proxy_keeps_serving() {
         receipt.line,
         format!("ERR held file {name} is gone: No such file or directory")
     );
+    // The log says the reason once (it once read "is gone: No such file
+    // or directory (No such file or directory (os error 2))").
+    let warning = proxy.wait_for_log("is gone");
+    assert_eq!(
+        warning.matches("No such file or directory").count(),
+        1,
+        "{warning}"
+    );
     assert!(
         final_files(&dirs.path().join("r")).is_empty(),
         "nothing reached the server"
@@ -282,31 +290,80 @@ fn a_held_file_replaced_by_a_fifo_is_refused_and_the_loop_keeps_running() {
     );
 }
 
-#[test]
-fn a_shutdown_during_a_hold_answers_err_and_keeps_the_upload() {
+/// Holds one upload, stops the proxy with SIGTERM, and checks what the
+/// client is told (`ERR proxy shutting down: kept as NAME, not
+/// forwarded`), that the upload stays whole under its final name, that
+/// nothing reached the server and that the proxy exits 0. Returns the
+/// stopped proxy (for its log) and the held file's path.
+fn stop_during_a_hold(hold: &str, grace: &str) -> (Spawned, String) {
     let dirs = tempfile::tempdir().unwrap();
     let server = start_server(&dirs.path().join("r"));
     let mut proxy = spawn_proxy(
         server.addr,
         &dirs.path().join("s"),
-        &["--hold", "1h", "--grace", "200ms"],
+        &["--hold", hold, "--grace", grace],
     );
-    let (path, client) = hold_one(&proxy, b"held when the proxy stops");
+    let data: &'static [u8] = b"held when the proxy stops";
+    let (path, client) = hold_one(&proxy, data);
     unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
     let receipt = client.join().unwrap().expect("an answer comes back");
     let name = std::path::Path::new(&path)
         .file_name()
         .unwrap()
-        .to_string_lossy();
+        .to_string_lossy()
+        .into_owned();
     assert_eq!(
         receipt.line,
         format!("ERR proxy shutting down: kept as {name}, not forwarded")
     );
-    assert_eq!(proxy.child.wait().unwrap().code(), Some(0));
+    let mut status = None;
+    wait_until("the proxy exits once nothing else is in flight", || {
+        status = proxy.child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert_eq!(status.unwrap().code(), Some(0));
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    assert!(final_files(&dirs.path().join("r")).is_empty());
+    (proxy, path)
+}
+
+#[test]
+fn a_shutdown_during_a_hold_answers_err_and_keeps_the_upload() {
+    let (proxy, path) = stop_during_a_hold("1h", "200ms");
     let warning = proxy.wait_for_log("not forwarded");
     assert!(warning.contains(&path), "the log names the file: {warning}");
-    assert_eq!(std::fs::read(&path).unwrap(), b"held when the proxy stops");
-    assert!(final_files(&dirs.path().join("r")).is_empty());
+}
+
+#[test]
+fn a_shutdown_answers_at_once_the_holds_that_outlast_the_grace_and_lets_the_others_finish() {
+    // A hold of an hour cannot end within a grace of an hour less a
+    // minute: its client is told at once, not when the grace runs out
+    // (the client gives up after PATIENCE, a minute, so waiting would fail).
+    let (proxy, _) = stop_during_a_hold("1h", "59m");
+    // Counted as kept, not as aborted: the upload is whole.
+    let summary = proxy.wait_for_log("stopped:");
+    assert!(
+        summary.contains("0 aborted") && summary.contains("1 kept"),
+        "{summary}"
+    );
+
+    // A hold that ends within the grace is forwarded as usual.
+    let dirs = tempfile::tempdir().unwrap();
+    let server = start_server(&dirs.path().join("r"));
+    let proxy = spawn_proxy(
+        server.addr,
+        &dirs.path().join("s"),
+        &["--hold", "1s", "--grace", "59m"],
+    );
+    let (_, client) = hold_one(&proxy, b"held within the grace");
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
+    let receipt = client.join().unwrap().expect("an answer comes back");
+    assert_eq!(receipt.verdict(), Verdict::Verified, "{}", receipt.line);
+    let summary = proxy.wait_for_log("stopped:");
+    assert!(
+        summary.contains("1 relayed") && summary.contains("0 kept"),
+        "{summary}"
+    );
 }
 
 #[test]

@@ -339,8 +339,10 @@ fn thresholds_gate_the_exit_code_and_the_histogram_log_is_written() {
         Some(4),
         "a crossed threshold exits 4: {json}"
     );
-    assert_eq!(json["thresholds"][0]["met"], false);
-    assert_eq!(json["thresholds"][1]["met"], true);
+    assert_eq!(json["thresholds"][0]["passed"], false);
+    assert_eq!(json["thresholds"][0]["unit"], "ms");
+    assert_eq!(json["thresholds"][1]["passed"], true);
+    assert_eq!(json["thresholds"][1]["unit"], "errors");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("#[StartTime: "), "{text}");
     assert!(
@@ -349,4 +351,45 @@ fn thresholds_gate_the_exit_code_and_the_histogram_log_is_written() {
     );
     let (out, _) = load(&["--to", &to, "-n", "5", "--fail-if", "p99>1h"]);
     assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn a_duration_run_has_rate_times_duration_transfers_and_whole_intervals() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path());
+    let to = server.addr.to_string();
+    // Open loop: 1/300 s is not a whole number of nanoseconds; the run
+    // once started a 301st transfer at 0.9999990 s.
+    let (out, json) = load(&[
+        "--to", &to, "--rate", "300", "-d", "1s", "-i", "500ms", "-c", "8", "-s", "1KiB",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(json["transfers_ok"], 300, "{json}");
+    // Closed loop: clients send until the end, so some transfers end
+    // after it; they belong to the last interval, not to a sliver of a
+    // third one.
+    let hlog = dir.path().join("intervals.hlog");
+    let hlog = hlog.to_str().unwrap();
+    for args in [
+        &["--rate", "300", "-d", "1s"][..],
+        &["-c", "2", "-d", "1s"][..],
+    ] {
+        let common = ["--to", &to, "-i", "500ms", "-s", "1KiB", "--hdr-log", hlog];
+        let (out, json) = load(&[&common[..], args].concat());
+        assert_eq!(out.status.code(), Some(0), "{json}");
+        let intervals = json["intervals"].as_array().unwrap();
+        assert_eq!(intervals.len(), 2, "{args:?}: {json}");
+        let last = &intervals[1];
+        assert_eq!(last["start_s"].as_f64(), Some(0.5), "{json}");
+        assert!(last["end_s"].as_f64().unwrap() >= 1.0, "{json}");
+        // The histogram log has the same two intervals, and no sliver.
+        let log = std::fs::read_to_string(hlog).unwrap();
+        let lengths: Vec<f64> = log
+            .lines()
+            .filter(|l| l.contains(",HISTF"))
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(lengths.len(), 2, "{log}");
+        assert!(lengths.iter().all(|&s| s >= 0.499), "{lengths:?}");
+    }
 }

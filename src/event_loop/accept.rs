@@ -113,6 +113,11 @@ impl Acceptor {
         })
     }
 
+    /// Logs how many connections the daemon will take at once.
+    pub fn log_capacity(&self) {
+        log::info!("{}", self.gate.note);
+    }
+
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -266,6 +271,11 @@ impl Acceptor {
         }
     }
 
+    /// Once the graceful stop has begun: when its grace period ends.
+    pub fn draining_until(&self) -> Option<Instant> {
+        self.stop.until
+    }
+
     /// Checked after each round of events: starts the graceful stop at the
     /// first request, and says whether the loop should end now.
     pub fn should_stop(&mut self, open: usize, registry: &Registry) -> bool {
@@ -371,6 +381,10 @@ pub fn is_per_connection(e: &io::Error) -> bool {
 struct AcceptGate {
     role: &'static str,
     capacity: usize,
+    /// The capacity and where it comes from, for the log when the loop
+    /// starts (not at bind: a daemon that fails after binding, on its
+    /// directory, says only why).
+    note: String,
     at_capacity: bool,
     /// While backing off after running out of descriptors: until when.
     backoff_until: Option<Instant>,
@@ -397,13 +411,14 @@ impl AcceptGate {
         let budget =
             (limit.saturating_sub(in_use + Self::RESERVED) / per_conn.max(1)).max(1) as usize;
         let capacity = max_conns.map_or(budget, |m| m.min(budget));
-        log::info!(
+        let note = format!(
             "{role}: up to {capacity} concurrent connections (open-files limit {limit}, {per_conn} descriptors per connection{})",
             max_conns.map_or(String::new(), |m| format!(", --max-conns {m}"))
         );
         AcceptGate {
             role,
             capacity,
+            note,
             at_capacity: false,
             backoff_until: None,
             last_warning: None,

@@ -160,6 +160,9 @@ pub trait Handler {
     fn written(&mut self, _cx: &mut Context<Self::Timer>, _done: disk::Written) {}
     /// A chunk this owner queued for may be free (see `Disk::wait`).
     fn wake(&mut self, _cx: &mut Context<Self::Timer>, _owner: disk::Owner) {}
+    /// The graceful stop has begun: connections have until `until` to
+    /// finish. A role may end at once what cannot finish by then.
+    fn draining(&mut self, _cx: &mut Context<Self::Timer>, _until: Instant) {}
     /// Work the role does a little of on every turn, before `poll` (the
     /// retention keeper's deletions, see `retention`). Returns when it
     /// wants the next turn at the latest (`None`: no sooner than an event).
@@ -186,8 +189,21 @@ pub struct Daemon<H: Handler> {
 impl<H: Handler> Daemon<H> {
     /// Binds the listener described by `config` for `handler`.
     pub fn new(config: &AcceptConfig, handler: H) -> io::Result<Daemon<H>> {
+        let budget = handler.disk_budget();
+        Daemon::bind_then(config, budget, || Ok(handler))
+    }
+
+    /// Binds the listener first, then builds the handler: a daemon that
+    /// cannot listen (an address in use) leaves nothing behind, not even
+    /// the storage directory its handler would have created.
+    pub fn bind_then(
+        config: &AcceptConfig,
+        disk_budget: Option<usize>,
+        build: impl FnOnce() -> io::Result<H>,
+    ) -> io::Result<Daemon<H>> {
         let poll = Poll::new().with_context(|| format!("{}: creating poll", H::ROLE))?;
-        let cx = Context::bind(&poll, config, handler.disk_budget())?;
+        let cx = Context::bind(&poll, config, disk_budget)?;
+        let handler = build()?;
         Ok(Daemon { poll, cx, handler })
     }
 
@@ -216,6 +232,7 @@ impl<H: Handler> Daemon<H> {
     /// Runs the loop until stopped, then lets the role close what is left
     /// and returns its counters.
     pub fn run(mut self) -> io::Result<H::Stats> {
+        self.cx.acceptor.log_capacity();
         // This line tells tests and scripts that we are ready: everything is
         // set up (signals included) and the loop is about to wait.
         log::info!("{}: listening on {}", H::ROLE, self.local_addr());
@@ -241,6 +258,7 @@ pub fn run<H: Handler>(
     handler: &mut H,
 ) -> io::Result<()> {
     let mut events = Events::with_capacity(1024);
+    let mut told_draining = false;
     loop {
         // Disk writes that completed go to their owners (which may queue
         // more); then everything queued goes to the kernel in one call.
@@ -307,6 +325,13 @@ pub fn run<H: Handler>(
         }
         if cx.acceptor.should_stop(handler.open(), &cx.registry) {
             return Ok(());
+        }
+        if let (false, Some(until)) = (told_draining, cx.acceptor.draining_until()) {
+            told_draining = true;
+            handler.draining(cx, until);
+            if cx.acceptor.should_stop(handler.open(), &cx.registry) {
+                return Ok(());
+            }
         }
         let now = Instant::now();
         if let Some(stats) = cx.stats.as_mut() {

@@ -172,8 +172,9 @@ pub fn failure_kind(e: &ClientError) -> &'static str {
 struct Plan {
     /// Transfers intended to start before this are warm-up.
     counted_from: Instant,
-    /// Open loop: the first slot, and the gap between slots.
-    schedule: Option<(Instant, Duration)>,
+    /// Open loop: the first slot, and the rate (slot `k` is at
+    /// `first + k / rate`, see [`slot_time`]).
+    schedule: Option<(Instant, f64)>,
     /// Slots (open loop) or counted transfers (closed loop) to run.
     total: Option<u64>,
     /// No transfer starts (or is scheduled) at or after this.
@@ -205,24 +206,32 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
     }
     let started_at = SystemTime::now();
     let started = Instant::now();
-    let counted_from = started + config.warmup;
-    let schedule = config
-        .rate
-        .map(|r| (started, Duration::from_secs_f64(1.0 / r)));
-    let warmup_slots = config
-        .rate
-        .map_or(0, |r| (config.warmup.as_secs_f64() * r).ceil() as u64);
+    let schedule = config.rate.map(|r| (started, r));
+    // Open loop: the slots are counted, not timed, so `--rate 3000 -d 2s`
+    // runs 6,000 transfers whatever the rounding of 1/3000 s; counting
+    // starts with the first slot after the warm-up.
+    let warmup_slots = config.rate.map_or(0, |r| slots_within(config.warmup, r));
+    let counted_from = match schedule {
+        Some(schedule) => slot_time(schedule, warmup_slots),
+        None => started + config.warmup,
+    };
+    let planned_end = match config.stop {
+        Stop::Duration(d) => Some(counted_from + d),
+        Stop::Transfers(_) => None,
+    };
     let plan = Plan {
         counted_from,
         schedule,
-        total: match (config.all_at_once, config.stop) {
-            (true, _) => Some(config.clients as u64),
-            (false, Stop::Transfers(n)) => Some(n + warmup_slots),
-            (false, Stop::Duration(_)) => None,
+        total: match (config.all_at_once, config.stop, config.rate) {
+            (true, _, _) => Some(config.clients as u64),
+            (false, Stop::Transfers(n), _) => Some(n + warmup_slots),
+            (false, Stop::Duration(d), Some(r)) => Some(slots_within(d, r) + warmup_slots),
+            (false, Stop::Duration(_), None) => None,
         },
-        deadline: match config.stop {
-            Stop::Duration(d) => Some(counted_from + d),
-            Stop::Transfers(_) => None,
+        deadline: if config.rate.is_some() {
+            None
+        } else {
+            planned_end
         },
     };
     let pool = Arc::new(random_pool(config.size.max));
@@ -232,6 +241,7 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
     let gate = Arc::new(Gate::new(config.clients));
     let recorder = Arc::new(Mutex::new(Recorder::new(
         counted_from,
+        planned_end,
         config.interval,
         config.print_intervals,
     )));
@@ -354,6 +364,17 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
     Ok(summary)
 }
 
+/// Open loop: when slot `k` of `(first, rate)` is due.
+fn slot_time((first, rate): (Instant, f64), k: u64) -> Instant {
+    first + Duration::from_secs_f64(k as f64 / rate)
+}
+
+/// How many slots of a `rate` a second fall within `d` (`k / rate < d`),
+/// forgiving the float rounding that would make `0.1 * 30` more than 3.
+fn slots_within(d: Duration, rate: f64) -> u64 {
+    (d.as_secs_f64() * rate - 1e-9).ceil().max(0.0) as u64
+}
+
 /// What was run, for the summary.
 fn echo(config: &LoadConfig, started_at: SystemTime) -> RunEcho {
     RunEcho {
@@ -438,12 +459,12 @@ impl ClientCtx {
         let now = Instant::now();
         let intended = match plan.schedule {
             // Open loop: the next free slot of the schedule.
-            Some((first, gap)) => {
+            Some(schedule) => {
                 let slot = self.claimed.fetch_add(1, Ordering::SeqCst);
                 if plan.total.is_some_and(|t| slot >= t) {
                     return None;
                 }
-                first + gap.mul_f64(slot as f64)
+                slot_time(schedule, slot)
             }
             // Closed loop: now; only counted transfers take a number.
             None => {
@@ -550,6 +571,19 @@ impl ClientCtx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_open_loop_run_has_rate_times_duration_slots() {
+        let second = Duration::from_secs(1);
+        assert_eq!(slots_within(2 * second, 3000.0), 6000);
+        assert_eq!(slots_within(second / 10, 30.0), 3);
+        assert_eq!(slots_within(second, 1.5), 2); // at 0 and 0.67 s
+        assert_eq!(slots_within(Duration::ZERO, 500.0), 0);
+        // Slot 6,000 of 3,000/s is due at 2 s exactly, not before: adding
+        // a rounded 1/3000 s gap 6,000 times once fell 2 us short.
+        let t0 = Instant::now();
+        assert_eq!(slot_time((t0, 3000.0), 6000), t0 + 2 * second);
+    }
 
     #[test]
     fn wall_time_ends_with_the_last_transfer() {

@@ -55,6 +55,10 @@ pub(super) struct Recorder {
     pub failed: Histogram<u64>,
     /// The current interval (with `-i`).
     interval: Option<Interval>,
+    /// With `--duration`: when the run's counted time ends. The interval
+    /// that reaches it is the last: transfers still in flight then end in
+    /// it, instead of in a sliver of an interval of their own.
+    planned_end: Option<Instant>,
     /// Finished intervals, for `--json` and `--hdr-log`.
     pub intervals: Vec<(IntervalReport, Histogram<u64>)>,
     /// Print each interval's line as it closes.
@@ -71,9 +75,15 @@ struct Interval {
 }
 
 impl Recorder {
-    pub fn new(counted_from: Instant, interval: Option<Duration>, print: bool) -> Recorder {
+    pub fn new(
+        counted_from: Instant,
+        planned_end: Option<Instant>,
+        interval: Option<Duration>,
+        print: bool,
+    ) -> Recorder {
         Recorder {
             counted_from,
+            planned_end,
             latency: histogram(),
             service: histogram(),
             failed: histogram(),
@@ -123,25 +133,34 @@ impl Recorder {
         }
     }
 
-    /// Closes every interval that ended by `now`.
+    /// Closes every interval that ended by `now`, except the last one of
+    /// a `--duration` run (see [`Recorder::finish`]).
     pub fn roll(&mut self, now: Instant) {
-        while self
-            .interval
-            .as_ref()
-            .is_some_and(|i| now >= i.start + i.length)
-        {
+        let planned_end = self.planned_end;
+        while self.interval.as_ref().is_some_and(|i| {
+            let natural_end = i.start + i.length;
+            now >= natural_end && planned_end.is_none_or(|p| natural_end < p)
+        }) {
             self.close_interval(None);
         }
     }
 
-    /// At the end of the run: closes every full interval, then the last
-    /// partial one (ending at `end`) if anything happened in it.
+    /// At the end of the run (`end`: when the last counted transfer
+    /// ended): closes every full interval, then the last one. In a
+    /// `--duration` run the last one is the interval that reaches the
+    /// planned end; it ends then, or at `end` if transfers still in flight
+    /// finished later (they belong to it: `-d 4s -i 1s` makes four
+    /// intervals, not a fifth of a millisecond with one transfer in it).
+    /// Otherwise the last, partial interval ends at `end`, if anything
+    /// happened in it.
     pub fn finish(&mut self, end: Instant) {
         self.roll(end);
+        let end = self.planned_end.map_or(end, |p| end.max(p));
+        let planned = self.planned_end.is_some();
         if self
             .interval
             .as_ref()
-            .is_some_and(|i| i.ok + i.failed > 0 && end > i.start)
+            .is_some_and(|i| (planned || i.ok + i.failed > 0) && end > i.start)
         {
             self.close_interval(Some(end));
         }
@@ -240,4 +259,49 @@ pub(super) fn write_hdr_log(
     }
     drop(log);
     std::io::Write::flush(&mut out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(at: Instant) -> Done {
+        Done {
+            intended: at,
+            began: at,
+            ended: at,
+            ok: Some(1),
+        }
+    }
+
+    #[test]
+    fn a_transfer_ending_after_a_duration_run_belongs_to_its_last_interval() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let mut rec = Recorder::new(t0, Some(t0 + 2 * second), Some(second), false);
+        rec.record(&done(t0 + second / 2));
+        rec.record(&done(t0 + second + second / 2));
+        // Began before the end of the run, ended half a millisecond after.
+        let straggler = t0 + 2 * second + Duration::from_micros(500);
+        rec.record(&done(straggler));
+        rec.finish(straggler);
+        let reports: Vec<&IntervalReport> = rec.intervals.iter().map(|(r, _)| r).collect();
+        assert_eq!(reports.len(), 2, "-d 2s -i 1s: two intervals: {reports:?}");
+        assert_eq!(reports[1].transfers_ok, 2);
+        assert!((reports[1].end_s - 2.0005).abs() < 1e-6, "{reports:?}");
+        assert!(reports[1].transfers_per_s < 2.0, "{reports:?}");
+    }
+
+    #[test]
+    fn a_run_of_so_many_transfers_ends_with_its_partial_interval() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let mut rec = Recorder::new(t0, None, Some(second), false);
+        rec.record(&done(t0 + second / 2));
+        let end = t0 + second + second / 4;
+        rec.record(&done(end));
+        rec.finish(end);
+        let ends: Vec<f64> = rec.intervals.iter().map(|(r, _)| r.end_s).collect();
+        assert_eq!(ends, [1.0, 1.25]);
+    }
 }

@@ -128,7 +128,8 @@ pub struct Summary {
     /// What was run.
     #[serde(default)]
     pub config: RunEcho,
-    /// With `--fail-if`: each threshold and whether it held.
+    /// With `--fail-if`: each condition, what was measured, and whether
+    /// the run passed it.
     #[serde(default)]
     pub thresholds: Vec<ThresholdResult>,
 }
@@ -139,9 +140,10 @@ impl Summary {
         self.transfers_failed == 0 && self.transfers_ok > 0
     }
 
-    /// True when every `--fail-if` threshold held.
-    pub fn thresholds_met(&self) -> bool {
-        self.thresholds.iter().all(|t| t.met)
+    /// True when the run passed every `--fail-if` threshold (none of the
+    /// conditions is true).
+    pub fn thresholds_passed(&self) -> bool {
+        self.thresholds.iter().all(|t| t.passed)
     }
 }
 
@@ -199,13 +201,7 @@ impl fmt::Display for Summary {
             line(f, "time to failure", failed)?;
         }
         for t in &self.thresholds {
-            write!(
-                f,
-                "\n  threshold         {} {}: measured {}",
-                t.threshold,
-                if t.met { "held" } else { "FAILED" },
-                t.measured
-            )?;
+            write!(f, "\n  threshold         {t}")?;
         }
         Ok(())
     }
@@ -239,15 +235,55 @@ enum Op {
     Le,
 }
 
-/// A threshold's outcome, in the summary.
+impl Metric {
+    /// The unit a measured value of this metric is in.
+    fn unit(self) -> &'static str {
+        match self {
+            Metric::Latency(_) => "ms",
+            Metric::Errors => "errors",
+            Metric::ErrorRate => "%",
+            Metric::MbPerS => "MB/s",
+            Metric::TransfersPerS => "transfers/s",
+        }
+    }
+}
+
+/// A threshold's outcome, in the summary (and its `--json` form:
+/// `{"threshold": "p99>50ms", "measured": 5.423, "unit": "ms",
+/// "passed": true}`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ThresholdResult {
-    /// The condition that fails the run, as given.
+    /// The condition that fails the run when it is true, as given.
     pub threshold: String,
-    /// What was measured.
+    /// What was measured, in `unit`.
     pub measured: f64,
-    /// True when the condition was false: the run passed this threshold.
-    pub met: bool,
+    /// The unit of `measured`: `ms`, `errors`, `%`, `MB/s` or
+    /// `transfers/s`. (Absent from result files written before it was.)
+    #[serde(default)]
+    pub unit: String,
+    /// True when the condition was false, so the run passed this
+    /// threshold; false when it was crossed (exit code 4). Result files
+    /// written before this field was renamed call it `met`.
+    #[serde(alias = "met")]
+    pub passed: bool,
+}
+
+impl fmt::Display for ThresholdResult {
+    /// `p99>50ms: passed, measured 5.423 ms` or
+    /// `errors>0: FAILED, measured 3 errors`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Up to three decimals, without trailing zeros: 5.423, 0, 12.5.
+        let figure = format!("{:.3}", self.measured);
+        let figure = figure.trim_end_matches('0').trim_end_matches('.');
+        let sep = if self.unit == "%" { "" } else { " " };
+        write!(
+            f,
+            "{}: {}, measured {figure}{sep}{}",
+            self.threshold,
+            if self.passed { "passed" } else { "FAILED" },
+            self.unit
+        )
+    }
 }
 
 impl FromStr for Threshold {
@@ -260,11 +296,18 @@ impl FromStr for Threshold {
     fn from_str(text: &str) -> Result<Threshold, String> {
         let help = || {
             format!(
-                "{text:?}: want METRIC>VALUE, e.g. p99>50ms, errors>0, error_rate>1, transfers_per_s<1000 \
+                "{text:?}: want METRIC>VALUE, e.g. 'p99>50ms', 'errors>0', 'error_rate>1', 'transfers_per_s<1000' \
                  (metrics: p50 p90 p99 p99.9 max mean errors error_rate mb_per_s transfers_per_s; operators > >= < <=)"
             )
         };
-        let at = text.find(['>', '<']).ok_or_else(help)?;
+        // Unquoted, `--fail-if p99>50ms` reaches us as `p99` (the shell
+        // took `>50ms` as a redirection and created a file `50ms`).
+        let at = text.find(['>', '<']).ok_or_else(|| {
+            format!(
+                "{}; quote the whole condition (--fail-if 'p99>50ms'): unquoted, a shell takes > and < as redirections",
+                help()
+            )
+        })?;
         let (name, rest) = text.split_at(at);
         let (op, value) = if let Some(v) = rest.strip_prefix(">=") {
             (Op::Ge, v)
@@ -331,7 +374,8 @@ impl Threshold {
         ThresholdResult {
             threshold: self.text.clone(),
             measured,
-            met: !fails,
+            unit: self.metric.unit().to_string(),
+            passed: !fails,
         }
     }
 }
@@ -368,17 +412,50 @@ mod tests {
     #[test]
     fn thresholds_parse_and_judge() {
         let t: Threshold = "p99>50ms".parse().unwrap();
-        assert!(t.judge(&summary(49.0, 10, 0)).met);
-        assert!(!t.judge(&summary(51.0, 10, 0)).met);
+        assert!(t.judge(&summary(49.0, 10, 0)).passed);
+        assert!(!t.judge(&summary(51.0, 10, 0)).passed);
         let t: Threshold = "errors>0".parse().unwrap();
-        assert!(t.judge(&summary(1.0, 10, 0)).met);
-        assert!(!t.judge(&summary(1.0, 10, 1)).met);
+        assert!(t.judge(&summary(1.0, 10, 0)).passed);
+        assert!(!t.judge(&summary(1.0, 10, 1)).passed);
         let t: Threshold = "error_rate>=10%".parse().unwrap();
-        assert!(!t.judge(&summary(1.0, 9, 1)).met);
+        assert!(!t.judge(&summary(1.0, 9, 1)).passed);
         let t: Threshold = "transfers_per_s<100".parse().unwrap();
-        assert!(!t.judge(&summary(1.0, 99, 0)).met);
+        assert!(!t.judge(&summary(1.0, 99, 0)).passed);
         for bad in ["p99", "p98>1ms", "p99>fast", "errors>>1", ">1"] {
             assert!(bad.parse::<Threshold>().is_err(), "{bad}");
         }
+        // What a shell leaves of an unquoted `--fail-if p99>50ms`.
+        let e = "p99".parse::<Threshold>().unwrap_err();
+        assert!(e.contains("quote") && e.contains("'p99>50ms'"), "{e}");
+    }
+
+    #[test]
+    fn threshold_lines_say_passed_or_failed_and_the_unit() {
+        let judge = |cond: &str, s: &Summary| cond.parse::<Threshold>().unwrap().judge(s);
+        let calm = summary(5.4231, 10, 0);
+        assert_eq!(
+            judge("error_rate>1", &calm).to_string(),
+            "error_rate>1: passed, measured 0%"
+        );
+        assert_eq!(
+            judge("p99>5ms", &calm).to_string(),
+            "p99>5ms: FAILED, measured 5.423 ms"
+        );
+        assert_eq!(
+            judge("errors>0", &summary(1.0, 9, 2)).to_string(),
+            "errors>0: FAILED, measured 2 errors"
+        );
+        assert_eq!(
+            judge("transfers_per_s<5", &calm).to_string(),
+            "transfers_per_s<5: passed, measured 10 transfers/s"
+        );
+        // The JSON names the outcome `passed`, with the unit; files written
+        // before the rename (`met`) still load.
+        let json = serde_json::to_value(judge("p99>50ms", &calm)).unwrap();
+        assert_eq!(json["passed"], true);
+        assert_eq!(json["unit"], "ms");
+        let old: ThresholdResult =
+            serde_json::from_str(r#"{"threshold":"p99>50ms","measured":1.0,"met":false}"#).unwrap();
+        assert!(!old.passed);
     }
 }

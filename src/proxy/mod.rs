@@ -183,6 +183,9 @@ pub struct Stats {
     pub refused: u64,
     /// Transfers the client abandoned.
     pub aborted: u64,
+    /// Held uploads kept whole under their final name, not forwarded: the
+    /// proxy stopped first (their clients are told so).
+    pub kept: u64,
     /// Upload bytes received from clients (counted as transfers end).
     pub received: u64,
     /// Upload bytes sent to the upstream (counted as transfers end).
@@ -208,43 +211,44 @@ pub struct Core {
 }
 
 impl Proxy {
-    /// Opens the spool directory, binds the listener and sets up the loop.
+    /// Binds the listener, opens the spool directory and sets up the loop.
     pub fn bind(config: &ProxyConfig) -> io::Result<Proxy> {
-        let mut store = Store::open(&config.dir)?;
-        let retention = Keeper::open("proxy", store.dir(), config.retention)?;
-        store.record_to(retention.recorder());
-        let spool_dir = store.dir().display().to_string();
-        let core = Core {
-            retention,
-            transfers: Slab::with_capacity(1024),
-            store,
-            stats: Stats::default(),
-            policy: Policy {
-                upstream: config.upstream,
-                hold: config.hold,
-                max_bytes: config.max_bytes,
-                min_rate: config.min_rate,
-                connect_timeout: config.connect_timeout,
-            },
-            idle_timeout: config.idle_timeout,
-            next_id: 0,
-            spool_memory: config.spool_memory,
+        // Bind first: a proxy that cannot listen creates no directory.
+        let accept = AcceptConfig {
+            role: "proxy",
+            listen: config.listen,
+            // Descriptors per transfer: client, upstream, spool file,
+            // and in hold mode the held file, reopened when the hold ends.
+            per_conn: if config.hold.is_some() { 4 } else { 3 },
+            max_conns: config.max_conns,
+            grace: config.grace,
+            stats_listen: config.stats_addr,
+            stats_interval: config.stats_interval,
+            recv_low_water: None,
         };
-        let proxy = Daemon::new(
-            &AcceptConfig {
-                role: "proxy",
-                listen: config.listen,
-                // Descriptors per transfer: client, upstream, spool file,
-                // and in hold mode the held file, reopened when the hold ends.
-                per_conn: if config.hold.is_some() { 4 } else { 3 },
-                max_conns: config.max_conns,
-                grace: config.grace,
-                stats_listen: config.stats_addr,
-                stats_interval: config.stats_interval,
-                recv_low_water: None,
-            },
-            core,
-        )?;
+        let mut spool_dir = String::new();
+        let proxy = Daemon::bind_then(&accept, Some(config.spool_memory), || {
+            let mut store = Store::open(&config.dir)?;
+            let retention = Keeper::open("proxy", store.dir(), config.retention)?;
+            store.record_to(retention.recorder());
+            spool_dir = store.dir().display().to_string();
+            Ok(Core {
+                retention,
+                transfers: Slab::with_capacity(1024),
+                store,
+                stats: Stats::default(),
+                policy: Policy {
+                    upstream: config.upstream,
+                    hold: config.hold,
+                    max_bytes: config.max_bytes,
+                    min_rate: config.min_rate,
+                    connect_timeout: config.connect_timeout,
+                },
+                idle_timeout: config.idle_timeout,
+                next_id: 0,
+                spool_memory: config.spool_memory,
+            })
+        })?;
         if let Some(hold) = config.hold {
             log::info!(
                 "proxy: hold mode: each upload is stored whole, held {} for editing, then forwarded",
@@ -277,11 +281,12 @@ impl event_loop::Handler for Core {
         let s = &self.stats;
         out.counter_labelled(
             "stopover_transfers_total",
-            "Transfers by outcome: relayed (the server's answer reached the client), refused (our own ERR), aborted (the client went away).",
+            "Transfers by outcome: relayed (the server's answer reached the client), refused (our own ERR), aborted (the client went away), kept (held, not forwarded: the proxy stopped first).",
             &[
                 ("outcome", "relayed", s.relayed),
                 ("outcome", "refused", s.refused),
                 ("outcome", "aborted", s.aborted),
+                ("outcome", "kept", s.kept),
             ],
         );
         out.counter(
@@ -302,19 +307,48 @@ impl event_loop::Handler for Core {
         );
     }
 
+    /// The proxy is stopping: a held upload whose hold ends after the
+    /// grace period could only wait it out and be cut off then. Its client
+    /// is told now (`ERR proxy shutting down: kept as NAME, not
+    /// forwarded`), and its upload stays whole under its final name.
+    fn draining(&mut self, cx: &mut Context<Timer>, until: Instant) {
+        let past: Vec<usize> = self
+            .transfers
+            .iter()
+            .filter(|(_, t)| t.held_past(until))
+            .map(|(key, _)| key)
+            .collect();
+        for key in past {
+            let transfer = self.transfers.remove(key);
+            for id in transfer.timers() {
+                cx.timers.cancel(id);
+            }
+            self.stats.received += transfer.bytes().0;
+            self.stats.kept += 1;
+            transfer.abandon();
+            cx.acceptor.connection_closed();
+        }
+    }
+
     /// Transfers still open are closed as aborted (an unfinished spool is
-    /// kept as `.incomplete`).
+    /// kept as `.incomplete`), or kept (a held upload, whole, not
+    /// forwarded).
     fn stopped(&mut self) -> Stats {
         let open = self.transfers.len();
         for t in self.transfers.drain() {
+            if t.kept_whole() {
+                self.stats.kept += 1;
+            } else {
+                self.stats.aborted += 1;
+            }
             t.abandon();
-            self.stats.aborted += 1;
         }
         log::info!(
-            "proxy: stopped: {} relayed, {} refused, {} aborted ({open} open at shutdown)",
+            "proxy: stopped: {} relayed, {} refused, {} aborted, {} kept (held, not forwarded) ({open} open at shutdown)",
             self.stats.relayed,
             self.stats.refused,
-            self.stats.aborted
+            self.stats.aborted,
+            self.stats.kept
         );
         self.stats
     }

@@ -180,54 +180,56 @@ pub struct Core {
 }
 
 impl Server {
-    /// Opens the storage directory, binds the listener and sets up the poll
-    /// loop. Errors name what failed ("binding 127.0.0.1:9000: Address in
+    /// Binds the listener, opens the storage directory and sets up the
+    /// poll loop. Errors name what failed ("binding 127.0.0.1:9000: Address in
     /// use").
     pub fn bind(config: &ServerConfig) -> io::Result<Server> {
-        // With --discard there is no directory: no store, nothing to retain.
-        let (store, retention) = match config.discard {
-            false => {
-                let mut store = Store::open(&config.dir)?;
-                let retention = Keeper::open("server", store.dir(), config.retention)?;
-                store.record_to(retention.recorder());
-                (Some(store), Some(retention))
-            }
-            true => (None, None),
+        // Bind first: a server that cannot listen creates no directory.
+        let accept = AcceptConfig {
+            role: "server",
+            listen: config.listen,
+            // Two descriptors per connection: its socket and its file.
+            per_conn: 2,
+            max_conns: config.max_conns,
+            grace: config.grace,
+            stats_listen: config.stats_addr,
+            stats_interval: config.stats_interval,
+            // Wake for uploads in batches of at least RECV_LOW_WATER
+            // bytes (or at EOF): fewer, larger reads. See check_idle
+            // for the cost.
+            recv_low_water: Some(RECV_LOW_WATER),
         };
-        let storing = match &store {
-            Some(store) => format!("storing uploads in {}", store.dir().display()),
-            None => "--discard: uploads are counted and checksummed, never stored".to_string(),
-        };
-        let core = Core {
-            retention,
-            conns: Slab::with_capacity(1024),
-            store,
-            stats: Stats::default(),
-            policy: Policy {
-                max_bytes: config.max_bytes,
-                fsync: config.fsync,
-            },
-            idle_timeout: config.idle_timeout,
-            min_rate: config.min_rate,
-            next_id: 0,
-        };
-        let server = Daemon::new(
-            &AcceptConfig {
-                role: "server",
-                listen: config.listen,
-                // Two descriptors per connection: its socket and its file.
-                per_conn: 2,
-                max_conns: config.max_conns,
-                grace: config.grace,
-                stats_listen: config.stats_addr,
-                stats_interval: config.stats_interval,
-                // Wake for uploads in batches of at least RECV_LOW_WATER
-                // bytes (or at EOF): fewer, larger reads. See check_idle
-                // for the cost.
-                recv_low_water: Some(RECV_LOW_WATER),
-            },
-            core,
-        )?;
+        let mut storing = String::new();
+        let server = Daemon::bind_then(&accept, None, || {
+            // With --discard there is no directory: no store, nothing to
+            // retain.
+            let (store, retention) = match config.discard {
+                false => {
+                    let mut store = Store::open(&config.dir)?;
+                    let retention = Keeper::open("server", store.dir(), config.retention)?;
+                    store.record_to(retention.recorder());
+                    (Some(store), Some(retention))
+                }
+                true => (None, None),
+            };
+            storing = match &store {
+                Some(store) => format!("storing uploads in {}", store.dir().display()),
+                None => "--discard: uploads are counted and checksummed, never stored".into(),
+            };
+            Ok(Core {
+                retention,
+                conns: Slab::with_capacity(1024),
+                store,
+                stats: Stats::default(),
+                policy: Policy {
+                    max_bytes: config.max_bytes,
+                    fsync: config.fsync,
+                },
+                idle_timeout: config.idle_timeout,
+                min_rate: config.min_rate,
+                next_id: 0,
+            })
+        })?;
         log::info!("server: {storing}");
         if config.fsync && !config.discard {
             log::info!("server: --fsync: each file and its directory entry are synced before OK");

@@ -20,7 +20,7 @@ use crate::answer::Answer;
 use crate::error::brief;
 use crate::event_loop::{Context, Reply};
 
-use super::upload::{Link, Source};
+use super::upload::Link;
 use super::{Outcome, Policy, State, Timer, Transfer};
 
 impl State {
@@ -234,11 +234,7 @@ impl Transfer {
     /// complete and kept under its final name, and its client is told so:
     /// `ERR proxy shutting down: kept as NAME, not forwarded`.
     pub fn abandon(self) {
-        let never_forwarded = match &self.state {
-            State::Holding { .. } => true,
-            State::Connecting { link, .. } => matches!(link.source, Source::Held(_)),
-            _ => false,
-        };
+        let never_forwarded = self.kept_whole();
         let (spool, link) = self.state.into_parts();
         if let Some(link) = link {
             link.up.close_or_reset();

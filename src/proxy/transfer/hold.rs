@@ -48,6 +48,22 @@ pub(super) fn watch_client(client: &mut Peer, scratch: &mut [u8]) -> Step {
 }
 
 impl Transfer {
+    /// True while the upload is held and its hold ends after `t`.
+    pub fn held_past(&self, t: Instant) -> bool {
+        matches!(self.state, State::Holding { until, .. } if until > t)
+    }
+
+    /// True if the upload is complete under its final name but was never
+    /// forwarded (held, or connecting after the hold): what the proxy keeps
+    /// whole when it stops.
+    pub fn kept_whole(&self) -> bool {
+        match &self.state {
+            State::Holding { .. } => true,
+            State::Connecting { link, .. } => matches!(link.source, Source::Held(_)),
+            _ => false,
+        }
+    }
+
     /// The upload is complete (and renamed): hold it, with the deadline
     /// armed in the loop's timers.
     pub(super) fn hold(&mut self, spool: Spool, cx: &mut Context<Timer>, policy: &Policy) -> State {
@@ -61,10 +77,13 @@ impl Transfer {
             spool.crc32c()
         );
         let (key, id) = (self.key, self.id);
-        let timer = cx
-            .timers
-            .schedule(Instant::now() + hold, Timer::HoldOver { key, id });
-        State::Holding { spool, timer }
+        let until = Instant::now() + hold;
+        let timer = cx.timers.schedule(until, Timer::HoldOver { key, id });
+        State::Holding {
+            spool,
+            timer,
+            until,
+        }
     }
 
     /// The hold is over: reopen the spool by name (a person may have
@@ -94,8 +113,15 @@ impl Transfer {
                     (_, Some(libc::ELOOP)) | (_, None) => "is not a regular file".to_string(),
                     _ => format!("cannot be opened: {}", brief(&e)),
                 };
+                // The reason once: `why` already says it unless it is the
+                // symlink or FIFO case, where the errno is worth a look.
+                let detail = match e.raw_os_error() {
+                    Some(errno) if why.ends_with(&brief(&e)) => format!(" (os error {errno})"),
+                    Some(_) => format!(" ({e})"),
+                    None => String::new(),
+                };
                 log::warn!(
-                    "proxy: held file {} {why} ({e}); answering ERR",
+                    "proxy: held file {} {why}{detail}; answering ERR",
                     path.display()
                 );
                 State::Replying(Reply::new(&Answer::err(format!(

@@ -134,7 +134,11 @@ enum State {
     /// Hold mode: the upload is complete and final in the spool; waiting for
     /// the deadline (a timer in the loop, never a sleep) while a person may
     /// edit the file.
-    Holding { spool: Spool, timer: TimerId },
+    Holding {
+        spool: Spool,
+        timer: TimerId,
+        until: Instant,
+    },
     /// The upstream connect is in flight; `timer` is its time limit. The
     /// client is not read: its bytes wait in the kernel until they can go
     /// upstream and to the spool together.
