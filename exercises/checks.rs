@@ -16,7 +16,13 @@ const MIB: usize = 1024 * 1024;
 ///    client still accepts it.
 pub fn kib_field() -> Check {
     let dir = scratch_dir();
-    let server = Daemon::start(&["server", "--listen", "127.0.0.1:0", "--dir", &path_in(dir.path(), "r")])?;
+    let server = Daemon::start(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        &path_in(dir.path(), "r"),
+    ])?;
     let line = upload(server.addr, &pattern(5000))?;
     let line = line.trim_end();
     let fields: Vec<&str> = line.split(' ').collect();
@@ -38,16 +44,32 @@ pub fn kib_field() -> Check {
 ///    without sending a byte of it upstream, and still relays small ones.
 pub fn refuse_without_forwarding() -> Check {
     let dir = scratch_dir();
-    let server = Daemon::start(&["server", "--listen", "127.0.0.1:0", "--dir", &path_in(dir.path(), "r")])?;
+    let server = Daemon::start(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        &path_in(dir.path(), "r"),
+    ])?;
     let relay = CountingRelay::start(server.addr)?;
     let upstream = relay.addr.to_string();
     let proxy = Daemon::start(&[
-        "proxy", "--listen", "127.0.0.1:0", "--upstream", &upstream,
-        "--dir", &path_in(dir.path(), "s"), "--max-bytes", "1MiB",
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--dir",
+        &path_in(dir.path(), "s"),
+        "--max-bytes",
+        "1MiB",
     ])?;
     let answer = upload(proxy.addr, &pattern(2 * MIB))?;
     if !answer.starts_with("ERR") {
-        return Err(format!("a 2 MiB upload was answered {:?}, not ERR", answer.trim_end()));
+        return Err(format!(
+            "a 2 MiB upload was answered {:?}, not ERR",
+            answer.trim_end()
+        ));
     }
     relay.wait_until_idle();
     let sent = relay.upstream_bytes();
@@ -58,7 +80,9 @@ pub fn refuse_without_forwarding() -> Check {
     }
     let (code, said) = stopover_client(proxy.addr, dir.path(), 100 * KIB)?;
     if code != 0 {
-        return Err(format!("a 100 KiB upload no longer goes through (exit {code}: {said})"));
+        return Err(format!(
+            "a 100 KiB upload no longer goes through (exit {code}: {said})"
+        ));
     }
     Ok(())
 }
@@ -71,8 +95,15 @@ fn slow_warning(line: &str) -> bool {
 /// A server with `--slow-upload THRESHOLD`, or the hint that the flag is missing.
 fn server_warning_after(dir: &std::path::Path, threshold: &str) -> Result<Daemon, String> {
     Daemon::start(&[
-        "server", "--listen", "127.0.0.1:0", "--dir", &path_in(dir, "r"),
-        "--min-rate", "0", "--slow-upload", threshold,
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        &path_in(dir, "r"),
+        "--min-rate",
+        "0",
+        "--slow-upload",
+        threshold,
     ])
     .map_err(|e| format!("the server does not take --slow-upload yet ({e})"))
 }
@@ -97,12 +128,20 @@ pub fn slow_upload_warning() -> Check {
     if !answer.starts_with("OK") {
         return Err(format!("the slow upload was answered {answer:?}, not OK"));
     }
-    if server.wait_for_line(Duration::from_secs(5), slow_warning).is_none() {
-        return Err("an upload that took 2.5 s with --slow-upload 1s got no WARN line saying \"slow\"".into());
+    if server
+        .wait_for_line(Duration::from_secs(5), slow_warning)
+        .is_none()
+    {
+        return Err(
+            "an upload that took 2.5 s with --slow-upload 1s got no WARN line saying \"slow\""
+                .into(),
+        );
     }
     let warnings = server.lines().iter().filter(|l| slow_warning(l)).count();
     if warnings != 1 {
-        return Err(format!("{warnings} slow-upload warnings for one slow and one quick upload"));
+        return Err(format!(
+            "{warnings} slow-upload warnings for one slow and one quick upload"
+        ));
     }
     Ok(())
 }
@@ -121,28 +160,41 @@ pub fn wouldblock_counter() -> Check {
     };
     let dir = scratch_dir();
     let args = [
-        "server", "--listen", "127.0.0.1:0", "--dir", &path_in(dir.path(), "r"),
-        "--stats-addr", "127.0.0.1:0",
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        &path_in(dir.path(), "r"),
+        "--stats-addr",
+        "127.0.0.1:0",
     ];
     let mut idle = Daemon::start(&args)?;
     idle.terminate()?;
     let none = stopped_count(&idle)?;
     if none != 0 {
-        return Err(format!("a server that had no connection at all counted {none} WouldBlocks"));
+        return Err(format!(
+            "a server that had no connection at all counted {none} WouldBlocks"
+        ));
     }
     let mut server = Daemon::start(&args)?;
     // Half the upload, and wait until the server has it: it read until the
     // socket was empty, so its last read said WouldBlock.
     let mut sock = connect(server.addr)?;
-    sock.write_all(&pattern(256 * KIB)).map_err(|e| e.to_string())?;
+    sock.write_all(&pattern(256 * KIB))
+        .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + PATIENCE;
-    while server.metric("stopover_bytes_received_total")?.unwrap_or(0.0) < (256 * KIB) as f64 {
+    while server
+        .metric("stopover_bytes_received_total")?
+        .unwrap_or(0.0)
+        < (256 * KIB) as f64
+    {
         if Instant::now() > deadline {
             return Err("the server did not read the first 256 KiB of an upload".into());
         }
         std::thread::sleep(Duration::from_millis(10)); // polling a condition
     }
-    sock.write_all(&pattern(256 * KIB)).map_err(|e| e.to_string())?;
+    sock.write_all(&pattern(256 * KIB))
+        .map_err(|e| e.to_string())?;
     sock.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
     let answer = read_answer(&mut sock)?;
     if !answer.starts_with("OK") {
@@ -151,7 +203,9 @@ pub fn wouldblock_counter() -> Check {
     server.terminate()?;
     let some = stopped_count(&server)?;
     if some == 0 {
-        return Err("after an upload that paused half-way, the server counted 0 WouldBlocks".into());
+        return Err(
+            "after an upload that paused half-way, the server counted 0 WouldBlocks".into(),
+        );
     }
     Ok(())
 }
@@ -161,8 +215,17 @@ pub fn wouldblock_counter() -> Check {
 pub fn broken_edge_trigger() -> Check {
     let dir = scratch_dir();
     let server = Daemon::start(&[
-        "server", "--listen", "127.0.0.1:0", "--dir", &path_in(dir.path(), "r"),
-        "--stats-addr", "127.0.0.1:0", "--idle-timeout", "0s", "--min-rate", "0",
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        &path_in(dir.path(), "r"),
+        "--stats-addr",
+        "127.0.0.1:0",
+        "--idle-timeout",
+        "0s",
+        "--min-rate",
+        "0",
     ])?;
     const SIZE: usize = 10 * MIB;
     let addr = server.addr;
@@ -182,7 +245,9 @@ pub fn broken_edge_trigger() -> Check {
                 answer.trim_end()
             ));
         }
-        let read = server.metric("stopover_bytes_received_total")?.unwrap_or(0.0);
+        let read = server
+            .metric("stopover_bytes_received_total")?
+            .unwrap_or(0.0);
         if read != last {
             (last, since) = (read, Instant::now());
         } else if read < SIZE as f64 && since.elapsed() > Duration::from_secs(2) {
@@ -206,7 +271,9 @@ pub fn slow_upload_timer() -> Check {
     let mut sock = connect(server.addr)?;
     sock.write_all(b"slow, ").map_err(|e| e.to_string())?;
     let Some(_) = server.wait_for_line(Duration::from_secs(10), slow_warning) else {
-        return Err("an upload still running after 10 s with --slow-upload 500ms got no warning yet".into());
+        return Err(
+            "an upload still running after 10 s with --slow-upload 500ms got no warning yet".into(),
+        );
     };
     let after = began.elapsed();
     if after < Duration::from_millis(500) {
@@ -225,7 +292,9 @@ pub fn slow_upload_timer() -> Check {
     // chance to fire by now; it must not have warned.
     let warnings = server.lines().iter().filter(|l| slow_warning(l)).count();
     if warnings != 1 {
-        return Err(format!("{warnings} slow-upload warnings for one slow and one quick upload"));
+        return Err(format!(
+            "{warnings} slow-upload warnings for one slow and one quick upload"
+        ));
     }
     Ok(())
 }
@@ -246,8 +315,18 @@ pub fn answer_back_pressure() -> Check {
     let dir = scratch_dir();
     let upstream = fake_upstream(big_answer(ANSWER))?.to_string();
     let proxy = Daemon::start(&[
-        "-vv", "proxy", "--listen", "127.0.0.1:0", "--upstream", &upstream,
-        "--dir", &path_in(dir.path(), "s"), "--stats-addr", "127.0.0.1:0", "--min-rate", "0",
+        "-vv",
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--dir",
+        &path_in(dir.path(), "s"),
+        "--stats-addr",
+        "127.0.0.1:0",
+        "--min-rate",
+        "0",
     ])?;
     match proxy.metric(METRIC)? {
         Some(v) if v == 0.0 => {}
@@ -255,7 +334,8 @@ pub fn answer_back_pressure() -> Check {
         None => return Err(format!("the proxy's /metrics has no {METRIC}")),
     }
     let mut sock = connect(proxy.addr)?;
-    sock.write_all(b"please answer at length").map_err(|e| e.to_string())?;
+    sock.write_all(b"please answer at length")
+        .map_err(|e| e.to_string())?;
     sock.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
     // Do not read: the answer fills our socket, then the proxy's.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -275,10 +355,13 @@ pub fn answer_back_pressure() -> Check {
                 .is_some_and(|at| l[at..].to_lowercase().contains("paus"))
     });
     if !traced {
-        return Err("no trace line says the upstream's reads are paused (`#N upstream ... paused`)".into());
+        return Err(
+            "no trace line says the upstream's reads are paused (`#N upstream ... paused`)".into(),
+        );
     }
     let mut got = Vec::with_capacity(ANSWER);
-    sock.read_to_end(&mut got).map_err(|e| format!("reading the answer: {e}"))?;
+    sock.read_to_end(&mut got)
+        .map_err(|e| format!("reading the answer: {e}"))?;
     if got != pattern(ANSWER) {
         return Err(format!(
             "the client got {} bytes of a {ANSWER}-byte answer, or not the same bytes",
@@ -294,7 +377,11 @@ pub fn answer_back_pressure() -> Check {
 fn answer_in_pieces(lie: bool) -> impl Fn(&mut std::net::TcpStream, &[u8]) + Send + Sync + 'static {
     move |sock, upload| {
         let crc = crc32c::crc32c(upload) ^ u32::from(lie);
-        let line = format!("OK bytes={} crc32c={crc:08x} file=fake-{}\n", upload.len(), upload.len());
+        let line = format!(
+            "OK bytes={} crc32c={crc:08x} file=fake-{}\n",
+            upload.len(),
+            upload.len()
+        );
         let (a, b) = line.split_at(12);
         let _ = sock.write_all(a.as_bytes());
         let _ = sock.flush();
@@ -317,18 +404,28 @@ pub fn answer_check() -> Check {
     for (lie, size) in [(false, 3000), (true, 4000)] {
         let upstream = fake_upstream(answer_in_pieces(lie))?.to_string();
         let proxy = Daemon::start(&[
-            "proxy", "--listen", "127.0.0.1:0", "--upstream", &upstream,
-            "--dir", &path_in(dir.path(), &format!("s{size}")),
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream,
+            "--dir",
+            &path_in(dir.path(), &format!("s{size}")),
         ])?;
         let data = pattern(size);
         let answer = upload(proxy.addr, &data)?;
         let crc = crc32c::crc32c(&data) ^ u32::from(lie);
         let expected = format!("OK bytes={size} crc32c={crc:08x} file=fake-{size}\n");
         if answer != expected {
-            return Err(format!("the client got {answer:?}, not the upstream's {expected:?}"));
+            return Err(format!(
+                "the client got {answer:?}, not the upstream's {expected:?}"
+            ));
         }
         if lie {
-            if proxy.wait_for_line(Duration::from_secs(5), mismatch_warning).is_none() {
+            if proxy
+                .wait_for_line(Duration::from_secs(5), mismatch_warning)
+                .is_none()
+            {
                 return Err("the upstream answered with a wrong crc32c and the proxy logged no WARN line saying \"mismatch\"".into());
             }
         } else {

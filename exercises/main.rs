@@ -139,12 +139,19 @@ fn still_fit() -> ExitCode {
             };
             let source = std::fs::read_to_string(root.join(file)).unwrap_or_default();
             if !source.contains(&format!("fn {function}(")) {
-                problems.push(format!("exercise {}'s hint names {span}, which does not exist", i + 1));
+                problems.push(format!(
+                    "exercise {}'s hint names {span}, which does not exist",
+                    i + 1
+                ));
             }
         }
         let patch = answer_patch(root, i + 1);
         if !patch.exists() {
-            problems.push(format!("exercise {} has no answer ({})", i + 1, patch.display()));
+            problems.push(format!(
+                "exercise {} has no answer ({})",
+                i + 1,
+                patch.display()
+            ));
         }
     }
     let answers = root.join("exercises/answers");
@@ -212,7 +219,10 @@ fn applies(root: &Path, answers: &Path) -> Result<usize, Vec<String>> {
         }
     }
     if problems.is_empty() {
-        Ok(answers.read_dir().map_or(0, |d| d.count()).min(EXERCISES.len()))
+        Ok(answers
+            .read_dir()
+            .map_or(0, |d| d.count())
+            .min(EXERCISES.len()))
     } else {
         Err(problems)
     }

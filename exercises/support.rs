@@ -81,7 +81,10 @@ impl Daemon {
                     let _ = child.kill();
                     let _ = child.wait();
                     let said = log.lock().unwrap().join(" / ");
-                    return Err(format!("`stopover {}` did not start: {said}", args.join(" ")));
+                    return Err(format!(
+                        "`stopover {}` did not start: {said}",
+                        args.join(" ")
+                    ));
                 }
             }
         }
