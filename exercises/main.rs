@@ -64,7 +64,7 @@ const EXERCISES: &[Exercise] = &[
     },
     Exercise {
         title: "make back-pressure on the answer visible",
-        hint: "where `src/proxy/transfer/answer.rs:relay_answer` stops reading at ANSWER_CHUNK, trace it and count it; export the count in `src/proxy/mod.rs:metrics`",
+        hint: "where `src/proxy/transfer/answer.rs:relay_answer` stops because the client's write says Blocked, trace it and count it; export the count in `src/proxy/mod.rs:metrics`",
         check: checks::answer_back_pressure,
     },
     Exercise {
