@@ -3,7 +3,8 @@
 CARGO ?= cargo
 BIN   := target/release/stopover
 
-.PHONY: build test lint bench demo demo-trace diagrams run-server run-proxy install clean
+.PHONY: build test lint bench demo demo-trace diagrams run-server run-proxy install clean \
+	exercises exercise exercises-proof
 
 ## build: release build of the `stopover` binary
 build:
@@ -31,6 +32,28 @@ demo: build
 ## demo-trace: the demo with -vv: watch the loops think (every event, read, write, state change)
 demo-trace: build
 	TRACE=1 bash scripts/demo.sh $(BIN)
+
+## exercises: the GUIDE's exercises, each checked on real sockets: which are done
+exercises:
+	@bash scripts/exercise.sh --list
+
+## exercise: `make exercise 3` checks exercise 3: done, or what was seen and where to look
+exercise:
+	@bash scripts/exercise.sh --exercise $(N)
+
+# `make exercise 3`: the number is a second goal; take it as N, and make
+# it a goal that does nothing.
+ifeq (exercise,$(firstword $(MAKECMDGOALS)))
+  N ?= $(word 2,$(MAKECMDGOALS))
+  ifneq ($(N),)
+    $(eval $(N):;@:)
+  endif
+endif
+
+## exercises-proof: each exercise's check fails on the code as it is and
+## passes with the GUIDE's answer applied (in a scratch copy)
+exercises-proof:
+	bash scripts/exercises-proof.sh
 
 ## diagrams: regenerate docs/*.svg from their text sources (needs: cargo install svgbob_cli)
 diagrams:
