@@ -55,9 +55,16 @@ endif
 exercises-proof:
 	bash scripts/exercises-proof.sh
 
-## diagrams: regenerate docs/*.svg from their text sources (needs: cargo install svgbob_cli)
-diagrams:
-	for src in docs/*.txt; do svgbob_cli "$$src" -o "$${src%.txt}.svg"; done
+## diagrams: regenerate docs/*.svg: the drawings from their text sources
+## (needs: cargo install svgbob_cli; skipped without it), and the trace
+## picture, docs/demo-trace.svg, from a real run of the demo
+diagrams: build
+	@if command -v svgbob_cli >/dev/null; then \
+		for src in docs/*.txt; do svgbob_cli "$$src" -o "$${src%.txt}.svg"; done; \
+	else echo "svgbob_cli not installed (cargo install svgbob_cli): docs/*.txt not redrawn"; fi
+	SIZE=300000 TRACE=1 LOGS=target/demo-trace bash scripts/demo.sh $(BIN) >/dev/null
+	cp target/demo-trace/proxy.log docs/demo-trace.log
+	$(BIN) trace-view docs/demo-trace.log -o docs/demo-trace.svg
 
 ## run-server: a server in the foreground on the defaults (127.0.0.1:9000, ./received)
 run-server: build

@@ -331,7 +331,7 @@ pub fn answer_back_pressure() -> Check {
         "0",
     ])?;
     match proxy.metric(METRIC)? {
-        Some(v) if v == 0.0 => {}
+        Some(0.0) => {}
         Some(v) => return Err(format!("{METRIC} is {v} before any transfer")),
         None => return Err(format!("the proxy's /metrics has no {METRIC}")),
     }

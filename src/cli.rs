@@ -60,7 +60,23 @@ pub enum Command {
     },
     /// Print the man page (roff), e.g. `stopover manpage > stopover.1`.
     Manpage,
+    /// Draw a -vv trace as an SVG timeline: a lane per socket, the disk, the timers.
+    #[command(after_help = TRACE_VIEW_EXAMPLES)]
+    TraceView {
+        /// Trace files (`-` or none: standard input). Lines it does not
+        /// know are skipped, so a whole log will do.
+        #[arg(value_name = "LOG")]
+        logs: Vec<PathBuf>,
+        /// Write the SVG here instead of to standard output.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
+
+const TRACE_VIEW_EXAMPLES: &str = "\
+Examples:
+  stopover -vv proxy 2> proxy.log            # ... run a transfer, stop the proxy
+  stopover trace-view proxy.log -o proxy-trace.svg";
 
 const SERVER_EXAMPLES: &str = "\
 Examples:

@@ -30,6 +30,7 @@
 //! | [`cli`] | command-line definitions |
 //! | [`error`] | errors that say what was being done, and to what |
 //! | [`human`] | output for people: MB/s, progress bars |
+//! | [`trace_view`] | `stopover trace-view`: a `-vv` trace drawn as an SVG timeline |
 //! | [`sys`] | every direct libc call, each with its SAFETY note (the other `unsafe`: `event_loop::disk`) |
 //!
 //! For a guided tour of the code, read `docs/GUIDE.md`.
@@ -48,3 +49,4 @@ pub mod proxy;
 pub mod server;
 pub mod store;
 pub mod sys;
+pub mod trace_view;

@@ -52,9 +52,11 @@ fn init_logging(cli: &Cli) {
     // The client's stdout carries the answer and its stderr is for the
     // user, so it logs only warnings unless asked; the daemons log info.
     let base = match cli.command {
-        Command::Client(_) | Command::Load(_) | Command::Completions { .. } | Command::Manpage => {
-            LevelFilter::Warn
-        }
+        Command::Client(_)
+        | Command::Load(_)
+        | Command::Completions { .. }
+        | Command::Manpage
+        | Command::TraceView { .. } => LevelFilter::Warn,
         _ => LevelFilter::Info,
     };
     let level = match (cli.quiet, cli.verbose) {
@@ -144,6 +146,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
             clap_mangen::Man::new(cmd)
                 .render(&mut std::io::stdout())
                 .map_err(|e| format!("writing the man page: {e}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::TraceView { logs, output } => {
+            stopover::trace_view::run(&logs, output.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Load(args) => {
