@@ -35,7 +35,7 @@ demo-trace: build
 
 ## exercises: the GUIDE's exercises, each checked on real sockets: which are done
 exercises:
-	@bash scripts/exercise.sh --list
+	@bash scripts/exercise.sh --status
 
 ## exercise: `make exercise 3` checks exercise 3: done, or what was seen and where to look
 exercise:

@@ -14,6 +14,10 @@
 //! names exists, and every answer in `exercises/answers/` still applies.
 //! `make exercises-proof` goes further: each check fails on today's code
 //! and passes with its answer applied (`scripts/exercises-proof.sh`).
+//!
+//! Its own flags (`--status`, `--exercise N`) are named so that cargo's
+//! and libtest's (a filter, `--list`, `--nocapture`) never start a check:
+//! anything else is the bare run.
 
 mod checks;
 mod support;
@@ -77,7 +81,7 @@ const EXERCISES: &[Exercise] = &[
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().position(|a| a == name);
-    if flag("--list").is_some() {
+    if flag("--status").is_some() {
         list();
         return ExitCode::SUCCESS;
     }

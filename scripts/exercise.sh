@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GUIDE's exercises (exercises/main.rs): `make exercises` runs
-# `exercise.sh --list`, `make exercise N` runs `exercise.sh --exercise N`.
+# `exercise.sh --status`, `make exercise N` runs `exercise.sh --exercise N`.
 # Builds the checks with the learner's code (compile errors are shown as
 # they are), then runs the check binary itself, so its verdict is not
 # buried under cargo's own "test failed" lines.
