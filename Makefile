@@ -3,7 +3,8 @@
 CARGO ?= cargo
 BIN   := target/release/stopover
 
-.PHONY: build test lint bench soak demo demo-trace diagrams run-server run-proxy install uninstall clean
+.PHONY: build test lint bench soak demo demo-trace diagrams run-server run-proxy install uninstall clean \
+	exercises exercise exercises-proof
 
 ## build: release build of the `stopover` binary
 build:
@@ -38,9 +39,38 @@ demo: build
 demo-trace: build
 	TRACE=1 bash scripts/demo.sh $(BIN)
 
-## diagrams: regenerate docs/*.svg from their text sources (needs: cargo install svgbob_cli)
-diagrams:
-	for src in docs/*.txt; do svgbob_cli "$$src" -o "$${src%.txt}.svg"; done
+## exercises: the GUIDE's exercises, each checked on real sockets: which are done
+exercises:
+	@bash scripts/exercise.sh --status
+
+## exercise: `make exercise 3` checks exercise 3: done, or what was seen and where to look
+exercise:
+	@bash scripts/exercise.sh --exercise $(N)
+
+# `make exercise 3`: the number is a second goal; take it as N, and make
+# it a goal that does nothing.
+ifeq (exercise,$(firstword $(MAKECMDGOALS)))
+  N ?= $(word 2,$(MAKECMDGOALS))
+  ifneq ($(N),)
+    $(eval $(N):;@:)
+  endif
+endif
+
+## exercises-proof: each exercise's check fails on the code as it is and
+## passes with the GUIDE's answer applied (in a scratch copy)
+exercises-proof:
+	bash scripts/exercises-proof.sh
+
+## diagrams: regenerate docs/*.svg: the drawings from their text sources
+## (needs: cargo install svgbob_cli; skipped without it), and the trace
+## picture, docs/demo-trace.svg, from a real run of the demo
+diagrams: build
+	@if command -v svgbob_cli >/dev/null; then \
+		for src in docs/*.txt; do svgbob_cli "$$src" -o "$${src%.txt}.svg"; done; \
+	else echo "svgbob_cli not installed (cargo install svgbob_cli): docs/*.txt not redrawn"; fi
+	SIZE=300000 TRACE=1 LOGS=target/demo-trace bash scripts/demo.sh $(BIN) >/dev/null
+	cp target/demo-trace/proxy.log docs/demo-trace.log
+	$(BIN) trace-view docs/demo-trace.log -o docs/demo-trace.svg
 
 ## run-server: a server in the foreground on the defaults (127.0.0.1:9000, ./received)
 run-server: build
@@ -75,6 +105,7 @@ uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/stopover $(COMPLETIONS) \
 		$(MANDIR)/stopover.1 $(MANDIR)/stopover-server.1 $(MANDIR)/stopover-proxy.1 \
 		$(MANDIR)/stopover-client.1 $(MANDIR)/stopover-load.1 \
+		$(MANDIR)/stopover-trace-view.1 \
 		$(MANDIR)/stopover-completions.1 $(MANDIR)/stopover-manpage.1
 
 ## clean: remove build output and demo files

@@ -5,7 +5,10 @@
 # whatever happens, and the working directory is removed (KEEP=1 keeps it).
 # With TRACE=1 (make demo-trace), the daemons run with -vv and the demo ends
 # with their readiness traces: every event, every read and write, every
-# state change, one line each.
+# state change, one line each. With LOGS=DIR, the daemons' raw logs are
+# copied to DIR/server.log and DIR/proxy.log (`make diagrams` draws the
+# proxy's with `stopover trace-view`). SIZE=BYTES sends a file of about
+# that size instead of the usual one.
 set -euo pipefail
 
 bin=${1:-target/release/stopover}
@@ -52,7 +55,11 @@ proxy=$(listening_addr "$work/proxy.log" "${pids[-1]}")
 echo "== proxy listening on $proxy, forwarding to $server"
 
 sample="$work/sample.bin"
-if [ "${TRACE:-0}" = 1 ]; then
+if [ -n "${SIZE:-}" ]; then
+    # SIZE=BYTES: a file of that size (make diagrams draws one large
+    # enough to need several reads, writes and disk writes).
+    { echo "stopover demo file, made $(date -u +%FT%TZ)"; head -c "$SIZE" /dev/urandom; } >"$sample"
+elif [ "${TRACE:-0}" = 1 ]; then
     # Small, so the trace stays short enough to read.
     echo "stopover demo file, made $(date -u +%FT%TZ)" >"$sample"
 else
@@ -74,4 +81,8 @@ sleep 0.2
 echo "== logs:"
 sed 's/^[^ ]* /server| /' "$work/server.log"
 sed 's/^[^ ]* /proxy | /' "$work/proxy.log"
+if [ -n "${LOGS:-}" ]; then
+    mkdir -p "$LOGS"
+    cp "$work/server.log" "$work/proxy.log" "$LOGS/"
+fi
 exit "$status"

@@ -71,6 +71,17 @@ pub enum Command {
         #[arg(long, value_name = "DIR", conflicts_with = "page")]
         dir: Option<PathBuf>,
     },
+    /// Draw a -vv trace as an SVG timeline: a lane per socket, the disk, the timers.
+    #[command(after_help = help::TRACE_VIEW.help())]
+    TraceView {
+        /// Trace files (`-` or none: standard input). Lines it does not
+        /// know are skipped, so a whole log will do.
+        #[arg(value_name = "LOG")]
+        logs: Vec<PathBuf>,
+        /// Write the SVG here instead of to standard output.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 /// `stopover server`.

@@ -143,6 +143,23 @@ pub const COMPLETIONS: Epilogue = Epilogue {
     exit_codes: &[(0, "printed"), (1, "cannot write"), USAGE_ERROR],
 };
 
+/// `stopover trace-view`.
+pub const TRACE_VIEW: Epilogue = Epilogue {
+    examples: &[
+        "stopover -vv proxy 2> proxy.log    # run a transfer through it, then stop it",
+        "stopover trace-view proxy.log -o proxy-trace.svg",
+    ],
+    output: "Writes one self-contained SVG (standard output, or -o FILE).",
+    exit_codes: &[
+        (0, "drawn"),
+        (
+            1,
+            "cannot read the log, it holds no trace lines, or cannot write",
+        ),
+        USAGE_ERROR,
+    ],
+};
+
 /// `stopover manpage`.
 pub const MANPAGE: Epilogue = Epilogue {
     examples: &[

@@ -34,6 +34,7 @@
 //! | [`error`] | errors that say what was being done, and to what |
 //! | [`human`] | output for people: MB/s, progress bars |
 //! | [`logging`] | the logger: lines queued to a writer thread, so a closed or full stderr loses lines (counted), never the daemon |
+//! | [`trace_view`] | `stopover trace-view`: a `-vv` trace drawn as an SVG timeline |
 //! | [`sys`] | every direct libc call, each with its SAFETY note (the other `unsafe`: `event_loop::disk`) |
 //!
 //! For a guided tour of the code, read `docs/GUIDE.md`.
@@ -56,3 +57,4 @@ pub mod retention;
 pub mod server;
 pub mod store;
 pub mod sys;
+pub mod trace_view;

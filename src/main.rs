@@ -60,7 +60,8 @@ fn init_logging(cli: &Cli) {
         Command::Client(_)
         | Command::Load(_)
         | Command::Completions { .. }
-        | Command::Manpage { .. } => LevelFilter::Warn,
+        | Command::Manpage { .. }
+        | Command::TraceView { .. } => LevelFilter::Warn,
         _ => LevelFilter::Info,
     };
     let level = match (cli.quiet, cli.verbose) {
@@ -75,7 +76,7 @@ fn init_logging(cli: &Cli) {
         Command::Proxy(_) => "proxy",
         Command::Client(_) => "client",
         Command::Load(_) => "load",
-        Command::Completions { .. } | Command::Manpage { .. } => "",
+        Command::Completions { .. } | Command::Manpage { .. } | Command::TraceView { .. } => "",
     };
     logging::init(level, role);
 }
@@ -152,6 +153,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
         }
         Command::Manpage { page, dir } => {
             stopover::man::run(page.as_deref(), dir.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::TraceView { logs, output } => {
+            stopover::trace_view::run(&logs, output.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Load(args) => {

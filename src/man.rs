@@ -20,11 +20,12 @@ use crate::help::{self, Epilogue};
 
 /// The subcommands, each with a page of its own (stopover(1) names them
 /// all).
-pub const PAGES: [&str; 6] = [
+pub const PAGES: [&str; 7] = [
     "server",
     "proxy",
     "client",
     "load",
+    "trace-view",
     "completions",
     "manpage",
 ];
@@ -41,6 +42,7 @@ pub fn render(page: Option<&str>) -> io::Result<Vec<u8>> {
                 "proxy" => &help::PROXY,
                 "client" => &help::CLIENT,
                 "load" => &help::LOAD,
+                "trace-view" => &help::TRACE_VIEW,
                 "completions" => &help::COMPLETIONS,
                 "manpage" => &help::MANPAGE,
                 _ => {

@@ -334,7 +334,7 @@ fn readmes_fail_if_example_gates_a_real_run_as_the_text_says() {
 
 #[test]
 fn each_help_lists_the_exit_codes_readmes_table_gives() {
-    // | code | `server`, `proxy` | `client` | `load` | `completions`, `manpage` |
+    // | code | `server`, `proxy` | `client` | `load` | `completions`, `manpage`, `trace-view` |
     let readme = read("README.md");
     let mut rows = readme.lines().skip_while(|l| !l.starts_with("| code |"));
     let header: Vec<String> = rows
@@ -371,8 +371,8 @@ fn each_help_lists_the_exit_codes_readmes_table_gives() {
         }
     }
     assert_eq!(
-        checked, 6,
-        "server, proxy, client, load, completions, manpage"
+        checked, 7,
+        "server, proxy, client, load, completions, manpage, trace-view"
     );
 }
 
@@ -397,6 +397,7 @@ fn completions_and_man_pages_are_what_readme_and_make_install_promise() {
         "stopover-proxy.1",
         "stopover-client.1",
         "stopover-load.1",
+        "stopover-trace-view.1",
         "stopover-completions.1",
         "stopover-manpage.1",
     ];

@@ -92,3 +92,31 @@ fn the_guide_states_the_real_defaults() {
     assert_eq!(stopover::event_loop::disk::CHUNK, 1024 * 1024);
     assert!(guide.contains("aligned 1 MiB chunks"));
 }
+
+#[test]
+fn the_guide_shows_the_trace_picture_drawn_from_a_real_demo_log() {
+    let guide = std::fs::read_to_string(root().join("docs/GUIDE.md")).unwrap();
+    assert!(
+        guide.contains("(demo-trace.svg)"),
+        "the guide links docs/demo-trace.svg"
+    );
+    let log = std::fs::read_to_string(root().join("docs/demo-trace.log"))
+        .expect("docs/demo-trace.log: run `make diagrams`");
+    // A real run: the demo's proxy, listening, with a whole transfer in it.
+    for line in [
+        "proxy listening on",
+        "state Connecting -> Streaming",
+        "closed (Relayed)",
+    ] {
+        assert!(
+            log.contains(line),
+            "docs/demo-trace.log lacks {line:?}: run `make diagrams`"
+        );
+    }
+    let svg = std::fs::read_to_string(root().join("docs/demo-trace.svg")).unwrap();
+    let drawn = stopover::trace_view::render(&stopover::trace_view::parse(&log));
+    assert!(
+        svg == drawn,
+        "docs/demo-trace.svg is not trace-view's picture of docs/demo-trace.log: run `make diagrams`"
+    );
+}

@@ -22,6 +22,20 @@ fn missing_in_order<'a>(lines: &[String], wanted: &[&'a str]) -> Option<&'a str>
     None
 }
 
+/// A proxy process at `-vv` in front of `upstream`, spooling into `dir`.
+fn spawn_traced_proxy(upstream: std::net::SocketAddr, dir: &std::path::Path) -> Spawned {
+    spawn(&[
+        "-vv",
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream.to_string(),
+        "--dir",
+        dir.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn trace_shows_one_transfer_step_by_step() {
     let dirs = tempfile::tempdir().unwrap();
@@ -33,16 +47,7 @@ fn trace_shows_one_transfer_step_by_step() {
         "--dir",
         dirs.path().join("r").to_str().unwrap(),
     ]);
-    let proxy = spawn(&[
-        "-vv",
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &server.addr.to_string(),
-        "--dir",
-        dirs.path().join("s").to_str().unwrap(),
-    ]);
+    let proxy = spawn_traced_proxy(server.addr, &dirs.path().join("s"));
     assert_eq!(
         send(proxy.addr, b"hello, trace\n").unwrap().verdict(),
         Verdict::Verified
@@ -115,4 +120,69 @@ fn trace_is_off_by_default() {
         .log_lines()
         .iter()
         .all(|l| !l.contains("TRACE") && !l.contains("DEBUG")));
+}
+
+#[test]
+fn trace_view_draws_a_real_trace_with_a_lane_per_socket() {
+    let dirs = tempfile::tempdir().unwrap();
+    let server = spawn_server(&dirs.path().join("r"), &[]);
+    let proxy = spawn_traced_proxy(server.addr, &dirs.path().join("s"));
+    // Large enough for several reads and a disk write through the ring.
+    let data = random_bytes(300_000, 23);
+    assert_eq!(
+        send(proxy.addr, &data).unwrap().verdict(),
+        Verdict::Verified
+    );
+    proxy.wait_for_log("closed (Relayed)");
+    let log = dirs.path().join("proxy.log");
+    std::fs::write(&log, proxy.log_lines().join("\n")).unwrap();
+    let svg_path = dirs.path().join("trace.svg");
+    let out = std::process::Command::new(bin())
+        .args([
+            "trace-view",
+            log.to_str().unwrap(),
+            "-o",
+            svg_path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "trace-view failed: {out:?}");
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    for lane in [
+        "proxy loop",
+        "proxy #0 client",
+        "proxy #0 upstream",
+        "proxy disk",
+        "proxy timers",
+    ] {
+        assert!(svg.contains(&format!(">{lane}</text>")), "no lane {lane:?}");
+    }
+    for label in [
+        ">read ",
+        ">write ",
+        "#0 write ",
+        "Connecting \u{2192} Streaming",
+        "closed (Relayed)",
+    ] {
+        assert!(
+            svg.contains(label),
+            "no {label:?} in the picture of:\n{}",
+            proxy.log_lines().join("\n")
+        );
+    }
+}
+
+#[test]
+fn trace_view_says_so_when_a_log_has_no_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("info.log");
+    std::fs::write(&log, "2026-12-02T00:52:30.505Z INFO  server: stopped\n").unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["trace-view", log.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no trace lines found"), "{err}");
 }

@@ -232,6 +232,11 @@ impl Spool {
             return;
         };
         let data = chunk.filled();
+        log::trace!(
+            "proxy: #{} disk write {} at {at} through the page cache",
+            self.owner.key,
+            data.len()
+        );
         if let Err(e) = file.write_all_at(data, at) {
             let e = io::Error::new(
                 e.kind(),
@@ -280,6 +285,7 @@ impl Spool {
         if len > 0 {
             disk.write(self.part.shared_file(), at, &chunk, len, self.owner);
             self.in_flight += 1;
+            log::trace!("proxy: #{} disk write {len} at {at} queued", self.owner.key);
         }
         self.sent_to_disk.push_back((at, chunk));
     }
@@ -353,6 +359,11 @@ impl Spool {
         if data.is_empty() {
             return Ok(());
         }
+        log::trace!(
+            "proxy: #{} disk write {} at {offset}",
+            self.owner.key,
+            data.len()
+        );
         if self.direct == Direct::On {
             // The overflow descriptor, if there is one, saves an open.
             if let Some(Ok(file)) = self.overflow.as_ref() {
@@ -382,6 +393,11 @@ impl Spool {
             return Ok(false);
         }
         self.part.finish()?;
+        log::trace!(
+            "proxy: #{} disk renamed {}",
+            self.owner.key,
+            self.part.name()
+        );
         if self.overflowed > 0 {
             // What overflowed through the page cache leaves it (the pages
             // still being written back stay until they are clean).
@@ -399,6 +415,7 @@ impl Spool {
     /// A disk write of ours has completed.
     pub fn on_written(&mut self, result: io::Result<()>) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        log::trace!("proxy: #{} disk write done", self.owner.key);
         if let Err(e) = result {
             log::debug!("{}: disk write failed: {e}", self.part.path().display());
             self.failed.get_or_insert(e);
