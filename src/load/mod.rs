@@ -32,28 +32,38 @@
 //! client that fails before the half-way point still counts as arrived, so
 //! one failure cannot hang the rest; the wait is also bounded by
 //! `--timeout`.
+//!
+//! `--replay DIR` sends a recording (a spool, a server's directory) again,
+//! each file at its recorded time, on the same open loop (`replay`).
 
-use std::collections::BTreeMap;
 use std::io::{self, IsTerminal};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::client::{self, ClientError, Verdict, CHUNK};
+use crate::client::{self, ClientError, Source, Verdict, CHUNK};
 use crate::sys;
 
 mod payload;
 mod record;
+mod recording;
+mod replay;
 mod report;
+mod tally;
 
 pub use payload::SizeRange;
 pub use report::{
     IntervalReport, Latency, RateReport, RunEcho, Summary, Threshold, ThresholdResult,
 };
 
+pub use recording::{arrival_time, Bound};
+pub use replay::{parse_speed, Replay, ReplayOptions, ReplayPlan};
+
 use payload::{random_pool, seed_for, Gate, PoolSource, SplitMix};
 use record::{Done, Recorder};
+pub use tally::failure_kind;
+use tally::Tally;
 
 /// Settings for [`run`].
 #[derive(Debug, Clone)]
@@ -87,6 +97,20 @@ pub struct LoadConfig {
     pub thresholds: Vec<Threshold>,
     /// Progress bar on stderr when it is a terminal.
     pub progress: bool,
+    /// Send this recording on its schedule instead of random payloads
+    /// (open loop; `stop`, `size` and `warmup` are ignored).
+    pub replay: Option<Arc<Replay>>,
+}
+
+impl LoadConfig {
+    /// Transfers a second asked for in open loop (`--rate`, or a replay's
+    /// average); `None` in closed loop.
+    fn offered_rate(&self) -> Option<f64> {
+        match &self.replay {
+            Some(replay) => Some(replay.offered_rate()),
+            None => self.rate,
+        }
+    }
 }
 
 /// When the load generator stops starting new transfers.
@@ -102,70 +126,6 @@ pub enum Stop {
 /// reported as late.
 const LATE: Duration = Duration::from_millis(1);
 
-/// What each client thread brings back.
-struct Tally {
-    ok: u64,
-    bytes: u64,
-    failures: BTreeMap<String, u64>,
-    examples: BTreeMap<String, String>,
-    /// When the last counted transfer ended: the end of the wall time.
-    ended: Option<Instant>,
-    /// Open loop: counted transfers that began late, and the latest.
-    late: u64,
-    max_late: Duration,
-}
-
-impl Tally {
-    fn new() -> Tally {
-        Tally {
-            ok: 0,
-            bytes: 0,
-            failures: BTreeMap::new(),
-            examples: BTreeMap::new(),
-            ended: None,
-            late: 0,
-            max_late: Duration::ZERO,
-        }
-    }
-
-    fn fail(&mut self, kind: &str, message: String) {
-        *self.failures.entry(kind.to_string()).or_default() += 1;
-        self.examples.entry(kind.to_string()).or_insert(message);
-    }
-
-    fn merge(&mut self, other: Tally) {
-        self.ok += other.ok;
-        self.bytes += other.bytes;
-        for (k, n) in other.failures {
-            *self.failures.entry(k).or_default() += n;
-        }
-        for (k, m) in other.examples {
-            self.examples.entry(k).or_insert(m);
-        }
-        self.ended = self.ended.max(other.ended);
-        self.late += other.late;
-        self.max_late = self.max_late.max(other.max_late);
-    }
-}
-
-/// The failure kind of a client error, for the summary.
-pub fn failure_kind(e: &ClientError) -> &'static str {
-    use io::ErrorKind::*;
-    match e {
-        ClientError::Connect(_, err) if err.kind() == ConnectionRefused => "connect_refused",
-        ClientError::Connect(..) => "connect_failed",
-        ClientError::Lost(_, err)
-            if matches!(err.kind(), ConnectionReset | BrokenPipe | ConnectionAborted) =>
-        {
-            "reset"
-        }
-        ClientError::Lost(..) => "lost",
-        ClientError::Timeout(..) => "timeout",
-        ClientError::BadAnswer(_) => "bad_answer",
-        ClientError::Source(..) => "source",
-    }
-}
-
 /// When and how many: the schedule every client follows.
 struct Plan {
     /// Transfers intended to start before this are warm-up.
@@ -176,6 +136,8 @@ struct Plan {
     total: Option<u64>,
     /// No transfer starts (or is scheduled) at or after this.
     deadline: Option<Instant>,
+    /// A replay: its schedule, and the files its slots send.
+    replay: Option<Arc<Replay>>,
 }
 
 /// Runs the load and returns the summary. Errors are for problems that
@@ -206,7 +168,9 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
     let counted_from = started + config.warmup;
     let schedule = config
         .rate
-        .map(|r| (started, Duration::from_secs_f64(1.0 / r)));
+        .map(|r| (started, Duration::from_secs_f64(1.0 / r)))
+        // A replay's slots are timed by `Replay::at`; the gap is unused.
+        .or(config.replay.as_ref().map(|_| (started, Duration::ZERO)));
     let warmup_slots = config
         .rate
         .map_or(0, |r| (config.warmup.as_secs_f64() * r).ceil() as u64);
@@ -214,16 +178,23 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
         counted_from,
         schedule,
         total: match (config.all_at_once, config.stop) {
+            _ if config.replay.is_some() => config.replay.as_ref().map(|r| r.slots()),
             (true, _) => Some(config.clients as u64),
             (false, Stop::Transfers(n)) => Some(n + warmup_slots),
             (false, Stop::Duration(_)) => None,
         },
         deadline: match config.stop {
-            Stop::Duration(d) => Some(counted_from + d),
-            Stop::Transfers(_) => None,
+            Stop::Duration(d) if config.replay.is_none() => Some(counted_from + d),
+            _ => None,
         },
+        replay: config.replay.clone(),
     };
-    let pool = Arc::new(random_pool(config.size.max));
+    // A replay sends files, not the pool: keep the pool at its smallest.
+    let pool = Arc::new(random_pool(if config.replay.is_some() {
+        0
+    } else {
+        config.size.max
+    }));
     let claimed = Arc::new(AtomicU64::new(0));
     let finished = Arc::new(AtomicU64::new(0));
     let running = Arc::new(AtomicUsize::new(0));
@@ -325,9 +296,11 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
         transfers_per_s: per_s(tally.ok as f64),
         latency_ms: Recorder::latency_of(&rec.latency),
         failure_examples: tally.examples,
-        service_time_ms: config.rate.map(|_| Recorder::latency_of(&rec.service)),
+        service_time_ms: config
+            .offered_rate()
+            .map(|_| Recorder::latency_of(&rec.service)),
         failure_latency_ms: (!rec.failed.is_empty()).then(|| Recorder::latency_of(&rec.failed)),
-        rate: config.rate.map(|offered| RateReport {
+        rate: config.offered_rate().map(|offered| RateReport {
             offered,
             achieved: per_s(tally.ok as f64),
             started_late: tally.late,
@@ -351,7 +324,7 @@ fn echo(config: &LoadConfig, started_at: SystemTime) -> RunEcho {
         target: config.to.clone(),
         clients: config.clients,
         size: config.size.to_string(),
-        mode: if config.rate.is_some() {
+        mode: if config.offered_rate().is_some() {
             "open"
         } else {
             "closed"
@@ -369,6 +342,7 @@ fn echo(config: &LoadConfig, started_at: SystemTime) -> RunEcho {
         },
         warmup_s: config.warmup.as_secs_f64(),
         all_at_once: config.all_at_once,
+        replay: config.replay.as_ref().map(|r| r.plan.clone()),
         stopover_version: env!("CARGO_PKG_VERSION").to_string(),
         started_at: humantime::format_rfc3339_millis(started_at).to_string(),
     }
@@ -423,18 +397,23 @@ struct ClientCtx {
 }
 
 impl ClientCtx {
-    /// The next transfer's intended start, or `None` when the run is over.
-    fn next_slot(&self) -> Option<Instant> {
+    /// The next transfer's intended start and its slot (open loop; 0 in
+    /// closed loop), or `None` when the run is over.
+    fn next_slot(&self) -> Option<(Instant, u64)> {
         let plan = &self.plan;
         let now = Instant::now();
+        let mut slot = 0;
         let intended = match plan.schedule {
             // Open loop: the next free slot of the schedule.
             Some((first, gap)) => {
-                let slot = self.claimed.fetch_add(1, Ordering::SeqCst);
+                slot = self.claimed.fetch_add(1, Ordering::SeqCst);
                 if plan.total.is_some_and(|t| slot >= t) {
                     return None;
                 }
-                first + gap.mul_f64(slot as f64)
+                match &plan.replay {
+                    Some(replay) => first + replay.at(slot),
+                    None => first + gap.mul_f64(slot as f64),
+                }
             }
             // Closed loop: now; only counted transfers take a number.
             None => {
@@ -451,44 +430,56 @@ impl ClientCtx {
         if plan.deadline.is_some_and(|d| intended >= d) {
             return None;
         }
-        Some(intended)
+        Some((intended, slot))
     }
 
     fn run(self) -> Tally {
         let mut tally = Tally::new();
         let mut rng = SplitMix(self.seed);
-        while let Some(intended) = self.next_slot() {
+        let mut read_buf = Vec::new(); // a replay's, for its files
+        while let Some((intended, slot)) = self.next_slot() {
             // Open loop: wait for the slot. Pacing the load, not
             // synchronising anything.
             let now = Instant::now();
             if intended > now {
                 std::thread::sleep(intended - now);
             }
-            let size =
-                self.config.size.min + rng.below(self.config.size.max - self.config.size.min + 1);
-            let mut payload = PoolSource {
-                pool: &self.pool,
-                pos: rng.below(self.pool.len() as u64) as usize,
-                remaining: size,
-                chunk: self.chunk,
-                pause_at: self.config.all_at_once.then_some(size / 2),
-                sent: 0,
-                gate: &self.gate,
-                arrived: false,
-                wait_limit: self.config.timeout,
-                hold_open: self.config.hold_open,
+            let (mut pool, mut file) = (None, None);
+            let payload: Result<&mut dyn Source, ClientError> = match &self.plan.replay {
+                Some(replay) => replay
+                    .open(slot, &mut read_buf)
+                    .map(|f| file.insert(f) as &mut dyn Source),
+                None => {
+                    let size = self.config.size.min
+                        + rng.below(self.config.size.max - self.config.size.min + 1);
+                    Ok(pool.insert(PoolSource {
+                        pool: &self.pool,
+                        pos: rng.below(self.pool.len() as u64) as usize,
+                        remaining: size,
+                        chunk: self.chunk,
+                        pause_at: self.config.all_at_once.then_some(size / 2),
+                        sent: 0,
+                        gate: &self.gate,
+                        arrived: false,
+                        wait_limit: self.config.timeout,
+                        hold_open: self.config.hold_open,
+                    }))
+                }
             };
+            let what = (self.plan.replay.as_ref()).map(|r| r.path(slot).display().to_string());
             let began = Instant::now();
-            let result = client::upload(
-                &self.config.to,
-                &mut payload,
-                "payload",
-                self.config.timeout,
-                &mut |_| {},
-            );
+            let result = payload.and_then(|payload| {
+                client::upload(
+                    &self.config.to,
+                    payload,
+                    what.as_deref().unwrap_or("payload"),
+                    self.config.timeout,
+                    &mut |_| {},
+                )
+            });
             let ended = Instant::now();
-            if !payload.arrived && self.config.all_at_once {
-                payload.gate.arrive(); // failed before half-way: do not hold up the others
+            if pool.is_some_and(|p| !p.arrived) && self.config.all_at_once {
+                self.gate.arrive(); // failed before half-way: do not hold up the others
             }
             self.finished.fetch_add(1, Ordering::Relaxed);
             let mut recorder = self.recorder.lock().unwrap_or_else(|p| p.into_inner());
@@ -497,7 +488,7 @@ impl ClientCtx {
             }
             let ok = match result {
                 Ok(receipt) => match receipt.verdict() {
-                    Verdict::Verified => Some(size),
+                    Verdict::Verified => Some(receipt.sent_bytes),
                     Verdict::Refused(reason) => {
                         tally.fail("err_answer", format!("ERR {reason}"));
                         None
@@ -535,25 +526,5 @@ impl ClientCtx {
         }
         self.running.fetch_sub(1, Ordering::SeqCst);
         tally
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wall_time_ends_with_the_last_transfer() {
-        // The summary's wall time is the latest end any client reported,
-        // not the moment the main thread's 50 ms progress poll noticed.
-        let t0 = Instant::now();
-        let (early, late) = (t0 + Duration::from_millis(3), t0 + Duration::from_millis(7));
-        let mut total = Tally::new();
-        for ended in [Some(late), None, Some(early)] {
-            let mut part = Tally::new();
-            part.ended = ended;
-            total.merge(part);
-        }
-        assert_eq!(total.ended, Some(late));
     }
 }
