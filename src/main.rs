@@ -164,6 +164,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 })?),
                 None => None,
             };
+            // A replay runs its own number of transfers.
+            let stop = replay.as_ref().map_or(stop, |r| Stop::Transfers(r.slots()));
             if let Some(replay) = replay.as_ref().filter(|_| args.dry_run) {
                 if args.json {
                     let json = serde_json::to_string(&replay.plan).map_err(|e| e.to_string())?;

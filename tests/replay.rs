@@ -137,6 +137,7 @@ fn a_recording_replayed_twice_as_fast_arrives_in_half_the_time_byte_for_byte() {
     assert_eq!(replay["speed"], 2.0, "{json}");
     assert_eq!(replay["dir"], spool.to_str().unwrap(), "{json}");
     assert_eq!(json["config"]["mode"], "open", "{json}");
+    assert_eq!(json["config"]["transfers"], 200, "{json}");
     // The schedule is the recording's, halved...
     assert_close(
         "planned replay",

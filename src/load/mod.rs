@@ -98,7 +98,8 @@ pub struct LoadConfig {
     /// Progress bar on stderr when it is a terminal.
     pub progress: bool,
     /// Send this recording on its schedule instead of random payloads
-    /// (open loop; `stop`, `size` and `warmup` are ignored).
+    /// (open loop; it ends after its slots, whatever `stop` says; `size`
+    /// and `warmup` are not used).
     pub replay: Option<Arc<Replay>>,
 }
 

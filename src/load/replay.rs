@@ -111,10 +111,11 @@ pub struct Replay {
     pub plan: ReplayPlan,
 }
 
-/// Each client thread's buffer for reading files: large enough for few
-/// system calls per upload, small enough that thousands of clients cost
-/// little (the plain load generator sends from one shared pool).
-const READ_BUFFER: usize = 256 * 1024;
+/// The most a client thread's buffer for reading files grows to (it grows
+/// only as large as the largest file the thread has sent): few enough
+/// system calls per upload, and 1,000 clients replaying large files cost
+/// 64 MiB (the plain load generator sends from one shared pool instead).
+const READ_BUFFER: usize = 64 * 1024;
 
 impl Replay {
     /// Reads the directory and builds the schedule. Errors are one line.
@@ -301,13 +302,17 @@ impl Replay {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
             .map_err(fail)?;
-        if !file.metadata().map_err(fail)?.is_file() {
+        let meta = file.metadata().map_err(fail)?;
+        if !meta.is_file() {
             return Err(fail(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a regular file",
             )));
         }
-        buf.resize(READ_BUFFER, 0);
+        let want = usize::try_from(meta.len()).map_or(READ_BUFFER, |n| n.clamp(1, READ_BUFFER));
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
         Ok(FileSource { file, buf })
     }
 }
