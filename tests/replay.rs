@@ -250,6 +250,21 @@ fn a_dry_run_predicts_the_replay_and_everything_load_reports_works() {
     // (0.5 s / 20) after the first one's last file.
     let expected = f64_of(&plan, &["expected_s"]);
     assert_close("planned", expected, 0.5 + 0.025 + 0.5, 1e-9);
+    // A window: files 7 to 14 arrived between 0.1 and 0.5 s; the second
+    // bound can be a file's name.
+    let until = final_files(dir.path())[14].clone();
+    let window = [
+        "--replay", replay_dir, "--since", "100ms", "--until", &until,
+    ];
+    let (_, plan) = run_load(&[&window[..], &["--dry-run"]].concat());
+    assert_eq!(plan["files"], 8, "{plan}");
+    assert_eq!(plan["outside_window"], 13, "{plan}");
+    assert_close(
+        "window",
+        f64_of(&plan, &["recorded_s"]),
+        0.49 - 0.1225,
+        1e-9,
+    );
 
     let logs = tempfile::tempdir().unwrap();
     let hdr = logs.path().join("replay.hlog");

@@ -343,13 +343,23 @@ impl ReplayPlan {
             None => format!("speed {}", self.speed),
         };
         format!(
-            "{} files x {} from {} ({} skipped), {schedule}: {:.3} s planned",
+            "{} files from {} ({} skipped), {schedule}, {} pass{}: {:.3} s planned",
             self.files,
-            self.loops,
             self.dir,
             self.skipped_unfinished + self.skipped_other,
+            self.loops,
+            plural(self.loops),
             self.expected_s
         )
+    }
+}
+
+/// "es" for more than one pass.
+fn plural(passes: u64) -> &'static str {
+    if passes == 1 {
+        ""
+    } else {
+        "es"
     }
 }
 
@@ -394,7 +404,7 @@ impl fmt::Display for ReplayPlan {
             self.expected_s,
             self.transfers,
             self.loops,
-            if self.loops == 1 { "" } else { "es" }
+            plural(self.loops)
         )?;
         write!(
             f,
