@@ -36,7 +36,8 @@
 //! `--replay DIR` sends a recording (a spool, a server's directory) again,
 //! each file at its recorded time, on the same open loop (`replay`).
 
-use std::io::{self, IsTerminal};
+use std::collections::BTreeMap;
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,11 +47,11 @@ use crate::client::{self, ClientError, Source, Verdict, CHUNK};
 use crate::sys;
 
 mod payload;
+mod progress;
 mod record;
 mod recording;
 mod replay;
 mod report;
-mod tally;
 
 pub use payload::SizeRange;
 pub use report::{
@@ -61,9 +62,8 @@ pub use recording::{arrival_time, Bound};
 pub use replay::{parse_speed, Replay, ReplayOptions, ReplayPlan};
 
 use payload::{random_pool, seed_for, Gate, PoolSource, SplitMix};
+use progress::watch_progress;
 use record::{Done, Recorder};
-pub use tally::failure_kind;
-use tally::Tally;
 
 /// Settings for [`run`].
 #[derive(Debug, Clone)]
@@ -126,6 +126,70 @@ pub enum Stop {
 /// A transfer that starts later than this after its scheduled slot is
 /// reported as late.
 const LATE: Duration = Duration::from_millis(1);
+
+/// What each client thread brings back.
+struct Tally {
+    ok: u64,
+    bytes: u64,
+    failures: BTreeMap<String, u64>,
+    examples: BTreeMap<String, String>,
+    /// When the last counted transfer ended: the end of the wall time.
+    ended: Option<Instant>,
+    /// Open loop: counted transfers that began late, and the latest.
+    late: u64,
+    max_late: Duration,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            ok: 0,
+            bytes: 0,
+            failures: BTreeMap::new(),
+            examples: BTreeMap::new(),
+            ended: None,
+            late: 0,
+            max_late: Duration::ZERO,
+        }
+    }
+
+    fn fail(&mut self, kind: &str, message: String) {
+        *self.failures.entry(kind.to_string()).or_default() += 1;
+        self.examples.entry(kind.to_string()).or_insert(message);
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.ok += other.ok;
+        self.bytes += other.bytes;
+        for (k, n) in other.failures {
+            *self.failures.entry(k).or_default() += n;
+        }
+        for (k, m) in other.examples {
+            self.examples.entry(k).or_insert(m);
+        }
+        self.ended = self.ended.max(other.ended);
+        self.late += other.late;
+        self.max_late = self.max_late.max(other.max_late);
+    }
+}
+
+/// The failure kind of a client error, for the summary.
+pub fn failure_kind(e: &ClientError) -> &'static str {
+    use io::ErrorKind::*;
+    match e {
+        ClientError::Connect(_, err) if err.kind() == ConnectionRefused => "connect_refused",
+        ClientError::Connect(..) => "connect_failed",
+        ClientError::Lost(_, err)
+            if matches!(err.kind(), ConnectionReset | BrokenPipe | ConnectionAborted) =>
+        {
+            "reset"
+        }
+        ClientError::Lost(..) => "lost",
+        ClientError::Timeout(..) => "timeout",
+        ClientError::BadAnswer(_) => "bad_answer",
+        ClientError::Source(..) => "source",
+    }
+}
 
 /// When and how many: the schedule every client follows.
 struct Plan {
@@ -349,40 +413,6 @@ fn echo(config: &LoadConfig, started_at: SystemTime) -> RunEcho {
     }
 }
 
-/// Until every client thread is done: shows a progress bar (terminal
-/// only) and closes the intervals that end, so their lines appear on time
-/// even when no transfer finishes.
-fn watch_progress(
-    config: &LoadConfig,
-    finished: &AtomicU64,
-    running: &AtomicUsize,
-    total: Option<u64>,
-    recorder: &Mutex<Recorder>,
-) {
-    let show = config.progress && io::stderr().is_terminal();
-    let bar = show.then(|| {
-        crate::human::progress_bar(
-            total,
-            "{bar:40} {pos}/{len} transfers, {per_sec}, {elapsed}",
-        )
-    });
-    while running.load(Ordering::SeqCst) > 0 {
-        if let Some(bar) = &bar {
-            bar.set_position(finished.load(Ordering::Relaxed));
-        }
-        recorder
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .roll(Instant::now());
-        // The main thread has nothing else to do; 50 ms keeps the bar and
-        // the interval lines lively and costs nothing.
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-}
-
 /// Everything one client thread needs.
 struct ClientCtx {
     config: LoadConfig,
@@ -527,5 +557,25 @@ impl ClientCtx {
         }
         self.running.fetch_sub(1, Ordering::SeqCst);
         tally
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wall_time_ends_with_the_last_transfer() {
+        // The summary's wall time is the latest end any client reported,
+        // not the moment the main thread's 50 ms progress poll noticed.
+        let t0 = Instant::now();
+        let (early, late) = (t0 + Duration::from_millis(3), t0 + Duration::from_millis(7));
+        let mut total = Tally::new();
+        for ended in [Some(late), None, Some(early)] {
+            let mut part = Tally::new();
+            part.ended = ended;
+            total.merge(part);
+        }
+        assert_eq!(total.ended, Some(late));
     }
 }
