@@ -201,8 +201,6 @@ struct Plan {
     total: Option<u64>,
     /// No transfer starts (or is scheduled) at or after this.
     deadline: Option<Instant>,
-    /// A replay: its schedule, and the files its slots send.
-    replay: Option<Arc<Replay>>,
 }
 
 /// Runs the load and returns the summary. Errors are for problems that
@@ -233,9 +231,7 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
     let counted_from = started + config.warmup;
     let schedule = config
         .rate
-        .map(|r| (started, Duration::from_secs_f64(1.0 / r)))
-        // A replay's slots are timed by `Replay::at`; the gap is unused.
-        .or(config.replay.as_ref().map(|_| (started, Duration::ZERO)));
+        .map(|r| (started, Duration::from_secs_f64(1.0 / r)));
     let warmup_slots = config
         .rate
         .map_or(0, |r| (config.warmup.as_secs_f64() * r).ceil() as u64);
@@ -243,16 +239,14 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
         counted_from,
         schedule,
         total: match (config.all_at_once, config.stop) {
-            _ if config.replay.is_some() => config.replay.as_ref().map(|r| r.slots()),
             (true, _) => Some(config.clients as u64),
             (false, Stop::Transfers(n)) => Some(n + warmup_slots),
             (false, Stop::Duration(_)) => None,
         },
         deadline: match config.stop {
-            Stop::Duration(d) if config.replay.is_none() => Some(counted_from + d),
-            _ => None,
+            Stop::Duration(d) => Some(counted_from + d),
+            Stop::Transfers(_) => None,
         },
-        replay: config.replay.clone(),
     };
     // A replay sends files, not the pool: keep the pool at its smallest.
     let pool = Arc::new(random_pool(if config.replay.is_some() {
@@ -428,23 +422,25 @@ struct ClientCtx {
 }
 
 impl ClientCtx {
-    /// The next transfer's intended start and its slot (open loop; 0 in
-    /// closed loop), or `None` when the run is over.
+    /// The next transfer's intended start and, in a replay, its slot (0
+    /// otherwise), or `None` when the run is over.
     fn next_slot(&self) -> Option<(Instant, u64)> {
         let plan = &self.plan;
+        if let Some(replay) = &self.config.replay {
+            // The open loop, with the slots' times from the recording (a
+            // replay has no warm-up: counting starts with the first slot).
+            let slot = self.claimed.fetch_add(1, Ordering::SeqCst);
+            return (slot < replay.slots()).then(|| (plan.counted_from + replay.at(slot), slot));
+        }
         let now = Instant::now();
-        let mut slot = 0;
         let intended = match plan.schedule {
             // Open loop: the next free slot of the schedule.
             Some((first, gap)) => {
-                slot = self.claimed.fetch_add(1, Ordering::SeqCst);
+                let slot = self.claimed.fetch_add(1, Ordering::SeqCst);
                 if plan.total.is_some_and(|t| slot >= t) {
                     return None;
                 }
-                match &plan.replay {
-                    Some(replay) => first + replay.at(slot),
-                    None => first + gap.mul_f64(slot as f64),
-                }
+                first + gap.mul_f64(slot as f64)
             }
             // Closed loop: now; only counted transfers take a number.
             None => {
@@ -461,7 +457,7 @@ impl ClientCtx {
         if plan.deadline.is_some_and(|d| intended >= d) {
             return None;
         }
-        Some((intended, slot))
+        Some((intended, 0))
     }
 
     fn run(self) -> Tally {
@@ -476,7 +472,7 @@ impl ClientCtx {
                 std::thread::sleep(intended - now);
             }
             let (mut pool, mut file) = (None, None);
-            let payload: Result<&mut dyn Source, ClientError> = match &self.plan.replay {
+            let payload: Result<&mut dyn Source, ClientError> = match &self.config.replay {
                 Some(replay) => replay
                     .open(slot, &mut read_buf)
                     .map(|f| file.insert(f) as &mut dyn Source),
@@ -497,7 +493,7 @@ impl ClientCtx {
                     }))
                 }
             };
-            let what = (self.plan.replay.as_ref()).map(|r| r.path(slot).display().to_string());
+            let what = (self.config.replay.as_ref()).map(|r| r.path(slot).display().to_string());
             let began = Instant::now();
             let result = payload.and_then(|payload| {
                 client::upload(
@@ -546,7 +542,8 @@ impl ClientCtx {
                 tally.bytes += bytes;
             }
             let late = began.saturating_duration_since(intended);
-            if self.plan.schedule.is_some() && late > LATE {
+            let open_loop = self.plan.schedule.is_some() || self.config.replay.is_some();
+            if open_loop && late > LATE {
                 tally.late += 1;
                 tally.max_late = tally.max_late.max(late);
             }
