@@ -96,7 +96,6 @@ Examples:
   stopover load -c 2000 -s 64KiB --all-at-once --hold-open 1s
 
   stopover load --rate 500 -d 60s --warmup 5s -i 1s --fail-if p99>50ms
-  stopover load --replay spool --speed 2 --max-wait 1s --to 127.0.0.1:9000
 
 Prints a summary (transfers ok and failed by kind, MB/s, transfers/s,
 latency percentiles), or one JSON object with --json, on stdout; with -i,
