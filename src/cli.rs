@@ -316,6 +316,51 @@ pub struct LoadArgs {
     /// Never show a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+
+    /// Replay a recording: send each finished file in DIR (a proxy's spool,
+    /// a server's directory) as one upload, at its recorded arrival time
+    /// relative to the first, on the open loop. With --rate, in name order
+    /// on a fixed schedule instead (for names that carry no time).
+    #[arg(long, value_name = "DIR", help_heading = "Replay", conflicts_with_all = ["transfers", "duration", "size", "all_at_once", "warmup"])]
+    pub replay: Option<PathBuf>,
+
+    /// Replay X times as fast as recorded: 2 twice, 0.5 half (default 1).
+    #[arg(long, value_name = "X", help_heading = "Replay", value_parser = crate::load::parse_speed, requires = "replay", conflicts_with = "rate")]
+    pub speed: Option<f64>,
+
+    /// Cap every gap between two uploads of the replay (after --speed) at
+    /// this, so a pause in the recording does not become one in the replay.
+    #[arg(long, value_name = "DURATION", help_heading = "Replay", value_parser = parse_duration, requires = "replay", conflicts_with = "rate")]
+    pub max_wait: Option<Duration>,
+
+    /// Play the recording N times, each pass one average gap after the last.
+    #[arg(long = "loop", value_name = "N", help_heading = "Replay", value_parser = clap::value_parser!(u64).range(1..), requires = "replay")]
+    pub loops: Option<u64>,
+
+    /// Replay only files that arrived at or after this: an offset into the
+    /// recording (90s), a UTC time (2026-11-25T12:44:45Z), or a file's name.
+    #[arg(
+        long,
+        value_name = "WHEN",
+        help_heading = "Replay",
+        requires = "replay"
+    )]
+    pub since: Option<crate::load::Bound>,
+
+    /// Replay only files that arrived at or before this (as --since).
+    #[arg(
+        long,
+        value_name = "WHEN",
+        help_heading = "Replay",
+        requires = "replay"
+    )]
+    pub until: Option<crate::load::Bound>,
+
+    /// Print what the replay would send and how long it would take
+    /// (files, bytes, the recording's and the replay's duration, the
+    /// longest gap), and send nothing.
+    #[arg(long, help_heading = "Replay", requires = "replay")]
+    pub dry_run: bool,
 }
 
 /// Checks `host:port` (a name or an address, and a port), without

@@ -165,11 +165,34 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 (Some(n), None) => Stop::Transfers(n),
                 (None, None) => Stop::Transfers(1000),
             };
+            let replay = match &args.replay {
+                Some(dir) => Some(load::Replay::plan(&load::ReplayOptions {
+                    dir: dir.clone(),
+                    speed: args.speed.unwrap_or(1.0),
+                    max_wait: args.max_wait,
+                    loops: args.loops.unwrap_or(1),
+                    since: args.since,
+                    until: args.until,
+                    rate: args.rate,
+                })?),
+                None => None,
+            };
+            // A replay runs its own number of transfers.
+            let stop = replay.as_ref().map_or(stop, |r| Stop::Transfers(r.slots()));
+            if let Some(replay) = replay.as_ref().filter(|_| args.dry_run) {
+                if args.json {
+                    let json = serde_json::to_string(&replay.plan).map_err(|e| e.to_string())?;
+                    println!("{json}");
+                } else {
+                    println!("{}", replay.plan);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let summary = load::run(&LoadConfig {
                 to: args.to,
                 clients: args.clients as usize,
                 stop,
-                size: args.size,
+                size: replay.as_ref().map_or(args.size, |r| r.sizes()),
                 timeout: args.timeout,
                 all_at_once: args.all_at_once,
                 hold_open: args.hold_open,
@@ -180,6 +203,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 hdr_log: args.hdr_log,
                 thresholds: args.fail_if,
                 progress: !args.no_progress,
+                replay: replay.map(std::sync::Arc::new),
             })?;
             if args.json {
                 let json = serde_json::to_string(&summary).map_err(|e| e.to_string())?;

@@ -10,18 +10,7 @@ use common::*;
 use serde_json::Value;
 
 fn load(args: &[&str]) -> (Output, Value) {
-    let out = Command::new(bin())
-        .args(["load", "--json", "--no-progress"])
-        .args(args)
-        .output()
-        .expect("run stopover load");
-    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "load prints JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    (out, json)
+    run_load(args)
 }
 
 #[test]

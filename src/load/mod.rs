@@ -32,19 +32,25 @@
 //! client that fails before the half-way point still counts as arrived, so
 //! one failure cannot hang the rest; the wait is also bounded by
 //! `--timeout`.
+//!
+//! `--replay DIR` sends a recording (a spool, a server's directory) again,
+//! each file at its recorded time, on the same open loop (`replay`).
 
 use std::collections::BTreeMap;
-use std::io::{self, IsTerminal};
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::client::{self, ClientError, Verdict, CHUNK};
+use crate::client::{self, ClientError, Source, Verdict, CHUNK};
 use crate::sys;
 
 mod payload;
+mod progress;
 mod record;
+mod recording;
+mod replay;
 mod report;
 
 pub use payload::SizeRange;
@@ -52,7 +58,11 @@ pub use report::{
     IntervalReport, Latency, RateReport, RunEcho, Summary, Threshold, ThresholdResult,
 };
 
+pub use recording::{arrival_time, Bound};
+pub use replay::{parse_speed, Replay, ReplayOptions, ReplayPlan};
+
 use payload::{random_pool, seed_for, Gate, PoolSource, SplitMix};
+use progress::watch_progress;
 use record::{Done, Recorder};
 
 /// Settings for [`run`].
@@ -87,6 +97,21 @@ pub struct LoadConfig {
     pub thresholds: Vec<Threshold>,
     /// Progress bar on stderr when it is a terminal.
     pub progress: bool,
+    /// Send this recording on its schedule instead of random payloads
+    /// (open loop; it ends after its slots, whatever `stop` says; `size`
+    /// and `warmup` are not used).
+    pub replay: Option<Arc<Replay>>,
+}
+
+impl LoadConfig {
+    /// Transfers a second asked for in open loop (`--rate`, or a replay's
+    /// average); `None` in closed loop.
+    fn offered_rate(&self) -> Option<f64> {
+        match &self.replay {
+            Some(replay) => Some(replay.offered_rate()),
+            None => self.rate,
+        }
+    }
 }
 
 /// When the load generator stops starting new transfers.
@@ -234,7 +259,12 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
             planned_end
         },
     };
-    let pool = Arc::new(random_pool(config.size.max));
+    // A replay sends files, not the pool: keep the pool at its smallest.
+    let pool = Arc::new(random_pool(if config.replay.is_some() {
+        0
+    } else {
+        config.size.max
+    }));
     let claimed = Arc::new(AtomicU64::new(0));
     let finished = Arc::new(AtomicU64::new(0));
     let running = Arc::new(AtomicUsize::new(0));
@@ -344,9 +374,11 @@ pub fn run(config: &LoadConfig) -> Result<Summary, String> {
         transfers_per_s: per_s(tally.ok as f64),
         latency_ms: Recorder::latency_of(&rec.latency),
         failure_examples: tally.examples,
-        service_time_ms: config.rate.map(|_| Recorder::latency_of(&rec.service)),
+        service_time_ms: config
+            .offered_rate()
+            .map(|_| Recorder::latency_of(&rec.service)),
         failure_latency_ms: (!rec.failed.is_empty()).then(|| Recorder::latency_of(&rec.failed)),
-        rate: config.rate.map(|offered| RateReport {
+        rate: config.offered_rate().map(|offered| RateReport {
             offered,
             achieved: per_s(tally.ok as f64),
             started_late: tally.late,
@@ -381,7 +413,7 @@ fn echo(config: &LoadConfig, started_at: SystemTime) -> RunEcho {
         target: config.to.clone(),
         clients: config.clients,
         size: config.size.to_string(),
-        mode: if config.rate.is_some() {
+        mode: if config.offered_rate().is_some() {
             "open"
         } else {
             "closed"
@@ -399,42 +431,9 @@ fn echo(config: &LoadConfig, started_at: SystemTime) -> RunEcho {
         },
         warmup_s: config.warmup.as_secs_f64(),
         all_at_once: config.all_at_once,
+        replay: config.replay.as_ref().map(|r| r.plan.clone()),
         stopover_version: env!("CARGO_PKG_VERSION").to_string(),
         started_at: humantime::format_rfc3339_millis(started_at).to_string(),
-    }
-}
-
-/// Until every client thread is done: shows a progress bar (terminal
-/// only) and closes the intervals that end, so their lines appear on time
-/// even when no transfer finishes.
-fn watch_progress(
-    config: &LoadConfig,
-    finished: &AtomicU64,
-    running: &AtomicUsize,
-    total: Option<u64>,
-    recorder: &Mutex<Recorder>,
-) {
-    let show = config.progress && io::stderr().is_terminal();
-    let bar = show.then(|| {
-        crate::human::progress_bar(
-            total,
-            "{bar:40} {pos}/{len} transfers, {per_sec}, {elapsed}",
-        )
-    });
-    while running.load(Ordering::SeqCst) > 0 {
-        if let Some(bar) = &bar {
-            bar.set_position(finished.load(Ordering::Relaxed));
-        }
-        recorder
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .roll(Instant::now());
-        // The main thread has nothing else to do; 50 ms keeps the bar and
-        // the interval lines lively and costs nothing.
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
     }
 }
 
@@ -453,9 +452,16 @@ struct ClientCtx {
 }
 
 impl ClientCtx {
-    /// The next transfer's intended start, or `None` when the run is over.
-    fn next_slot(&self) -> Option<Instant> {
+    /// The next transfer's intended start and, in a replay, its slot (0
+    /// otherwise), or `None` when the run is over.
+    fn next_slot(&self) -> Option<(Instant, u64)> {
         let plan = &self.plan;
+        if let Some(replay) = &self.config.replay {
+            // The open loop, with the slots' times from the recording (a
+            // replay has no warm-up: counting starts with the first slot).
+            let slot = self.claimed.fetch_add(1, Ordering::SeqCst);
+            return (slot < replay.slots()).then(|| (plan.counted_from + replay.at(slot), slot));
+        }
         let now = Instant::now();
         let intended = match plan.schedule {
             // Open loop: the next free slot of the schedule.
@@ -481,44 +487,56 @@ impl ClientCtx {
         if plan.deadline.is_some_and(|d| intended >= d) {
             return None;
         }
-        Some(intended)
+        Some((intended, 0))
     }
 
     fn run(self) -> Tally {
         let mut tally = Tally::new();
         let mut rng = SplitMix(self.seed);
-        while let Some(intended) = self.next_slot() {
+        let mut read_buf = Vec::new(); // a replay's, for its files
+        while let Some((intended, slot)) = self.next_slot() {
             // Open loop: wait for the slot. Pacing the load, not
             // synchronising anything.
             let now = Instant::now();
             if intended > now {
                 std::thread::sleep(intended - now);
             }
-            let size =
-                self.config.size.min + rng.below(self.config.size.max - self.config.size.min + 1);
-            let mut payload = PoolSource {
-                pool: &self.pool,
-                pos: rng.below(self.pool.len() as u64) as usize,
-                remaining: size,
-                chunk: self.chunk,
-                pause_at: self.config.all_at_once.then_some(size / 2),
-                sent: 0,
-                gate: &self.gate,
-                arrived: false,
-                wait_limit: self.config.timeout,
-                hold_open: self.config.hold_open,
+            let (mut pool, mut file) = (None, None);
+            let payload: Result<&mut dyn Source, ClientError> = match &self.config.replay {
+                Some(replay) => replay
+                    .open(slot, &mut read_buf)
+                    .map(|f| file.insert(f) as &mut dyn Source),
+                None => {
+                    let size = self.config.size.min
+                        + rng.below(self.config.size.max - self.config.size.min + 1);
+                    Ok(pool.insert(PoolSource {
+                        pool: &self.pool,
+                        pos: rng.below(self.pool.len() as u64) as usize,
+                        remaining: size,
+                        chunk: self.chunk,
+                        pause_at: self.config.all_at_once.then_some(size / 2),
+                        sent: 0,
+                        gate: &self.gate,
+                        arrived: false,
+                        wait_limit: self.config.timeout,
+                        hold_open: self.config.hold_open,
+                    }))
+                }
             };
+            let what = (self.config.replay.as_ref()).map(|r| r.path(slot).display().to_string());
             let began = Instant::now();
-            let result = client::upload(
-                &self.config.to,
-                &mut payload,
-                "payload",
-                self.config.timeout,
-                &mut |_| {},
-            );
+            let result = payload.and_then(|payload| {
+                client::upload(
+                    &self.config.to,
+                    payload,
+                    what.as_deref().unwrap_or("payload"),
+                    self.config.timeout,
+                    &mut |_| {},
+                )
+            });
             let ended = Instant::now();
-            if !payload.arrived && self.config.all_at_once {
-                payload.gate.arrive(); // failed before half-way: do not hold up the others
+            if pool.is_some_and(|p| !p.arrived) && self.config.all_at_once {
+                self.gate.arrive(); // failed before half-way: do not hold up the others
             }
             self.finished.fetch_add(1, Ordering::Relaxed);
             let mut recorder = self.recorder.lock().unwrap_or_else(|p| p.into_inner());
@@ -527,7 +545,7 @@ impl ClientCtx {
             }
             let ok = match result {
                 Ok(receipt) => match receipt.verdict() {
-                    Verdict::Verified => Some(size),
+                    Verdict::Verified => Some(receipt.sent_bytes),
                     Verdict::Refused(reason) => {
                         tally.fail("err_answer", format!("ERR {reason}"));
                         None
@@ -554,7 +572,8 @@ impl ClientCtx {
                 tally.bytes += bytes;
             }
             let late = began.saturating_duration_since(intended);
-            if self.plan.schedule.is_some() && late > LATE {
+            let open_loop = self.plan.schedule.is_some() || self.config.replay.is_some();
+            if open_loop && late > LATE {
                 tally.late += 1;
                 tally.max_late = tally.max_late.max(late);
             }

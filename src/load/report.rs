@@ -86,6 +86,9 @@ pub struct RunEcho {
     pub duration_s: Option<f64>,
     pub warmup_s: f64,
     pub all_at_once: bool,
+    /// `--replay`: what was replayed, and on what schedule.
+    #[serde(default)]
+    pub replay: Option<super::ReplayPlan>,
     pub stopover_version: String,
     /// RFC 3339, UTC.
     pub started_at: String,
@@ -150,6 +153,9 @@ impl Summary {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "stopover load: {} clients -> {}", self.clients, self.to)?;
+        if let Some(replay) = &self.config.replay {
+            writeln!(f, "  replay            {}", replay.brief())?;
+        }
         writeln!(f, "  transfers ok      {}", self.transfers_ok)?;
         write!(f, "  transfers failed  {}", self.transfers_failed)?;
         if !self.failures.is_empty() {

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -295,6 +295,24 @@ pub fn spawn_with(cmd: &mut Command) -> Spawned {
         }
     };
     Spawned { child, addr, log }
+}
+
+/// Runs `stopover load --json --no-progress ARGS` and returns its output
+/// and the JSON it printed.
+pub fn run_load(args: &[&str]) -> (Output, serde_json::Value) {
+    let out = Command::new(bin())
+        .args(["load", "--json", "--no-progress"])
+        .args(args)
+        .output()
+        .expect("run stopover load");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "load prints JSON ({e}): {}; stderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, json)
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), so a failing test can
