@@ -117,6 +117,8 @@ pub const LOAD: Epilogue = Epilogue {
         "stopover load -c 16 -d 30s -s 64KiB..1MiB --json > result.json",
         "stopover load -c 2000 -s 64KiB --all-at-once --hold-open 1s",
         "stopover load --rate 500 -d 60s --warmup 5s -i 1s --fail-if 'p99>50ms'",
+        "stopover load --replay spool --speed 2 --max-wait 1s --to 127.0.0.1:9000",
+        "stopover load --replay spool --dry-run    # what a replay would send, and how long it takes",
     ],
     output: "Prints a summary (transfers ok and failed by kind, MB/s, transfers/s,
 latency percentiles, each --fail-if passed or FAILED), or one JSON object
