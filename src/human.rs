@@ -46,6 +46,15 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     )
 }
 
+/// Prints `line` on standard output. A closed or full-and-gone stdout
+/// (`stopover client f | head -0`) loses the line and nothing else: the
+/// exit code still says what happened, and there is no panic (which
+/// `println!` would give on `EPIPE`).
+pub fn out(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -136,7 +136,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             .map_err(|e| e.to_string())?;
             // The line comes from the network: escaped, it cannot drive
             // the user's terminal.
-            println!("{}", stopover::human::printable(&receipt.line));
+            stopover::human::out(stopover::human::printable(&receipt.line));
             match receipt.verdict() {
                 Verdict::Verified => Ok(ExitCode::SUCCESS),
                 Verdict::Refused(_) => Ok(ExitCode::from(EXIT_FAILURE)),
@@ -182,9 +182,9 @@ fn run(command: Command) -> Result<ExitCode, String> {
             if let Some(replay) = replay.as_ref().filter(|_| args.dry_run) {
                 if args.json {
                     let json = serde_json::to_string(&replay.plan).map_err(|e| e.to_string())?;
-                    println!("{json}");
+                    stopover::human::out(json);
                 } else {
-                    println!("{}", replay.plan);
+                    stopover::human::out(&replay.plan);
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -207,9 +207,9 @@ fn run(command: Command) -> Result<ExitCode, String> {
             })?;
             if args.json {
                 let json = serde_json::to_string(&summary).map_err(|e| e.to_string())?;
-                println!("{json}");
+                stopover::human::out(json);
             } else {
-                println!("{summary}");
+                stopover::human::out(&summary);
             }
             // Failed transfers first (1), then crossed thresholds (4).
             Ok(if !summary.all_verified() {

@@ -467,3 +467,48 @@ fn a_daemon_that_cannot_bind_creates_no_directory() {
         );
     }
 }
+
+/// `stopover client FILE | head -0`: the answer cannot be printed, and
+/// that costs the line, not a panic; the exit code still says the upload
+/// was verified. The same for `load`'s summary.
+#[test]
+fn a_closed_stdout_loses_the_line_not_the_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(&dir.path().join("r"));
+    let file = dir.path().join("f");
+    std::fs::write(&file, b"some bytes").unwrap();
+    let to = server.addr.to_string();
+    for args in [
+        vec![
+            "client",
+            "--no-progress",
+            "--to",
+            &to,
+            file.to_str().unwrap(),
+        ],
+        vec![
+            "load",
+            "--no-progress",
+            "--to",
+            &to,
+            "-n",
+            "3",
+            "-c",
+            "1",
+            "-s",
+            "1KiB",
+        ],
+    ] {
+        let mut child = Command::new(bin())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before anything is written
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -186,7 +186,7 @@ impl Recorder {
             p99_ms: if i.ok > 0 { ms(0.99) } else { 0.0 },
         };
         if self.print {
-            println!("{report}");
+            crate::human::out(&report);
         }
         let finished = std::mem::replace(&mut i.latency, histogram());
         self.intervals.push((report, finished));
