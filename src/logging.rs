@@ -68,6 +68,16 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 /// memory grown. (Costs nothing until lines actually wait.)
 pub const MAX_QUEUED: usize = 256 * 1024;
 
+/// How long the writer lets lines gather after writing a batch. Without
+/// it, a daemon logging a line per transfer at thousands of transfers a
+/// second woke the writer for every line: a `futex` call on the loop's
+/// thread and a context switch and a `write` on the writer's, per line
+/// (7% of the proxy's CPU under `perf` with 1 KiB transfers). With it,
+/// at most one wake-up and one `write` per 10 ms, and a line reaches
+/// stderr at most that much later. (The queue holds 10 ms of even `-vv`
+/// tracing many times over.)
+const GATHER: Duration = Duration::from_millis(10);
+
 /// How long [`flush`] waits for queued lines at exit.
 pub const EXIT_FLUSH: Duration = Duration::from_secs(2);
 
@@ -158,6 +168,8 @@ struct Pending {
     refused: u64,
     /// The writer holds a batch it has not finished writing.
     busy: bool,
+    /// The writer is waiting for a line (only then does a push wake it).
+    waiting: bool,
 }
 
 impl Queue {
@@ -193,8 +205,13 @@ impl Queue {
             pending.refused = 0;
         }
         pending.text.push_str(line);
+        // Wake the writer only if it waits: a notify is a system call
+        // (`futex`) on the logging thread, which is the loop.
+        let wake = std::mem::take(&mut pending.waiting);
         drop(pending);
-        self.queued.notify_one();
+        if wake {
+            self.queued.notify_one();
+        }
     }
 
     /// The writer thread: takes everything queued, writes it, repeats.
@@ -210,7 +227,9 @@ impl Queue {
                 pending.busy = false;
                 while pending.text.is_empty() {
                     self.idle.notify_all();
+                    pending.waiting = true;
                     pending = self.queued.wait(pending).unwrap_or_else(|p| p.into_inner());
+                    pending.waiting = false;
                 }
                 batch.clear();
                 std::mem::swap(&mut pending.text, &mut batch);
@@ -245,6 +264,8 @@ impl Queue {
                     self.dead.store(true, Ordering::Relaxed);
                 }
             }
+            // Let lines gather before the next batch (see GATHER).
+            std::thread::sleep(GATHER);
         }
     }
 }
