@@ -11,7 +11,7 @@ use log::LevelFilter;
 use stopover::cli::{Cli, Command};
 use stopover::client::{self, ClientConfig, Verdict};
 use stopover::load::{self, LoadConfig, Stop};
-use stopover::proxy::{Proxy, ProxyConfig};
+use stopover::proxy::{OnDiskError, Proxy, ProxyConfig};
 use stopover::server::{Server, ServerConfig};
 
 /// Exit code for any failure at run time (a transfer that failed, a
@@ -108,6 +108,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 stats_addr: stats_addr(&args.limits)?,
                 stats_interval: args.limits.stats_interval,
                 spool_memory: usize::try_from(args.spool_memory).unwrap_or(usize::MAX),
+                on_disk_error: match args.on_disk_error {
+                    stopover::cli::OnDiskErrorArg::Relay => OnDiskError::Relay,
+                    stopover::cli::OnDiskErrorArg::Refuse => OnDiskError::Refuse,
+                },
             })
             .map_err(|e| e.to_string())?;
             proxy.handle_signals().map_err(|e| e.to_string())?;

@@ -13,8 +13,10 @@
 //! - [`guard`]: the minimum upload rate, and throttled warnings;
 //! - [`stats`]: `GET /metrics` on the same loop, and the stats log line;
 //! - [`timer`]: deadlines the loop waits on instead of sleeping;
-//! - [`disk`]: asynchronous `O_DIRECT` file writes through `io_uring`, whose
-//!   completions arrive as one more kind of readiness.
+//! - [`disk`]: asynchronous `O_DIRECT` file writes (and every other disk
+//!   operation that can wait for the device) through `io_uring`, whose
+//!   completions arrive as one more kind of readiness;
+//! - [`health`]: how long each event's handling takes, on `/metrics`.
 //!
 //! Reserved tokens live here too. Connection tokens are derived from slab
 //! keys by each role (small numbers counting up from zero), so the reserved
@@ -23,6 +25,7 @@
 pub mod accept;
 pub mod disk;
 pub mod guard;
+pub mod health;
 pub mod peer;
 pub mod reply;
 pub mod stats;
@@ -79,6 +82,8 @@ pub struct Context<T> {
     pub started: Instant,
     /// Asynchronous disk writes (the proxy's spool).
     pub disk: disk::Disk,
+    /// How long each event's handling takes (see [`health`]).
+    pub health: health::Health,
 }
 
 impl<T> Context<T> {
@@ -112,6 +117,7 @@ impl<T> Context<T> {
             disk,
             stats,
             started: Instant::now(),
+            health: health::Health::default(),
         })
     }
 }
@@ -156,10 +162,14 @@ pub trait Handler {
     fn disk_budget(&self) -> Option<usize> {
         None
     }
-    /// A disk write has completed (see [`disk`]).
-    fn written(&mut self, _cx: &mut Context<Self::Timer>, _done: disk::Written) {}
+    /// A disk operation has completed (see [`disk`]).
+    fn written(&mut self, _cx: &mut Context<Self::Timer>, _done: disk::Done) {}
     /// A chunk this owner queued for may be free (see `Disk::wait`).
     fn wake(&mut self, _cx: &mut Context<Self::Timer>, _owner: disk::Owner) {}
+    /// The loop has ended: hand what is still open to the disk's care, if
+    /// the role writes through it (called before [`Handler::stopped`];
+    /// the loop then lets the disk finish, see [`Daemon::run`]).
+    fn close_all(&mut self, _cx: &mut Context<Self::Timer>) {}
     /// The loop has ended: close what is still open, log the summary, and
     /// return the counters.
     fn stopped(&mut self) -> Self::Stats;
@@ -216,10 +226,21 @@ impl<H: Handler> Daemon<H> {
         let ran = run(&mut self.poll, &mut self.cx, &mut self.handler).context(H::ROLE);
         // Even when the loop failed: every connection still open goes
         // through the role's abandon path (kept, removed, reset).
+        self.handler.close_all(&mut self.cx);
         let stats = self.handler.stopped();
-        // Writes still in flight belong to files the role has just kept or
-        // removed: let them land before the process goes.
-        self.cx.disk.drain();
+        // Operations still in flight belong to files the role is finishing:
+        // let them land (bounded), and let the role take each file on to
+        // its end (which may take one more operation, a trim).
+        let deadline = Instant::now() + disk::DROP_WAIT;
+        while self.cx.disk.in_flight() > 0 && Instant::now() < deadline {
+            for done in self.cx.disk.drain(deadline) {
+                self.handler.written(&mut self.cx, done);
+            }
+            self.cx.disk.submit();
+        }
+        for done in self.cx.disk.reap() {
+            self.handler.written(&mut self.cx, done);
+        }
         ran.map(|()| stats)
     }
 }
@@ -236,10 +257,6 @@ pub fn run<H: Handler>(
 ) -> io::Result<()> {
     let mut events = Events::with_capacity(1024);
     loop {
-        // Disk writes that completed go to their owners (which may queue
-        // more); then everything queued goes to the kernel in one call.
-        deliver_written(cx, handler);
-        cx.disk.submit();
         let now = Instant::now();
         let stats_deadline = cx.stats.as_ref().and_then(StatsServer::deadline);
         let timeout = [
@@ -265,6 +282,8 @@ pub fn run<H: Handler>(
             }
             return Err(e).context("poll");
         }
+        // From here on, every event's handling is timed (see `health`).
+        cx.health.start();
         if log::log_enabled!(log::Level::Trace) {
             let n = events.iter().count();
             log::trace!(
@@ -296,6 +315,7 @@ pub fn run<H: Handler>(
                 _ => handler.connection_event(cx, event),
             }
             resume_accepting(cx, handler);
+            cx.health.lap();
         }
         if cx.acceptor.should_stop(handler.open(), &cx.registry) {
             return Ok(());
@@ -309,11 +329,18 @@ pub fn run<H: Handler>(
         }
         cx.acceptor.backoff_due(now);
         resume_accepting(cx, handler);
+        cx.health.lap();
         while let Some((_, timer)) = cx.timers.pop_due(now) {
             log::trace!("{}: timer fired: {timer:?}", H::ROLE);
             handler.timer_fired(cx, timer);
             resume_accepting(cx, handler);
+            cx.health.lap();
         }
+        // Disk completions go to their owners (which may queue more); then
+        // everything queued goes to the kernel in one call.
+        deliver_written(cx, handler);
+        cx.disk.submit();
+        cx.health.lap();
     }
 }
 
@@ -365,6 +392,7 @@ fn exposition<H: Handler>(cx: &Context<H::Timer>, handler: &H) -> Exposition {
         "Seconds since the daemon started.",
         cx.started.elapsed().as_secs_f64(),
     );
+    cx.health.metrics(&mut e);
     cx.disk.metrics(&mut e);
     handler.metrics(&mut e);
     e
