@@ -4,44 +4,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
 use common::*;
 use stopover::client::Verdict;
-
-/// The stats address a daemon logged (`metrics at http://ADDR/metrics`).
-fn stats_addr(daemon: &Spawned) -> SocketAddr {
-    let line = daemon.wait_for_log("metrics at http://");
-    let rest = &line[line.find("http://").unwrap() + "http://".len()..];
-    rest.trim_end_matches("/metrics")
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-/// One scrape: the body of `GET /metrics`.
-fn scrape(addr: SocketAddr) -> String {
-    let mut sock = TcpStream::connect(addr).unwrap();
-    sock.set_read_timeout(Some(PATIENCE)).unwrap();
-    sock.write_all(b"GET /metrics HTTP/1.1\r\nHost: stopover\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    sock.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
-    response.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
-/// The value of the sample named exactly `name` (labels included).
-fn sample(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
-        .parse()
-        .unwrap()
-}
 
 #[test]
 fn server_metrics_count_a_known_sequence_of_uploads() {

@@ -20,8 +20,8 @@ use super::Exposition;
 
 /// Upper bounds of the histogram's buckets, in seconds: 10 us to 1 s.
 pub const BUCKETS: [f64; 16] = [
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
-    0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
 /// The histogram of event handling times (see the module docs).
@@ -113,11 +113,29 @@ mod tests {
         let mut e = Exposition::new();
         h.metrics(&mut e);
         let text = e.into_text();
-        assert!(text.contains("stopover_loop_event_seconds_bucket{le=\"0.00001\"} 1\n"), "{text}");
-        assert!(text.contains("stopover_loop_event_seconds_bucket{le=\"0.001\"} 2\n"), "{text}");
-        assert!(text.contains("stopover_loop_event_seconds_bucket{le=\"1\"} 2\n"), "{text}");
-        assert!(text.contains("stopover_loop_event_seconds_bucket{le=\"+Inf\"} 3\n"), "{text}");
-        assert!(text.contains("stopover_loop_event_seconds_count 3\n"), "{text}");
-        assert!(text.contains("stopover_loop_event_seconds_max 3\n"), "{text}");
+        assert!(
+            text.contains("stopover_loop_event_seconds_bucket{le=\"0.00001\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stopover_loop_event_seconds_bucket{le=\"0.001\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stopover_loop_event_seconds_bucket{le=\"1\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stopover_loop_event_seconds_bucket{le=\"+Inf\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stopover_loop_event_seconds_count 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stopover_loop_event_seconds_max 3\n"),
+            "{text}"
+        );
     }
 }

@@ -91,7 +91,14 @@ impl Exposition {
 
     /// A histogram: `buckets` are (upper bound, cumulative count), in
     /// increasing order; `+Inf` is added with `count`.
-    pub fn histogram(&mut self, name: &str, help: &str, buckets: &[(f64, u64)], sum: f64, count: u64) {
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        buckets: &[(f64, u64)],
+        sum: f64,
+        count: u64,
+    ) {
         let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (le, n) in buckets {
             let _ = writeln!(self.text, "{name}_bucket{{le=\"{le}\"}} {n}");

@@ -43,7 +43,7 @@ use crate::event_loop::disk::{Done, Owner};
 use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon, Exposition, MinRate};
 use crate::store::Store;
 
-use transfer::spool::{Closing, Ended, Goal, Recording};
+use transfer::spool::{Closing, Ended, Goal, Recording, Spool};
 use transfer::{Next, Outcome, Policy, Side, Transfer};
 
 pub use transfer::OnDiskError;
@@ -347,17 +347,18 @@ impl event_loop::Handler for Core {
             Err(e) if accept::is_out_of_descriptors(&e) => {
                 // No descriptor for the file means none for the upstream
                 // either: refuse by closing before reading a byte, and back off.
-                cx.aborts
-                    .warn(format_args!("proxy: refusing {addr}: {e}"));
+                cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
                 self.stats.refused += 1;
                 cx.acceptor.out_of_descriptors(&e, self.transfers.len());
                 return;
             }
-            Err(e) if self.policy.hold.is_some() || self.policy.on_disk_error == OnDiskError::Refuse => {
+            Err(e)
+                if self.policy.hold.is_some()
+                    || self.policy.on_disk_error == OnDiskError::Refuse =>
+            {
                 // Without a spool we could lose the upload: refuse it
                 // by closing before reading a byte.
-                cx.aborts
-                    .warn(format_args!("proxy: refusing {addr}: {e}"));
+                cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
                 self.stats.refused += 1;
                 return;
             }
@@ -383,8 +384,8 @@ impl event_loop::Handler for Core {
             return;
         }
         log::trace!("proxy: accept {addr} -> #{key}, register client READABLE|WRITABLE");
-        let closing = &self.closing_inbox;
-        let mut transfer = Transfer::new(key, id, client, addr, spool, closing, cx, &self.policy);
+        let spool = Spool::new(spool, Owner { key, id }, &self.closing_inbox);
+        let mut transfer = Transfer::new(key, id, client, addr, spool, cx, &self.policy);
         if let Some(idle) = self.idle_timeout {
             transfer.set_idle_timer(
                 cx.timers

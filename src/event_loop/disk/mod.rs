@@ -93,8 +93,8 @@ use mio::{Interest, Registry};
 use slab::Slab;
 
 pub use chunk::{Chunk, ALIGN, CHUNK};
-pub use ring::NO_RING_ENV;
 use ring::Ring;
+pub use ring::NO_RING_ENV;
 
 use crate::sys;
 
@@ -140,6 +140,8 @@ impl Buf {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     /// `len` bytes at `offset`; `direct` if through an `O_DIRECT` file.
+    /// (A short write completes as a failed write of the part that was not
+    /// written.)
     Write {
         offset: u64,
         len: usize,
@@ -427,12 +429,8 @@ impl Disk {
     /// its completion: it is advice.
     pub fn drop_cached(&mut self, file: &Arc<File>) {
         let slot = self.insert(file, None, Op::DropCached);
-        let entry = opcode::Fadvise::new(
-            types::Fd(file.as_raw_fd()),
-            0,
-            libc::POSIX_FADV_DONTNEED,
-        )
-        .build();
+        let entry =
+            opcode::Fadvise::new(types::Fd(file.as_raw_fd()), 0, libc::POSIX_FADV_DONTNEED).build();
         self.queue(slot, entry, || sys::drop_cached(file));
     }
 
@@ -559,13 +557,21 @@ impl Disk {
         }
         let result = match w.op {
             _ if res < 0 => Err(io::Error::from_raw_os_error(-res)),
-            Op::Write { len, .. } if res as usize != len => {
+            Op::Write {
+                offset,
+                len,
+                direct,
+            } if res as usize != len => {
                 // A short write: the disk is full, or the device refused
-                // the rest. What follows in the file cannot be trusted.
-                Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("short write: {res} of {len} bytes (disk full?)"),
-                ))
+                // the rest. What follows in the file cannot be trusted; the
+                // completion reports the part that was not written.
+                let n = res as usize;
+                w.op = Op::Write {
+                    offset: offset + n as u64,
+                    len: len - n,
+                    direct,
+                };
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
             }
             _ => Ok(()),
         };

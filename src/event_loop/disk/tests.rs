@@ -147,7 +147,14 @@ fn dropping_the_disk_waits_for_what_is_in_flight() {
         let n = c.spare().len();
         c.spare().fill(7);
         c.commit(n);
-        disk.write(&file, None, i * CHUNK as u64, Buf::Chunk(Arc::new(c)), CHUNK, owner);
+        disk.write(
+            &file,
+            None,
+            i * CHUNK as u64,
+            Buf::Chunk(Arc::new(c)),
+            CHUNK,
+            owner,
+        );
     }
     disk.submit();
     drop(disk);

@@ -57,12 +57,11 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::TcpStream;
 
-use crate::event_loop::disk::{Disk, Done, Owner};
+use crate::event_loop::disk::{Disk, Done};
 use crate::event_loop::{Context, MinRate, Peer, RateWindow, Reply, ReplyStep, TimerId, Who};
-use crate::store::PartFile;
 
 use super::Timer;
-use spool::{Closing, Spool};
+use spool::Spool;
 use upload::Link;
 
 pub use upload::LAG_LIMIT;
@@ -279,13 +278,11 @@ impl Transfer {
         id: u64,
         client: TcpStream,
         client_addr: SocketAddr,
-        spool: Result<PartFile, String>,
-        closing: &Closing,
+        spool: Spool,
         cx: &mut Context<Timer>,
         policy: &Policy,
     ) -> Transfer {
         let now = Instant::now();
-        let spool = Spool::new(spool, Owner { key, id }, closing);
         let who = Who {
             role: "proxy",
             key,

@@ -93,7 +93,10 @@ impl Closing {
 
     /// The recordings handed over since the last call.
     pub fn take_new(&self) -> Vec<Recording> {
-        self.0.lock().map(|mut l| std::mem::take(&mut *l)).unwrap_or_default()
+        self.0
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default()
     }
 }
 
@@ -289,7 +292,9 @@ impl Recording {
             Ok(Some((mem, offset))) if mem == 0 || offset == 0 => {
                 return refused("statx: no direct I/O on this file".into())
             }
-            Ok(Some((mem, offset))) if ALIGN % mem as usize != 0 || ALIGN % offset as usize != 0 => {
+            Ok(Some((mem, offset)))
+                if ALIGN % mem as usize != 0 || ALIGN % offset as usize != 0 =>
+            {
                 return refused(format!(
                     "statx: alignment {mem}/{offset} does not divide {ALIGN}"
                 ))

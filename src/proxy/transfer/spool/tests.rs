@@ -29,7 +29,11 @@ fn setup() -> (tempfile::TempDir, Store, mio::Poll, Disk) {
 }
 
 fn new_spool(store: &mut Store, closing: &Closing) -> Spool {
-    Spool::new(Ok(store.create().unwrap()), Owner { key: 0, id: 1 }, closing)
+    Spool::new(
+        Ok(store.create().unwrap()),
+        Owner { key: 0, id: 1 },
+        closing,
+    )
 }
 
 /// Waits (at most 10 s) for the next completions and hands them to `to`.
@@ -123,7 +127,10 @@ fn every_size_lands_whole_under_its_final_name() {
             assert_eq!(from_memory, data);
             spool.release(len as u64, &mut disk);
             spool.end(&mut disk);
-            assert!(finish(&mut spool, &mut disk, &mut poll), "finished at {len} bytes");
+            assert!(
+                finish(&mut spool, &mut disk, &mut poll),
+                "finished at {len} bytes"
+            );
             assert_eq!(spool.crc32c(), crc32c::crc32c(&data));
             let stored = std::fs::read(spool.path().unwrap()).unwrap();
             assert!(
@@ -193,7 +200,10 @@ fn an_abandoned_spool_keeps_every_byte_received_and_no_padding() {
     let data: Vec<u8> = (0..3 * CHUNK + 5000).map(|i| (i % 241) as u8).collect();
     let mut spool = new_spool(&mut store, &closing);
     fill(&mut spool, &mut disk, &data, 100_000, true);
-    assert!(!spool.try_finish(&mut disk).unwrap(), "not ended: no final name");
+    assert!(
+        !spool.try_finish(&mut disk).unwrap(),
+        "not ended: no final name"
+    );
     spool.keep_incomplete(&mut disk);
     let ended = close(&closing, &mut disk, &mut poll);
     let [Ended::Kept(path, n)] = &ended[..] else {
@@ -201,7 +211,11 @@ fn an_abandoned_spool_keeps_every_byte_received_and_no_padding() {
     };
     assert_eq!(*n, data.len() as u64);
     assert!(path.to_string_lossy().ends_with(".incomplete"));
-    assert_eq!(std::fs::read(path).unwrap(), data, "every byte, no zeros after");
+    assert_eq!(
+        std::fs::read(path).unwrap(),
+        data,
+        "every byte, no zeros after"
+    );
     assert_eq!(
         std::fs::read_dir(dir.path())
             .unwrap()
