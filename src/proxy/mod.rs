@@ -356,11 +356,10 @@ impl event_loop::Handler for Core {
                 if self.policy.hold.is_some()
                     || self.policy.on_disk_error == OnDiskError::Refuse =>
             {
-                // Without a spool we could lose the upload: refuse it
-                // by closing before reading a byte.
+                // Without a spool we could lose the upload: the transfer
+                // answers `ERR proxy cannot store upload` (`Transfer::new`).
                 cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
-                self.stats.refused += 1;
-                return;
+                Err(crate::error::brief(&e))
             }
             Err(e) => {
                 // --on-disk-error relay: the load test goes on, unrecorded.

@@ -57,6 +57,7 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::TcpStream;
 
+use crate::answer::Answer;
 use crate::event_loop::disk::{Disk, Done};
 use crate::event_loop::{Context, MinRate, Peer, RateWindow, Reply, ReplyStep, TimerId, Who};
 
@@ -304,9 +305,14 @@ impl Transfer {
             forwarded: 0,
             state: State::aborted(),
         };
-        t.state = match policy.hold {
-            Some(_) => State::Receiving { spool },
-            None => t.connect(spool, upload::Source::Spool, cx, policy),
+        let must_record = policy.hold.is_some() || policy.on_disk_error == OnDiskError::Refuse;
+        t.state = match (policy.hold, spool.not_recorded()) {
+            // No file to record into, and every byte must be recorded.
+            (_, Some(why)) if must_record => State::Replying(Reply::new(&Answer::err(format!(
+                "proxy cannot store upload: {why}"
+            )))),
+            (Some(_), _) => State::Receiving { spool },
+            (None, _) => t.connect(spool, upload::Source::Spool, cx, policy),
         };
         t
     }

@@ -411,6 +411,11 @@ impl Spool {
         }
     }
 
+    /// Why the upload is not (or no longer) recorded, if it is not.
+    pub fn not_recorded(&self) -> Option<&str> {
+        self.not_recorded.as_deref()
+    }
+
     /// True while the upload is being recorded.
     pub fn is_recording(&self) -> bool {
         self.rec.is_some()
