@@ -24,6 +24,9 @@ pub const BUCKETS: [f64; 16] = [
     0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
+/// A handling this long is logged (at debug level).
+pub const SLOW: Duration = Duration::from_millis(50);
+
 /// The histogram of event handling times (see the module docs).
 #[derive(Debug)]
 pub struct Health {
@@ -51,10 +54,15 @@ impl Health {
         self.lap_start = Instant::now();
     }
 
-    /// Ends one observation and starts the next.
-    pub fn lap(&mut self) {
+    /// Ends one observation (of `what`) and starts the next. A handling
+    /// longer than [`SLOW`] is logged at debug level, with what it was.
+    pub fn lap(&mut self, what: &str) {
         let now = Instant::now();
-        self.observe(now.saturating_duration_since(self.lap_start));
+        let took = now.saturating_duration_since(self.lap_start);
+        self.observe(took);
+        if took > SLOW {
+            log::debug!("loop: {what} took {:.1} ms", took.as_secs_f64() * 1e3);
+        }
         self.lap_start = now;
     }
 
