@@ -57,10 +57,15 @@ impl Mount {
 
     /// A tmpfs of `mib` MiB, or why not.
     fn tmpfs(mib: u64) -> Result<Mount, String> {
+        Mount::tmpfs_with(&format!("size={mib}m"))
+    }
+
+    /// A tmpfs mounted with `options`, or why not.
+    fn tmpfs_with(options: &str) -> Result<Mount, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).map_err(|e| e.to_string())?;
-        let size = format!("size={mib}m");
+        let size = options.to_string();
         run("mount", &["-t", "tmpfs", "-o", &size, "tmpfs"], &[&mnt])?;
         Ok(Mount { dir, mounted: true })
     }
@@ -451,4 +456,46 @@ fn without_io_uring_the_spool_writes_through_the_page_cache() {
         ring_cached <= ring_overflow + (256 << 10),
         "with a ring: {ring_cached} bytes cached, only {ring_overflow} overflowed"
     );
+}
+
+#[test]
+fn a_spool_file_that_cannot_be_created_relays_unrecorded_or_refuses() {
+    let test = "a_spool_file_that_cannot_be_created_relays_unrecorded_or_refuses";
+    // Few inodes: once the proxies have started, the rest are taken, and
+    // creating a spool file fails with ENOSPC.
+    let Some(mount) = mounted(test, Mount::tmpfs_with("size=16m,nr_inodes=8")) else {
+        return;
+    };
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = spawn_server(server_dir.path(), &[]);
+    let relay = spawn_proxy(server.addr, &mount.sub("a"), &[]);
+    let refuse = spawn_proxy(server.addr, &mount.sub("b"), &["--on-disk-error", "refuse"]);
+    let fillers: Vec<PathBuf> = (0..8)
+        .map(|i| mount.path().join(format!("filler-{i}")))
+        .take_while(|p| std::fs::write(p, b"x").is_ok())
+        .collect();
+    assert!(std::fs::write(mount.path().join("one-more"), b"x").is_err());
+    let data = random_bytes(300_000, 2500);
+    for _ in 0..3 {
+        assert_eq!(
+            send(relay.addr, &data).unwrap().verdict(),
+            Verdict::Verified
+        );
+        let line = send(refuse.addr, &data).unwrap().line;
+        assert!(
+            line.starts_with("ERR proxy cannot store upload: No space left on device"),
+            "{line}"
+        );
+    }
+    relay.wait_for_log("without recording");
+    assert!(file_names(&mount.sub("a")).is_empty() && file_names(&mount.sub("b")).is_empty());
+    // Space returns: the next upload is recorded again.
+    std::fs::remove_file(&fillers[0]).unwrap();
+    assert_eq!(
+        send(relay.addr, &data).unwrap().verdict(),
+        Verdict::Verified
+    );
+    wait_until("the upload is recorded", || {
+        final_files(&mount.sub("a")).len() == 1
+    });
 }

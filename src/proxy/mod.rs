@@ -359,7 +359,7 @@ impl event_loop::Handler for Core {
                 // Without a spool we could lose the upload: the transfer
                 // answers `ERR proxy cannot store upload` (`Transfer::new`).
                 cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
-                Err(crate::error::brief(&e))
+                Err(cause(&e))
             }
             Err(e) => {
                 // --on-disk-error relay: the load test goes on, unrecorded.
@@ -367,7 +367,7 @@ impl event_loop::Handler for Core {
                 cx.aborts.warn(format_args!(
                     "proxy: relaying {addr} without recording: {e}"
                 ));
-                Err(crate::error::brief(&e))
+                Err(cause(&e))
             }
         };
         let _ = client.set_nodelay(true);
@@ -468,6 +468,16 @@ impl event_loop::Handler for Core {
         }
         self.drive(cx, key);
         self.adopt_closing(cx);
+    }
+}
+
+/// What went wrong, without where (the spool's path is none of the
+/// client's business): `No space left on device`.
+fn cause(e: &io::Error) -> String {
+    let text = crate::error::brief(e);
+    match text.rsplit_once(": ") {
+        Some((_, cause)) => cause.to_string(),
+        None => text,
     }
 }
 
