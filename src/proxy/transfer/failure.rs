@@ -269,9 +269,9 @@ impl Transfer {
         }
         if let (true, Some(spool)) = (never_forwarded, spool.as_ref()) {
             log::warn!(
-                "proxy: shutting down: held upload from {} {}, not forwarded",
+                "proxy: shutting down: held upload from {} kept as {}, not forwarded",
                 self.client_addr,
-                spool.kept_as()
+                spool.path().unwrap_or(std::path::Path::new("-")).display()
             );
             let answer = Answer::err(format!(
                 "proxy shutting down: kept as {}, not forwarded",
