@@ -503,11 +503,16 @@ impl Core {
         let ended = match rec.advance_to_end(&mut cx.disk) {
             None => return, // operations still in flight
             Some(Ok(ended)) => ended,
-            Some(Err(e)) => {
+            Some(Err(e)) if rec.goal == Goal::Finish => {
                 // It could not take its final name: keep it as incomplete.
-                log::warn!("proxy: {e}");
+                cx.aborts.warn(format_args!("proxy: {e}"));
                 rec.goal = Goal::Keep;
                 return self.advance_closing(cx, id);
+            }
+            Some(Err(e)) => {
+                // Not even kept (see `Recording::advance_to_end`).
+                cx.aborts.warn(format_args!("proxy: {e}"));
+                Ended::Removed
             }
         };
         let Some(rec) = self.closing.remove(&id) else {

@@ -431,7 +431,19 @@ impl Recording {
             return Some(Ok(Ended::Finished(path)));
         }
         let part = self.part.take().expect("checked above");
-        Some(part.keep_incomplete().map(|path| Ended::Kept(path, valid)))
+        let part_path = part.path().to_path_buf();
+        match part.keep_incomplete() {
+            Ok(path) => Some(Ok(Ended::Kept(path, valid))),
+            Err(e) => {
+                // Not even a rename fits (a full directory on a full disk):
+                // the bytes go, but no `.part` outlives its transfer.
+                let removed = std::fs::remove_file(&part_path);
+                Some(Err(io::Error::new(
+                    e.kind(),
+                    format!("{e}; removed it ({removed:?})"),
+                )))
+            }
+        }
     }
 }
 
