@@ -319,7 +319,10 @@ pub fn run<H: Handler>(
                 _ => handler.connection_event(cx, event),
             }
             resume_accepting(cx, handler);
-            cx.health.lap("an event");
+            cx.health.lap(match event.token() {
+                LISTENER => "accepting",
+                _ => "an event",
+            });
         }
         if cx.acceptor.should_stop(handler.open(), &cx.registry) {
             return Ok(());
