@@ -26,6 +26,15 @@
 //! timers, and every socket registration ([`register_client`],
 //! [`connect_upstream`]). Listening, the accept gate and the graceful stop
 //! are the shared `event_loop::Acceptor`'s.
+//!
+//! One more table lives here: **recordings closing**. A transfer may end
+//! (or give up recording, see `--on-disk-error`) while its spool's disk
+//! writes are still in flight; its recording then hands itself over
+//! (`transfer::spool::Closing`) and is finished here as its completions
+//! come in: renamed, kept as a trimmed `.incomplete`, or removed. So no
+//! `.part` outlives its transfer, and a full disk is counted
+//! (`stopover_recordings_failed_total`) and warned about under the loop's
+//! throttle, never once per transfer.
 
 pub mod transfer;
 

@@ -12,8 +12,10 @@ fn wait_for(disk: &mut Disk, poll: &mut mio::Poll, n: usize) -> Vec<Done> {
     let mut done = Vec::new();
     let mut events = mio::Events::with_capacity(8);
     let deadline = Instant::now() + Duration::from_secs(10);
-    disk.submit();
     while done.len() < n && Instant::now() < deadline {
+        // As the loop does: what is queued (a retry, too) goes to the
+        // kernel before waiting.
+        disk.submit();
         if !disk.has_completions() {
             // EINTR is normal: io_uring interrupts the wait to post a
             // completion.
@@ -159,4 +161,40 @@ fn dropping_the_disk_waits_for_what_is_in_flight() {
     disk.submit();
     drop(disk);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * CHUNK as u64);
+}
+
+#[test]
+fn a_direct_write_the_device_refuses_is_written_through_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let plain = Arc::new(std::fs::File::create(&path).unwrap());
+    let Ok(direct) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+    else {
+        eprintln!("no O_DIRECT on {}: nothing to refuse", dir.path().display());
+        return;
+    };
+    let direct = Arc::new(direct);
+    let (mut poll, mut disk) = disk();
+    let owner = Owner { key: 2, id: 3 };
+    // A length that is not a multiple of the block: the kernel answers
+    // EINVAL, as a device that refuses a direct write does.
+    let data = b"not a whole block".to_vec();
+    let len = data.len();
+    disk.write(
+        &direct,
+        Some(&plain),
+        0,
+        Buf::Bytes(data.into()),
+        len,
+        owner,
+    );
+    let done = wait_for(&mut disk, &mut poll, 1);
+    assert_eq!(done.len(), 1);
+    assert!(done[0].result.is_ok(), "{:?}", done[0].result);
+    assert!(done[0].refused_direct, "the completion says so");
+    assert_eq!(disk.counters.refused_direct, 1);
+    assert_eq!(std::fs::read(&path).unwrap(), b"not a whole block");
 }
