@@ -105,7 +105,7 @@ impl Transfer {
         | State::Salvaging { spool, .. } = &self.state
         {
             if spool.held_back() {
-                // Waiting for spool memory or the disk is our doing.
+                // Waiting for spool memory is our doing.
                 return Some(now + idle);
             }
         }
