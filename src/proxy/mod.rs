@@ -367,6 +367,7 @@ impl event_loop::Handler for Core {
             {
                 // Without a spool we could lose the upload: the transfer
                 // answers `ERR proxy cannot store upload` (`Transfer::new`).
+                self.stats.recordings_failed += 1;
                 cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
                 Err(cause(&e))
             }
