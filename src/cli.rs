@@ -214,8 +214,22 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "8MiB", value_name = "SIZE", value_parser = parse_spool_memory)]
     pub spool_memory: u64,
 
+    /// What a full or failing spool disk does to an upload: `relay` keeps
+    /// relaying it without recording (what landed is kept as
+    /// NAME.incomplete; counted and warned about), `refuse` answers `ERR`
+    /// (every relayed byte is recorded). Hold mode always refuses.
+    #[arg(long, default_value = "relay", value_name = "WHAT")]
+    pub on_disk_error: OnDiskErrorArg,
+
     #[command(flatten)]
     pub limits: Limits,
+}
+
+/// `--on-disk-error` (see `ProxyArgs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnDiskErrorArg {
+    Relay,
+    Refuse,
 }
 
 /// `stopover client`.

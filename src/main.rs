@@ -12,7 +12,7 @@ use stopover::cli::{Cli, Command};
 use stopover::client::{self, ClientConfig, Verdict};
 use stopover::load::{self, LoadConfig, Stop};
 use stopover::logging;
-use stopover::proxy::{Proxy, ProxyConfig};
+use stopover::proxy::{OnDiskError, Proxy, ProxyConfig};
 use stopover::server::{Server, ServerConfig};
 
 /// Exit code for any failure at run time (a transfer that failed, a
@@ -120,6 +120,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 stats_interval: args.limits.stats_interval,
                 retention: args.limits.retention(),
                 spool_memory: usize::try_from(args.spool_memory).unwrap_or(usize::MAX),
+                on_disk_error: match args.on_disk_error {
+                    stopover::cli::OnDiskErrorArg::Relay => OnDiskError::Relay,
+                    stopover::cli::OnDiskErrorArg::Refuse => OnDiskError::Refuse,
+                },
             })
             .map_err(|e| e.to_string())?;
             proxy.handle_signals().map_err(|e| e.to_string())?;

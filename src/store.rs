@@ -26,7 +26,12 @@
 //! reserves disk space ahead of the writes with
 //! `fallocate(FALLOC_FL_KEEP_SIZE)`, in steps that double with the file
 //! (up to [`PREALLOCATE_STEP_MAX`]), and gives back what it did not use when
-//! it is finished. Without it, ext4 does its delayed-allocation bookkeeping
+//! it is finished. The file says *when* to reserve
+//! ([`PartFile::advance`]); who calls `fallocate` depends on the writer:
+//! the server in [`PartFile::write`] (ordinary writes, nothing in flight to
+//! wait for), the proxy's spool through `io_uring`, because on a file with
+//! `O_DIRECT` writes in flight `fallocate` and `ftruncate` wait for them to
+//! complete (8-90 ms measured), and the loop must not. Without it, ext4 does its delayed-allocation bookkeeping
 //! (space and quota reservation, the extent-status tree) for every 4 KiB
 //! block of every `write`; over already-reserved space a `write` is little
 //! more than the copy into the page cache. Measured on this project's
@@ -69,6 +74,14 @@ pub const PREALLOCATE_AFTER: u64 = 1024 * 1024;
 /// calls logarithmic for files up to this size and linear, in 8 MiB steps,
 /// beyond.
 pub const PREALLOCATE_STEP_MAX: u64 = 8 * 1024 * 1024;
+
+/// Space to reserve ahead of a file's writes: `fallocate(mode, offset, len)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub mode: i32,
+    pub offset: u64,
+    pub len: u64,
+}
 
 /// A directory that uploads are stored in, and the name generator for it.
 #[derive(Debug)]
@@ -265,22 +278,33 @@ pub struct PartFile {
 }
 
 impl PartFile {
-    /// Appends `data`, updating the byte count and running CRC-32C.
+    /// Appends `data`, updating the byte count and running CRC-32C. (The
+    /// server's way: ordinary writes on the loop, into the page cache. With
+    /// no direct I/O in flight on the file, its `fallocate` does not wait
+    /// for the device either.)
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.reserve_ahead(data.len() as u64);
+        if let Some(r) = self.reservation_due(data.len() as u64) {
+            if let Err(e) = sys::fallocate(&self.file, r.mode, r.offset, r.len) {
+                self.reservation_failed(&e);
+            }
+        }
         (&*self.file).write_all(data)?;
         self.crc = crc32c::crc32c_append(self.crc, data);
         self.bytes += data.len() as u64;
         Ok(())
     }
 
-    /// Counts `data` as part of the file (byte count, CRC-32C, space
-    /// reserved ahead) for a caller that writes it itself, at its own
-    /// offsets (the proxy's spool, see `proxy::transfer::spool`).
-    pub fn record(&mut self, data: &[u8]) {
-        self.reserve_ahead(data.len() as u64);
-        self.crc = crc32c::crc32c_append(self.crc, data);
-        self.bytes += data.len() as u64;
+    /// Counts `len` more bytes as part of the file, for a caller that writes
+    /// them itself, at its own offsets, and keeps its own CRC (the proxy's
+    /// spool, see `proxy::transfer::spool`). Returns the reservation due
+    /// before they are written, if any: the caller performs it (the spool
+    /// through the ring, so that it never waits on the loop for the direct
+    /// writes in flight) and reports a refusal with
+    /// [`PartFile::reservation_failed`].
+    pub fn advance(&mut self, len: u64) -> Option<Reservation> {
+        let due = self.reservation_due(len);
+        self.bytes += len;
+        due
     }
 
     /// From now on, reserve space by extending the file's length rather
@@ -299,30 +323,49 @@ impl PartFile {
         &self.file
     }
 
-    /// Makes sure the space for the next `len` bytes is reserved, once the
-    /// file is past [`PREALLOCATE_AFTER`] (see the module docs).
-    fn reserve_ahead(&mut self, len: u64) {
+    /// The reservation due before `len` more bytes are written, once the
+    /// file is past [`PREALLOCATE_AFTER`] (see the module docs). Counted as
+    /// made: a refusal reported later only means an unneeded trim.
+    fn reservation_due(&mut self, len: u64) -> Option<Reservation> {
         let end = self.bytes + len;
         if !self.preallocate || self.bytes < PREALLOCATE_AFTER || end <= self.reserved {
-            return;
+            return None;
         }
         let from = self.reserved.max(self.bytes);
         let to = end + self.bytes.min(PREALLOCATE_STEP_MAX);
-        let mode = if self.extend_reserve {
-            0
-        } else {
-            libc::FALLOC_FL_KEEP_SIZE
-        };
-        match sys::fallocate(&self.file, mode, from, to - from) {
-            Ok(()) => self.reserved = to,
-            Err(e) => {
-                log::debug!(
-                    "{}: no preallocation from here on: {e}",
-                    self.part_path.display()
-                );
-                self.preallocate = false;
-            }
+        self.reserved = to;
+        Some(Reservation {
+            mode: if self.extend_reserve {
+                0
+            } else {
+                libc::FALLOC_FL_KEEP_SIZE
+            },
+            offset: from,
+            len: to - from,
+        })
+    }
+
+    /// The filesystem refused a reservation: stop asking.
+    pub fn reservation_failed(&mut self, e: &io::Error) {
+        if self.preallocate {
+            log::debug!(
+                "{}: no preallocation from here on: {e}",
+                self.part_path.display()
+            );
         }
+        self.preallocate = false;
+    }
+
+    /// The length the file must be trimmed to before it is named, when
+    /// space was reserved past its data (`None`: nothing to trim).
+    pub fn trim_due(&self) -> Option<u64> {
+        (self.reserved > self.bytes).then_some(self.bytes)
+    }
+
+    /// The caller has trimmed the file (through the ring): naming it need
+    /// not trim again.
+    pub fn trimmed(&mut self) {
+        self.reserved = 0;
     }
 
     /// Gives back reserved space past the end of the data. On ext4,

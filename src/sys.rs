@@ -12,8 +12,8 @@
 //! |---|---|---|
 //! | `getrlimit`/`setrlimit` | the accept gate, the load generator | no std API |
 //! | `setsockopt(SO_RCVLOWAT)` | the server | neither std nor socket2 |
-//! | `fcntl(F_SETFL, O_DIRECT)` | the proxy's spool | no std API |
-//! | `sync_file_range`, `posix_fadvise` | the proxy's spool (overflow) | no std API |
+//! | `sync_file_range`, `posix_fadvise` | the disk's fallback without a ring | no std API |
+//! | `statx(STATX_DIOALIGN)` | the proxy's spool (may it use `O_DIRECT`?) | no std API |
 //! | `fallocate` | the store | no std API |
 //! | `renameat2(RENAME_NOREPLACE)` | the store | `fs::rename` replaces |
 //! | `geteuid` | the store (who owns a directory) | no std API |
@@ -102,27 +102,36 @@ pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::R
     }
 }
 
-/// Turns `O_DIRECT` on or off for an open file (`fcntl(F_SETFL)`): its
-/// writes then go from our buffer to the device, bypassing the page cache,
-/// and must be aligned. Filesystems without direct I/O answer `EINVAL`.
-pub fn set_direct_io(file: &File, on: bool) -> io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: F_GETFL takes no argument beyond the descriptor, which
-    // `file` keeps open for the call.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let flags = if on {
-        flags | libc::O_DIRECT
-    } else {
-        flags & !libc::O_DIRECT
+/// What `O_DIRECT` needs of `file`, from `statx(STATX_DIOALIGN)`: the
+/// alignment of buffers in memory and of offsets and lengths, in bytes (`0`:
+/// no direct I/O on this file). `None` where the kernel or the filesystem
+/// does not say (before Linux 6.1, or a filesystem that does not report it).
+pub fn dio_alignment(file: &File) -> io::Result<Option<(u32, u32)>> {
+    // SAFETY: statx is plain old data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: an empty path with AT_EMPTY_PATH names the open descriptor
+    // (kept open by `file` for the call); statx writes only into `stx`,
+    // which outlives the call.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
     };
-    // SAFETY: as above; F_SETFL reads one integer argument.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
-        return Err(io::Error::last_os_error());
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(None),
+            _ => Err(e),
+        };
     }
-    Ok(())
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return Ok(None);
+    }
+    Ok(Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align)))
 }
 
 /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: starts writeback of the

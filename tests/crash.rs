@@ -109,6 +109,10 @@ fn a_client_killed_mid_upload_leaves_no_final_file_anywhere() {
         wait_until("the server has let go of the partial", || {
             file_names(&recv).iter().all(|n| !n.ends_with(".part"))
         });
+        // The proxy names its partial once its last disk writes have landed.
+        wait_until("the proxy has kept its partial", || {
+            file_names(&spool).iter().all(|n| !n.ends_with(".part"))
+        });
         assert_only_whole_uploads_have_final_names(&recv, &data, "server");
         assert_only_whole_uploads_have_final_names(&spool, &data, "proxy");
         assert!(final_files(&recv).is_empty() && final_files(&spool).is_empty());

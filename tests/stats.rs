@@ -175,3 +175,34 @@ fn sigusr1_and_the_interval_log_the_counters() {
     let ticking = spawn_server(dir.path(), &["--stats-interval", "200ms"]);
     ticking.wait_for_log("server: stats: stopover_connections_accepted_total=0");
 }
+
+#[test]
+fn both_daemons_show_how_long_the_loop_takes_per_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_server(&dir.path().join("r"), &["--stats-addr", "127.0.0.1:0"]);
+    let proxy = spawn_proxy(
+        server.addr,
+        &dir.path().join("s"),
+        &["--stats-addr", "127.0.0.1:0"],
+    );
+    let data = random_bytes(3 << 20, 77);
+    assert_eq!(
+        send(proxy.addr, &data).unwrap().verdict(),
+        Verdict::Verified
+    );
+    for daemon in [&server, &proxy] {
+        let body = scrape(stats_addr(daemon));
+        assert!(
+            body.contains("# TYPE stopover_loop_event_seconds histogram"),
+            "{body}"
+        );
+        let count = sample(&body, "stopover_loop_event_seconds_count");
+        let le_inf = sample(&body, "stopover_loop_event_seconds_bucket{le=\"+Inf\"}");
+        let le_1s = sample(&body, "stopover_loop_event_seconds_bucket{le=\"1\"}");
+        assert!(count >= 3.0, "events were handled and timed: {count}");
+        assert_eq!(le_inf, count, "+Inf holds every observation");
+        assert!(le_1s <= le_inf, "buckets are cumulative");
+        let max = sample(&body, "stopover_loop_event_seconds_max");
+        assert!(max > 0.0, "the longest handling so far: {max}");
+    }
+}

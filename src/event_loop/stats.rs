@@ -89,6 +89,24 @@ impl Exposition {
         }
     }
 
+    /// A histogram: `buckets` are (upper bound, cumulative count), in
+    /// increasing order; `+Inf` is added with `count`.
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        buckets: &[(f64, u64)],
+        sum: f64,
+        count: u64,
+    ) {
+        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (le, n) in buckets {
+            let _ = writeln!(self.text, "{name}_bucket{{le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(self.text, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(self.text, "{name}_sum {sum}\n{name}_count {count}");
+    }
+
     /// A gauge (a value now).
     pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
         self.sample(name, help, "gauge", None, value);
@@ -102,11 +120,12 @@ impl Exposition {
         );
     }
 
-    /// The samples as one log line: `name=value ...` (HELP and TYPE left out).
+    /// The samples as one log line: `name=value ...` (HELP and TYPE left
+    /// out, and histogram buckets: their max and count say enough there).
     pub fn one_line(&self) -> String {
         self.text
             .lines()
-            .filter(|l| !l.starts_with('#'))
+            .filter(|l| !l.starts_with('#') && !l.contains("_bucket{"))
             .map(|l| l.replacen(' ', "=", 1))
             .collect::<Vec<_>>()
             .join(" ")

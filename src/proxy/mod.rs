@@ -26,6 +26,15 @@
 //! timers, and every socket registration ([`register_client`],
 //! [`connect_upstream`]). Listening, the accept gate and the graceful stop
 //! are the shared `event_loop::Acceptor`'s.
+//!
+//! One more table lives here: **recordings closing**. A transfer may end
+//! (or give up recording, see `--on-disk-error`) while its spool's disk
+//! writes are still in flight; its recording then hands itself over
+//! (`transfer::spool::Closing`) and is finished here as its completions
+//! come in: renamed, kept as a trimmed `.incomplete`, or removed. So no
+//! `.part` outlives its transfer, and a full disk is counted
+//! (`stopover_recordings_failed_total`) and warned about under the loop's
+//! throttle, never once per transfer.
 
 pub mod transfer;
 
@@ -39,12 +48,15 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use crate::event_loop::disk::{Owner, Written};
+use crate::event_loop::disk::{Done, Owner};
 use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon, Exposition, MinRate};
 use crate::retention::{self, Keeper};
 use crate::store::Store;
 
+use transfer::spool::{Closing, Ended, Goal, Recording, Spool};
 use transfer::{Next, Outcome, Policy, Side, Transfer};
+
+pub use transfer::OnDiskError;
 
 /// Settings for [`Proxy`].
 #[derive(Debug, Clone)]
@@ -79,6 +91,8 @@ pub struct ProxyConfig {
     /// Memory for spool chunks, all transfers together (see
     /// `event_loop::disk`).
     pub spool_memory: usize,
+    /// What a full or failing spool disk does (`--on-disk-error`).
+    pub on_disk_error: OnDiskError,
 }
 
 impl Default for ProxyConfig {
@@ -98,6 +112,7 @@ impl Default for ProxyConfig {
             stats_interval: None,
             retention: retention::Limits::default(),
             spool_memory: event_loop::disk::DEFAULT_BUDGET,
+            on_disk_error: OnDiskError::default(),
         }
     }
 }
@@ -190,6 +205,9 @@ pub struct Stats {
     pub received: u64,
     /// Upload bytes sent to the upstream (counted as transfers end).
     pub forwarded: u64,
+    /// Recordings given up or cut short by a disk error (or never started:
+    /// no spool file could be created).
+    pub recordings_failed: u64,
 }
 
 /// A bound proxy, ready to [`run`](Daemon::run).
@@ -208,6 +226,13 @@ pub struct Core {
     next_id: u64,
     /// `--spool-memory`: the budget of all spool chunks together.
     spool_memory: usize,
+    /// Recordings handed over by spools that let go of them ...
+    closing_inbox: Closing,
+    /// ... and finished here as their last operations complete, by
+    /// transfer id (see `transfer::spool::recording`).
+    closing: std::collections::HashMap<u64, Recording>,
+    /// Transfers still open when the loop stopped.
+    open_at_stop: usize,
 }
 
 impl Proxy {
@@ -243,10 +268,14 @@ impl Proxy {
                     max_bytes: config.max_bytes,
                     min_rate: config.min_rate,
                     connect_timeout: config.connect_timeout,
+                    on_disk_error: config.on_disk_error,
                 },
                 idle_timeout: config.idle_timeout,
                 next_id: 0,
                 spool_memory: config.spool_memory,
+                closing_inbox: Closing::default(),
+                closing: std::collections::HashMap::new(),
+                open_at_stop: 0,
             })
         })?;
         if let Some(hold) = config.hold {
@@ -299,6 +328,16 @@ impl event_loop::Handler for Core {
             "Upload bytes sent to the upstream, counted as transfers end.",
             s.forwarded,
         );
+        out.counter(
+            "stopover_recordings_failed_total",
+            "Uploads whose recording failed (a full or failing disk): relayed without it (--on-disk-error relay) or refused.",
+            s.recordings_failed,
+        );
+        out.gauge(
+            "stopover_recordings_closing",
+            "Recordings of ended transfers waiting for their last disk operations.",
+            self.closing.len() as f64,
+        );
         let held = self.transfers.iter().filter(|(_, t)| t.is_held()).count();
         out.gauge(
             "stopover_uploads_held",
@@ -325,24 +364,30 @@ impl event_loop::Handler for Core {
             }
             self.stats.received += transfer.bytes().0;
             self.stats.kept += 1;
-            transfer.abandon();
+            transfer.abandon(&mut cx.disk);
             cx.acceptor.connection_closed();
         }
+        self.adopt_closing(cx);
     }
 
     /// Transfers still open are closed as aborted (an unfinished spool is
-    /// kept as `.incomplete`), or kept (a held upload, whole, not
-    /// forwarded).
-    fn stopped(&mut self) -> Stats {
-        let open = self.transfers.len();
+    /// kept as `.incomplete`, once its disk writes land), or kept (a held
+    /// upload, whole, not forwarded).
+    fn close_all(&mut self, cx: &mut Context<Timer>) {
+        self.open_at_stop = self.transfers.len();
         for t in self.transfers.drain() {
             if t.kept_whole() {
                 self.stats.kept += 1;
             } else {
                 self.stats.aborted += 1;
             }
-            t.abandon();
+            t.abandon(&mut cx.disk);
         }
+        self.adopt_closing(cx);
+    }
+
+    fn stopped(&mut self) -> Stats {
+        let open = self.open_at_stop;
         log::info!(
             "proxy: stopped: {} relayed, {} refused, {} aborted, {} kept (held, not forwarded) ({open} open at shutdown)",
             self.stats.relayed,
@@ -357,16 +402,32 @@ impl event_loop::Handler for Core {
     /// the non-blocking connect upstream (unless holding), and drive it.
     fn accepted(&mut self, cx: &mut Context<Timer>, mut client: TcpStream, addr: SocketAddr) {
         let spool = match self.store.create() {
-            Ok(spool) => spool,
-            Err(e) => {
-                // Without a spool we could lose the upload: refuse it
-                // by closing before reading a byte.
-                log::warn!("proxy: refusing {addr}: {e}");
+            Ok(spool) => Ok(spool),
+            Err(e) if accept::is_out_of_descriptors(&e) => {
+                // No descriptor for the file means none for the upstream
+                // either: refuse by closing before reading a byte, and back off.
+                cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
                 self.stats.refused += 1;
-                if accept::is_out_of_descriptors(&e) {
-                    cx.acceptor.out_of_descriptors(&e, self.transfers.len());
-                }
+                cx.acceptor.out_of_descriptors(&e, self.transfers.len());
                 return;
+            }
+            Err(e)
+                if self.policy.hold.is_some()
+                    || self.policy.on_disk_error == OnDiskError::Refuse =>
+            {
+                // Without a spool we could lose the upload: the transfer
+                // answers `ERR proxy cannot store upload` (`Transfer::new`).
+                self.stats.recordings_failed += 1;
+                cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
+                Err(cause(&e))
+            }
+            Err(e) => {
+                // --on-disk-error relay: the load test goes on, unrecorded.
+                self.stats.recordings_failed += 1;
+                cx.aborts.warn(format_args!(
+                    "proxy: relaying {addr} without recording: {e}"
+                ));
+                Err(cause(&e))
             }
         };
         // TCP_NODELAY and SO_LINGER 0 came from the listener (see
@@ -377,10 +438,13 @@ impl event_loop::Handler for Core {
         let id = self.next_id;
         if let Err(e) = register_client(&cx.registry, key, &mut client) {
             log::warn!("proxy: registering {addr}: {e}");
-            spool.discard();
+            if let Ok(part) = spool {
+                part.discard();
+            }
             return;
         }
         log::trace!("proxy: accept {addr} -> #{key}, register client READABLE|WRITABLE");
+        let spool = Spool::new(spool, Owner { key, id }, &self.closing_inbox);
         let mut transfer = Transfer::new(key, id, client, addr, spool, cx, &self.policy);
         if let Some(idle) = self.idle_timeout {
             transfer.set_idle_timer(
@@ -393,6 +457,7 @@ impl event_loop::Handler for Core {
         // Bytes may already be waiting; the registration will report
         // them, but driving now saves a trip through poll.
         self.drive(cx, key);
+        self.adopt_closing(cx);
     }
 
     fn connection_event(&mut self, cx: &mut Context<Timer>, event: &Event) {
@@ -404,6 +469,7 @@ impl event_loop::Handler for Core {
         if let Some(t) = self.transfers.get_mut(key) {
             t.on_event(side, event);
             self.drive(cx, key);
+            self.adopt_closing(cx);
         }
     }
 
@@ -416,18 +482,26 @@ impl event_loop::Handler for Core {
         if let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) {
             t.woken();
             self.drive(cx, key);
+            self.adopt_closing(cx);
         }
     }
 
-    /// A spool write completed: tell its transfer, which may now be able
-    /// to finish its file and pass the answer on.
-    fn written(&mut self, cx: &mut Context<Timer>, done: Written) {
+    /// A spool's disk operation completed: tell its recording, which is
+    /// either still its transfer's (which may now be able to finish its
+    /// file and pass the answer on) or in the closing table.
+    fn written(&mut self, cx: &mut Context<Timer>, done: Done) {
         let Owner { key, id } = done.owner;
+        if let Some(rec) = self.closing.get_mut(&id) {
+            rec.on_done(done, &mut cx.disk);
+            self.advance_closing(cx, id);
+            return;
+        }
         let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) else {
-            return; // its transfer is gone; the file was kept or removed
+            return; // its file was removed
         };
-        t.on_written(done.result);
+        t.on_done(done, &mut cx.disk);
         self.drive(cx, key);
+        self.adopt_closing(cx);
     }
 
     fn timer_fired(&mut self, cx: &mut Context<Timer>, timer: Timer) {
@@ -454,10 +528,79 @@ impl event_loop::Handler for Core {
             Timer::Rate { .. } => t.check_rate(cx, &self.policy),
         }
         self.drive(cx, key);
+        self.adopt_closing(cx);
+    }
+}
+
+/// What went wrong, without where (the spool's path is none of the
+/// client's business): `No space left on device`.
+fn cause(e: &io::Error) -> String {
+    let text = crate::error::brief(e);
+    match text.rsplit_once(": ") {
+        Some((_, cause)) => cause.to_string(),
+        None => text,
     }
 }
 
 impl Core {
+    /// Takes in the recordings that spools have let go of since the last
+    /// call, and moves each on at once (one with nothing in flight may be
+    /// done already).
+    fn adopt_closing(&mut self, cx: &mut Context<Timer>) {
+        for rec in self.closing_inbox.take_new() {
+            let id = rec.owner().id;
+            self.closing.insert(id, rec);
+            self.advance_closing(cx, id);
+        }
+    }
+
+    /// Moves recording `id` of the closing table towards its end; once it
+    /// is there, says so (a failed recording under the per-transfer
+    /// warnings' throttle) and forgets it.
+    fn advance_closing(&mut self, cx: &mut Context<Timer>, id: u64) {
+        let Some(rec) = self.closing.get_mut(&id) else {
+            return;
+        };
+        let ended = match rec.advance_to_end(&mut cx.disk) {
+            None => return, // operations still in flight
+            Some(Ok(ended)) => ended,
+            Some(Err(e)) if rec.goal == Goal::Finish => {
+                // It could not take its final name: keep it as incomplete.
+                cx.aborts.warn(format_args!("proxy: {e}"));
+                rec.goal = Goal::Keep;
+                return self.advance_closing(cx, id);
+            }
+            Some(Err(e)) => {
+                // Not even kept (see `Recording::advance_to_end`).
+                cx.aborts.warn(format_args!("proxy: {e}"));
+                Ended::Removed
+            }
+        };
+        let Some(rec) = self.closing.remove(&id) else {
+            return;
+        };
+        let what = match &ended {
+            Ended::Finished(path) => format!("finished as {}", path.display()),
+            Ended::Kept(path, bytes) => format!("{bytes} bytes kept as {}", path.display()),
+            Ended::Removed => "nothing kept".to_string(),
+        };
+        match rec.failure() {
+            Some(why) => {
+                self.stats.recordings_failed += 1;
+                cx.aborts.warn(format_args!(
+                    "proxy: recording {} failed ({why}){}; {what}",
+                    rec.name(),
+                    if rec.given_up.is_some() {
+                        "; its transfer went on without it"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            None => log::debug!("proxy: recording {}: {what}", rec.name()),
+        }
+    }
+
     /// Drives one transfer and closes it if it is finished.
     fn drive(&mut self, cx: &mut Context<Timer>, key: usize) {
         let Next::Close { outcome, clean } = self.transfers[key].drive(cx, &self.policy) else {

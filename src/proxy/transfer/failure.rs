@@ -12,16 +12,26 @@
 //! - **The upstream failing is not the client's problem** (`Salvaging`):
 //!   we go on reading the upload into the spool and answer `ERR upstream
 //!   unavailable ... (kept as NAME)` at its end.
+//! - **The spool's disk failing is not the load test's problem** (by
+//!   default, `--on-disk-error relay`): the transfer goes on relaying, its
+//!   recording is given up (what landed is kept as `.incomplete`), counted
+//!   and warned about under the loop's throttle. With `refuse`, and always
+//!   in hold mode (which cannot forward what it could not store), the
+//!   upload is refused.
+//! - **No `.part` outlives a transfer.** A spool dropped on any path hands
+//!   its recording to the loop, which finishes, keeps or removes it once
+//!   its writes have landed (see `spool::recording`).
 
 use std::io;
 
 use super::spool::Spool;
 use crate::answer::Answer;
 use crate::error::brief;
+use crate::event_loop::disk::Disk;
 use crate::event_loop::{Context, Reply};
 
 use super::upload::Link;
-use super::{Outcome, Policy, State, Timer, Transfer};
+use super::{OnDiskError, Outcome, Policy, State, Timer, Transfer};
 
 impl State {
     /// The resources a state holds, for the failure paths to dispose of.
@@ -40,9 +50,10 @@ impl State {
 
 /// Where a spool file is now, for log lines.
 fn shown(spool: &Option<Spool>) -> String {
-    spool
-        .as_ref()
-        .map_or_else(String::new, |s| s.path().display().to_string())
+    match spool.as_ref().and_then(Spool::path) {
+        Some(path) => path.display().to_string(),
+        None => "(not recorded)".to_string(),
+    }
 }
 
 impl Transfer {
@@ -64,12 +75,14 @@ impl Transfer {
             // of ours after it would make two answers in one. Relay or close,
             // never add: close, and let the client judge what it got.
             log::warn!(
-                "proxy: upstream {} failed after {} answer bytes ({reason}); closing the client's connection; upload kept as {}",
+                "proxy: upstream {} failed after {} answer bytes ({reason}); closing the client's connection; upload {}",
                 policy.upstream,
                 link.answer_bytes,
-                spool.path().display()
+                spool.kept_as()
             );
             link.up.reset();
+            // The spool goes with this state: its recording is finished,
+            // or kept as `.incomplete`, by the loop once its writes land.
             return State::Done {
                 outcome: Outcome::Aborted,
                 clean: true,
@@ -94,14 +107,14 @@ impl Transfer {
             };
         }
         log::warn!(
-            "proxy: {} upload of {} bytes not delivered: upstream unavailable: {reason}; kept as {}",
+            "proxy: {} upload of {} bytes not delivered: upstream unavailable: {reason}; {}",
             self.client_addr,
             spool.bytes(),
-            spool.path().display()
+            spool.kept_as()
         );
         State::Replying(Reply::new(&Answer::err(format!(
-            "upstream unavailable: {reason} (kept as {})",
-            spool.name()
+            "upstream unavailable: {reason} ({})",
+            spool.kept_as()
         ))))
     }
 
@@ -141,22 +154,35 @@ impl Transfer {
         ))))
     }
 
-    /// The spool file could not be written: refuse the upload, keeping what
-    /// was written as `.incomplete`.
-    pub(super) fn spool_failed(&mut self, old: State, e: io::Error) -> State {
-        log::warn!(
+    /// The spool file could not be written. By default (and where there is
+    /// an upstream to relay to) the transfer goes on without recording;
+    /// otherwise the upload is refused. Either way what was written is kept
+    /// as `.incomplete` (its valid prefix), or removed if empty, by the loop.
+    pub(super) fn spool_failed(
+        &mut self,
+        mut old: State,
+        e: io::Error,
+        cx: &mut Context<Timer>,
+        policy: &Policy,
+    ) -> State {
+        let relay = policy.on_disk_error == OnDiskError::Relay && policy.hold.is_none();
+        if let (true, State::Streaming { spool, .. } | State::Salvaging { spool, .. }) =
+            (relay, &mut old)
+        {
+            // Warned about (throttled) when the loop has finished the file.
+            spool.give_up(&e, &mut cx.disk);
+            return old;
+        }
+        cx.aborts.warn(format_args!(
             "proxy: {} spool write failed: {e}; upload refused",
             self.client_addr
-        );
+        ));
         let (spool, link) = old.into_parts();
         if let Some(link) = link {
             link.up.close_or_reset();
         }
         if let Some(spool) = spool {
-            match spool.keep_incomplete() {
-                Ok(path) => log::warn!("proxy: partial spool kept as {}", path.display()),
-                Err(e) => log::warn!("proxy: {e}"),
-            }
+            spool.keep_incomplete(&mut cx.disk);
         }
         State::Replying(Reply::new(&Answer::err(format!(
             "proxy cannot store upload: {}",
@@ -185,17 +211,13 @@ impl Transfer {
             // If its last disk writes had not all landed, the file cannot
             // take its final name now (nobody will be here when they do):
             // it is kept as `.incomplete`, with every byte.
-            let kept = match spool {
-                Some(s) if !s.is_finished() => match s.keep_incomplete() {
-                    Ok(path) => path.display().to_string(),
-                    Err(e) => format!("(not kept: {e})"),
-                },
-                s => shown(&s),
-            };
-            log::warn!(
+            // If its last disk writes had not all landed, the loop gives
+            // it its final name when they have (nobody will be here then).
+            let kept = shown(&spool);
+            cx.aborts.warn(format_args!(
                 "proxy: client {} went away before its answer ({e}); upload kept as {kept}",
                 self.client_addr,
-            );
+            ));
         } else {
             if let Some(link) = link {
                 link.up.reset();
@@ -213,13 +235,15 @@ impl Transfer {
                 }
                 spool => {
                     let bytes = spool.as_ref().map_or(0, |s| s.bytes());
-                    let kept = match spool.map(Spool::keep_incomplete) {
-                        Some(Ok(path)) => path.display().to_string(),
-                        Some(Err(e)) => format!("(not kept: {e})"),
-                        None => "(no spool)".to_string(),
+                    let kept = match &spool {
+                        Some(s) if s.is_recording() => format!("kept as {}.incomplete", s.name()),
+                        _ => "not recorded".to_string(),
                     };
+                    if let Some(spool) = spool {
+                        spool.keep_incomplete(&mut cx.disk);
+                    }
                     cx.aborts.warn(format_args!(
-                        "proxy: client {} aborted its upload after {bytes} bytes ({e}); kept as {kept}",
+                        "proxy: client {} aborted its upload after {bytes} bytes ({e}); {kept}",
                         self.client_addr
                     ));
                 }
@@ -233,7 +257,7 @@ impl Transfer {
     /// kept as `.incomplete`. A held upload that was never forwarded is
     /// complete and kept under its final name, and its client is told so:
     /// `ERR proxy shutting down: kept as NAME, not forwarded`.
-    pub fn abandon(self) {
+    pub fn abandon(self, disk: &mut Disk) {
         let never_forwarded = self.kept_whole();
         let (spool, link) = self.state.into_parts();
         if let Some(link) = link {
@@ -243,7 +267,7 @@ impl Transfer {
             log::warn!(
                 "proxy: shutting down: held upload from {} kept as {}, not forwarded",
                 self.client_addr,
-                spool.path().display()
+                spool.path().unwrap_or(std::path::Path::new("-")).display()
             );
             let answer = Answer::err(format!(
                 "proxy shutting down: kept as {}, not forwarded",
@@ -262,15 +286,13 @@ impl Transfer {
             }
             return;
         }
-        if let Some(spool) = spool.filter(|s| !s.is_finished()) {
-            match spool.keep_incomplete() {
-                Ok(path) => log::warn!(
-                    "proxy: unfinished upload from {} kept as {}",
-                    self.client_addr,
-                    path.display()
-                ),
-                Err(e) => log::warn!("proxy: {e}"),
-            }
+        if let Some(spool) = spool.filter(|s| s.is_recording() && !s.is_finished()) {
+            log::warn!(
+                "proxy: unfinished upload from {} kept as {}.incomplete",
+                self.client_addr,
+                spool.name()
+            );
+            spool.keep_incomplete(disk);
         }
     }
 }

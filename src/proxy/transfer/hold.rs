@@ -70,7 +70,7 @@ impl Transfer {
         let hold = policy.hold.unwrap_or_default();
         log::info!(
             "proxy: holding {} for {}: edit it now ({} bytes from {}, crc32c={:08x})",
-            spool.path().display(),
+            spool.path().unwrap_or(std::path::Path::new("-")).display(),
             humantime::format_duration(hold),
             spool.bytes(),
             self.client_addr,
@@ -99,7 +99,9 @@ impl Transfer {
         // again now, so the first idle check cannot blame an upstream whose
         // connect has barely begun.
         self.last_active = Instant::now();
-        let path = spool.path().to_path_buf();
+        // Hold mode always records (a spool that cannot be written refuses
+        // the upload), so a held spool has its file.
+        let path = spool.path().unwrap_or(Path::new("")).to_path_buf();
         match reopen(&path) {
             Ok((file, len)) => {
                 let held = Held { file, len, crc: 0 };

@@ -45,7 +45,8 @@
 mod answer;
 mod failure;
 mod hold;
-mod spool;
+pub mod spool;
+mod timers;
 mod upload;
 
 use std::fmt;
@@ -56,9 +57,9 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::TcpStream;
 
-use crate::event_loop::disk::{Disk, Owner};
+use crate::answer::Answer;
+use crate::event_loop::disk::{Disk, Done};
 use crate::event_loop::{Context, MinRate, Peer, RateWindow, Reply, ReplyStep, TimerId, Who};
-use crate::store::PartFile;
 
 use super::Timer;
 use spool::Spool;
@@ -123,6 +124,22 @@ pub struct Policy {
     pub min_rate: Option<MinRate>,
     /// Longest an upstream connect may take (`--connect-timeout`).
     pub connect_timeout: Duration,
+    /// What a full or failing spool disk does to a transfer
+    /// (`--on-disk-error`; hold mode always refuses).
+    pub on_disk_error: OnDiskError,
+}
+
+/// `--on-disk-error`: what happens to a transfer whose recording cannot be
+/// written (a full disk, a failing one, no file to write to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnDiskError {
+    /// Keep relaying; give up that transfer's recording (what landed is
+    /// kept as `.incomplete`), count it and warn. A load test goes on.
+    #[default]
+    Relay,
+    /// Refuse the upload (`ERR proxy cannot store upload`): for users who
+    /// need every relayed byte recorded.
+    Refuse,
 }
 
 /// Where a transfer is in its life. See the module docs for the diagram.
@@ -190,6 +207,18 @@ impl State {
             _ => None,
         }
     }
+
+    /// The spool, in the states that have one.
+    fn spool_mut(&mut self) -> Option<&mut Spool> {
+        match self {
+            State::Receiving { spool }
+            | State::Holding { spool, .. }
+            | State::Connecting { spool, .. }
+            | State::Streaming { spool, .. }
+            | State::Salvaging { spool, .. } => Some(spool),
+            State::Replying(_) | State::Done { .. } => None,
+        }
+    }
 }
 
 /// What happened to a transfer: the input of [`Transfer::on`], reported by
@@ -254,12 +283,11 @@ impl Transfer {
         id: u64,
         client: TcpStream,
         client_addr: SocketAddr,
-        spool: PartFile,
+        spool: Spool,
         cx: &mut Context<Timer>,
         policy: &Policy,
     ) -> Transfer {
         let now = Instant::now();
-        let spool = Spool::new(spool, Owner { key, id });
         let who = Who {
             role: "proxy",
             key,
@@ -281,9 +309,14 @@ impl Transfer {
             forwarded: 0,
             state: State::aborted(),
         };
-        t.state = match policy.hold {
-            Some(_) => State::Receiving { spool },
-            None => t.connect(spool, upload::Source::Spool, cx, policy),
+        let must_record = policy.hold.is_some() || policy.on_disk_error == OnDiskError::Refuse;
+        t.state = match (policy.hold, spool.not_recorded()) {
+            // No file to record into, and every byte must be recorded.
+            (_, Some(why)) if must_record => State::Replying(Reply::new(&Answer::err(format!(
+                "proxy cannot store upload: {why}"
+            )))),
+            (Some(_), _) => State::Receiving { spool },
+            (None, _) => t.connect(spool, upload::Source::Spool, cx, policy),
         };
         t
     }
@@ -304,15 +337,10 @@ impl Transfer {
         }
     }
 
-    /// A disk write of this transfer's spool has completed.
-    pub fn on_written(&mut self, result: io::Result<()>) {
-        match &mut self.state {
-            State::Receiving { spool }
-            | State::Holding { spool, .. }
-            | State::Connecting { spool, .. }
-            | State::Streaming { spool, .. }
-            | State::Salvaging { spool, .. } => spool.on_written(result),
-            State::Replying(_) | State::Done { .. } => {} // the spool is gone
+    /// A disk operation of this transfer's spool has completed.
+    pub fn on_done(&mut self, done: Done, disk: &mut Disk) {
+        if let Some(spool) = self.state.spool_mut() {
+            spool.on_done(done, disk);
         }
     }
 
@@ -353,7 +381,7 @@ impl Transfer {
         match &mut self.state {
             State::Receiving { spool } | State::Salvaging { spool, .. } => {
                 let moved = upload::read_client(client, spool, None, disk, policy)?;
-                spool_finished(client, spool)?;
+                spool_finished(client, spool, disk)?;
                 Ok(moved)
             }
             State::Holding { .. } => hold::watch_client(client, scratch),
@@ -364,7 +392,7 @@ impl Transfer {
             State::Streaming { spool, link } => {
                 let mut moved = link.forward(spool, disk, scratch)?;
                 moved |= upload::read_client(client, spool, Some(link), disk, policy)?;
-                spool_finished(client, spool)?;
+                spool_finished(client, spool, disk)?;
                 moved |= link.pass_eof(client, spool);
                 // The answer reaches the client only once the recording is
                 // final (or early, while the upload is still coming: an
@@ -426,7 +454,7 @@ impl Transfer {
                 self.held_file_failed(spool, link, e)
             }
             (old, Happened::TooLarge(limit)) => self.too_large(old, limit),
-            (old, Happened::SpoolFailed(e)) => self.spool_failed(old, e),
+            (old, Happened::SpoolFailed(e)) => self.spool_failed(old, e, cx, policy),
             (old, Happened::ClientLost(e)) => self.client_lost(old, e, cx),
             (State::Streaming { spool, link }, Happened::Relayed) => {
                 self.log_relayed(&spool, &link, policy);
@@ -534,142 +562,18 @@ impl Transfer {
     pub fn set_idle_timer(&mut self, id: TimerId) {
         self.idle_timer = Some(id);
     }
-
-    /// The connect timer fired: if still connecting, the upstream failed.
-    pub fn connect_timed_out(&mut self, cx: &mut Context<Timer>, policy: &Policy) {
-        if let State::Connecting { .. } = self.state {
-            let reason = format!(
-                "connect timed out after {}",
-                humantime::format_duration(policy.connect_timeout)
-            );
-            self.on(Happened::UpstreamFailed(reason), cx, policy);
-        }
-    }
-
-    /// The hold timer fired.
-    pub fn hold_over(&mut self, cx: &mut Context<Timer>, policy: &Policy) {
-        if let State::Holding { .. } = self.state {
-            self.on(Happened::HoldOver, cx, policy);
-        }
-    }
-
-    /// A `--min-rate` window is over: abort an upload that brought in too
-    /// little, unless we were the ones not reading (back-pressure) or the
-    /// upload is already complete. Re-arms itself while the upload runs.
-    pub fn check_rate(&mut self, cx: &mut Context<Timer>, policy: &Policy) {
-        self.rate_timer = None;
-        let Some(rate) = policy.min_rate else {
-            return;
-        };
-        if self.client.eof() {
-            return; // the upload is over: nothing left to judge
-        }
-        let now = Instant::now();
-        let (received, our_fault) = match &self.state {
-            State::Receiving { spool } | State::Salvaging { spool, .. } => {
-                (spool.bytes(), spool.held_back())
-            }
-            // Not reading while connecting is our doing, not the client's.
-            State::Connecting { spool, .. } => (spool.bytes(), true),
-            State::Streaming { spool, link } => (
-                spool.bytes(),
-                spool.held_back() || (link.forwarding() && link.lag(spool) >= LAG_LIMIT),
-            ),
-            _ => return,
-        };
-        let next = if our_fault {
-            self.rate.restart(now, received, &rate)
-        } else {
-            match self.rate.check(&rate, now, received) {
-                Ok(next) => next,
-                Err(came) => {
-                    let e = io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "too slow: {came} bytes in {}, below --min-rate {rate}",
-                            humantime::format_duration(rate.window)
-                        ),
-                    );
-                    self.on(Happened::ClientLost(e), cx, policy);
-                    return;
-                }
-            }
-        };
-        let (key, id) = (self.key, self.id);
-        self.rate_timer = Some(cx.timers.schedule(next, Timer::Rate { key, id }));
-    }
-
-    /// The idle timer fired. Returns when to check again, or `None` when
-    /// the transfer is being ended.
-    ///
-    /// Nothing moved for `idle`: whose fault is it? If we are waiting on
-    /// the upstream (it will not take the upload, or will not answer), the
-    /// upstream has failed: salvage the upload and answer `ERR`. Otherwise
-    /// the client has gone quiet mid-upload (or will not read our answer):
-    /// abort. A held transfer is idle on purpose and is left alone.
-    pub fn check_idle(
-        &mut self,
-        cx: &mut Context<Timer>,
-        policy: &Policy,
-        idle: Duration,
-    ) -> Option<Instant> {
-        self.idle_timer = None;
-        let now = Instant::now();
-        if let State::Holding { .. } = self.state {
-            return Some(now + idle);
-        }
-        let due = self.last_active + idle;
-        if now < due {
-            return Some(due);
-        }
-        if let State::Streaming { spool, .. }
-        | State::Receiving { spool }
-        | State::Salvaging { spool, .. } = &self.state
-        {
-            if spool.held_back() {
-                // Waiting for spool memory or the disk is our doing.
-                return Some(now + idle);
-            }
-        }
-        log::trace!("proxy: #{} timer fired: idle", self.key);
-        let waiting_on_upstream = match &self.state {
-            State::Connecting { .. } => true,
-            State::Streaming { spool, link } => {
-                self.client.eof() || (link.forwarding() && link.lag(spool) >= LAG_LIMIT)
-            }
-            _ => false,
-        };
-        let for_how_long = humantime::format_duration(idle);
-        if waiting_on_upstream {
-            let reason = format!("no progress for {for_how_long}");
-            self.on(Happened::UpstreamFailed(reason), cx, policy);
-            self.last_active = now;
-            return Some(now + idle);
-        }
-        if let State::Replying(_) = self.state {
-            log::warn!(
-                "proxy: client {} idle for {for_how_long} after our answer: closed",
-                self.client_addr
-            );
-            self.on(Happened::ReplyEnded { delivered: false }, cx, policy);
-        } else {
-            let e = io::Error::new(io::ErrorKind::TimedOut, format!("idle for {for_how_long}"));
-            self.on(Happened::ClientLost(e), cx, policy);
-        }
-        None
-    }
 }
 
 /// Reports the end of the upload once, when the spool has it all on disk
 /// under its final name; reports a failed disk write as soon as it is known.
-fn spool_finished(client: &Peer, spool: &mut Spool) -> Result<(), Happened> {
+fn spool_finished(client: &Peer, spool: &mut Spool, disk: &mut Disk) -> Result<(), Happened> {
     if let Some(e) = spool.take_failure() {
         return Err(Happened::SpoolFailed(e));
     }
     if !client.eof() || spool.is_finished() {
         return Ok(());
     }
-    match spool.try_finish() {
+    match spool.try_finish(disk) {
         Ok(true) => Err(Happened::UploadComplete),
         Ok(false) => Ok(()),
         Err(e) => Err(Happened::SpoolFailed(e)),

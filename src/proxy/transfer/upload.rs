@@ -15,8 +15,9 @@
 //! flag stays set while we are not reading, because no new event will come
 //! for bytes that are already waiting; when the upstream drains, the same
 //! `drive` call resumes reading. (A disk slower than the client does not
-//! slow it: with `spool::MAX_IN_FLIGHT` writes outstanding, a full chunk
-//! overflows through the page cache instead; see `spool`.) So a transfer
+//! slow it: with `spool::MAX_IN_FLIGHT` direct writes outstanding, a full
+//! chunk overflows through the page cache instead, still through the ring;
+//! see `spool`. Only the memory budget can make it wait.) So a transfer
 //! holds at most `LAG_LIMIT` bytes plus its staging chunk and the chunks the
 //! disk is writing, however slow its upstream or its disk.
 //!
@@ -243,7 +244,6 @@ pub(super) fn read_client(
             spool.settle(disk, true); // nothing to read: hold no chunk
             return Ok(moved);
         }
-        spool.retry_full(disk);
         // Read no more than the upstream can be behind by.
         let room = match link.as_deref() {
             Some(link) if link.forwarding() => LAG_LIMIT.saturating_sub(link.lag(spool)),
@@ -251,8 +251,6 @@ pub(super) fn read_client(
         };
         let read = if room == 0 {
             Err("the upstream")
-        } else if spool.disk_bound() {
-            Err("the disk")
         } else {
             match spool.spare(disk, room as usize) {
                 [] => Err("memory"), // queued for a chunk: the loop wakes us
@@ -263,8 +261,8 @@ pub(super) fn read_client(
             Ok(read) => read,
             Err(why) => {
                 // Back-pressure: leave the bytes in the kernel. The readiness
-                // flag stays set, so we come back when the upstream drains,
-                // a disk write completes or a chunk is free.
+                // flag stays set, so we come back when the upstream drains
+                // or a chunk is free.
                 log::trace!("{} read paused: waiting for {why}", client.who());
                 spool.settle(disk, false);
                 return Ok(moved);
@@ -275,7 +273,7 @@ pub(super) fn read_client(
             Io::Eof => {
                 // The client's half-close: the upload is complete. The rest
                 // goes to the disk; the file is renamed once it is all there.
-                spool.end(disk).map_err(Happened::SpoolFailed)?;
+                spool.end(disk);
                 match link {
                     Some(link) => {
                         link.forward_spool(spool, disk)?;

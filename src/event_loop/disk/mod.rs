@@ -1,0 +1,547 @@
+//! Disk work that neither copies into the page cache nor waits on the loop.
+//!
+//! A recording proxy writes every byte it relays. Written the ordinary way,
+//! each byte is copied into the page cache: the loop's CPU does the copy,
+//! the cache grows by everything recorded recently (evicting the cache of
+//! every other process on the host), and writeback happens later on
+//! someone's time. Profiled under load (1,000 uploads streaming at once,
+//! issue 12), 44% of the proxy's CPU was that copy, and the server behind
+//! it did twice its direct CPU per GiB because its own page-cache pages
+//! had become expensive to fill.
+//!
+//! So the proxy writes its spool with **`O_DIRECT` through `io_uring`**:
+//!
+//! - the bytes live in [`Chunk`]s, aligned buffers of [`CHUNK`] bytes that
+//!   the client's data is read straight into, that the upstream is sent
+//!   from, and that the disk takes by DMA: one copy in, one copy out, none
+//!   to disk, and no page cache;
+//! - a full chunk is handed to the kernel as one asynchronous write
+//!   ([`Disk::write`]); the loop goes on at once, and the completion comes
+//!   back through the ring, whose descriptor is registered with the poll
+//!   like any socket (token [`DISK`](super::DISK)): *disk completions are
+//!   just one more kind of readiness*;
+//! - submissions are batched: everything queued while handling one batch of
+//!   events goes to the kernel in one `io_uring_enter` ([`Disk::submit`]),
+//!   just before the loop polls again.
+//!
+//! **Everything that can wait for the device goes through the ring**, not
+//! only the writes: reserving space ([`Disk::reserve`], `fallocate`),
+//! trimming ([`Disk::truncate`], `ftruncate`), starting writeback
+//! ([`Disk::writeback`]) and dropping cached pages ([`Disk::drop_cached`]).
+//! Measured on this project's VM (issue 18), a plain `fallocate` or
+//! `ftruncate` on a file with `O_DIRECT` writes in flight returns only once
+//! they complete: 8-13 ms with four 4 MiB writes in flight, 28-55 ms with
+//! sixteen, and every connection of the loop waits meanwhile. Through the
+//! ring the kernel's own workers do that waiting. The ring keeps no order
+//! between entries, so the one operation whose order matters, trimming a
+//! file to its length, is issued by the spool only when nothing else of
+//! that file is in flight.
+//!
+//! **Ownership is the safety argument.** The kernel reads a buffer after
+//! the call that queued it has returned, so a buffer in flight is owned
+//! (shared, for a [`Chunk`]: `Arc`, as the daemon may be built on one
+//! thread and run on another) by the in-flight table here, and so is the
+//! file; both stay alive until the completion is reaped, even if the
+//! transfer that wrote them is long gone. If the completions never come
+//! (the `Disk` is dropped with operations in flight and they do not finish
+//! within [`DROP_WAIT`]), their buffers are leaked, never freed under the
+//! kernel's feet.
+//!
+//! **Fallbacks.** Where `io_uring` cannot be set up (an old kernel, a
+//! sandbox that forbids it, `kernel.io_uring_disabled`, or
+//! `STOPOVER_NO_IO_URING=1`) every operation is done at once and its
+//! completion queued for the next reap, so callers see one behaviour; the
+//! spool then writes through the page cache (a synchronous `O_DIRECT` write
+//! would hold the loop for the device's whole write time), see
+//! `proxy::transfer::spool`. A direct write the device refuses (`EINVAL`:
+//! it accepted `O_DIRECT` at open but not this write) is written again
+//! through the page cache, and its completion says so.
+//!
+//! **Memory is a budget, shared.** All the chunks of all transfers together
+//! may take at most `--spool-memory` ([`DEFAULT_BUDGET`]); a transfer that
+//! needs a chunk when none is left does not read its client (its bytes wait
+//! in the kernel, as with any back-pressure) and queues for one
+//! ([`Disk::wait`]); the loop wakes the queue, oldest first, as chunks come
+//! back ([`Disk::wakeups`]). Under pressure (half the budget in use), a
+//! transfer that runs out of bytes to read hands its partial chunk to the
+//! disk at once instead of keeping it, so that idle transfers hold no chunk,
+//! only their last partial block (under 4 KiB). So memory stays bounded
+//! however many transfers stream at once, and with few of them every disk
+//! write is a whole chunk.
+//!
+//! Chunks that come back are kept for reuse (within the budget), because on
+//! a VM memory that is freed and reallocated is slow to touch again.
+//!
+//! The code is split by concept: `chunk` (the aligned buffers), `budget`
+//! (the pool, the budget and its queue, the metrics), `ring` (the
+//! `io_uring` and every way a call into it can fail), and this file (the
+//! operations and the in-flight table).
+
+mod budget;
+mod chunk;
+mod ring;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry};
+use slab::Slab;
+
+pub use chunk::{Chunk, ALIGN, CHUNK};
+use ring::Ring;
+pub use ring::NO_RING_ENV;
+
+use crate::sys;
+
+/// Default memory budget for chunks (`--spool-memory`): staging, waiting
+/// for the upstream, and in flight to the disk, all transfers together.
+pub const DEFAULT_BUDGET: usize = 8 * 1024 * 1024;
+
+/// The smallest budget, in chunks, whatever `--spool-memory` says: enough
+/// for one transfer to stream (staging, one waiting for the upstream, two
+/// in flight).
+pub const MIN_CHUNKS: usize = 4;
+
+/// How long dropping a [`Disk`] (or [`Disk::drain`]) waits for operations
+/// in flight before it leaks their buffers instead.
+pub const DROP_WAIT: Duration = Duration::from_secs(10);
+
+/// Whose operation a completion is: a connection's slab key and its
+/// identity (keys are reused; identities are not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub key: usize,
+    pub id: u64,
+}
+
+/// The bytes a write takes: a chunk, shared with the spool that forwards
+/// it, or a few bytes of its own (a file's last partial block).
+#[derive(Debug)]
+pub enum Buf {
+    Chunk(Arc<Chunk>),
+    Bytes(Box<[u8]>),
+}
+
+impl Buf {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Buf::Chunk(c) => c.filled(),
+            Buf::Bytes(b) => b,
+        }
+    }
+}
+
+/// What an operation was, as its completion reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `len` bytes at `offset`; `direct` if through an `O_DIRECT` file.
+    /// (A short write completes as a failed write of the part that was not
+    /// written.)
+    Write {
+        offset: u64,
+        len: usize,
+        direct: bool,
+    },
+    /// `fallocate`.
+    Reserve,
+    /// `ftruncate`.
+    Truncate,
+    /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`.
+    Writeback,
+    /// `posix_fadvise(DONTNEED)`.
+    DropCached,
+}
+
+impl Op {
+    /// The operation's name, for trace lines.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Write { .. } => "write",
+            Op::Reserve => "fallocate",
+            Op::Truncate => "ftruncate",
+            Op::Writeback => "writeback",
+            Op::DropCached => "fadvise",
+        }
+    }
+}
+
+/// A finished operation, for its owner.
+#[derive(Debug)]
+pub struct Done {
+    pub owner: Owner,
+    pub op: Op,
+    pub result: io::Result<()>,
+    /// A direct write the device refused, written through the page cache
+    /// instead (see the module docs): the file should stay buffered.
+    pub refused_direct: bool,
+}
+
+/// An operation the kernel has: what must outlive it.
+struct InFlight {
+    buf: Option<Buf>,
+    file: Arc<File>,
+    /// Where a refused direct write is written again.
+    fallback: Option<Arc<File>>,
+    owner: Option<Owner>,
+    op: Op,
+    refused_direct: bool,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DiskCounters {
+    pub writes: u64,
+    pub bytes: u64,
+    /// Bytes a spool wrote through the page cache because the disk was
+    /// behind (see `proxy::transfer::spool`).
+    pub overflow_bytes: u64,
+    /// Direct writes refused by the device and written buffered.
+    pub refused_direct: u64,
+}
+
+/// The loop's asynchronous disk (see the module docs).
+pub struct Disk {
+    ring: Option<Ring>,
+    in_flight: Slab<InFlight>,
+    /// Completions not yet handed to their owners.
+    done: Vec<Done>,
+    pool: Vec<Chunk>,
+    /// Chunks alive (in the pool, held by spools, in flight).
+    alive: Arc<AtomicUsize>,
+    /// Most chunks out of the pool at once.
+    budget: usize,
+    /// Owners waiting for a chunk, oldest first.
+    waiters: std::collections::VecDeque<Owner>,
+    pub counters: DiskCounters,
+    /// Made with [`Disk::new`] for a role that writes through it.
+    used: bool,
+}
+
+impl Disk {
+    /// Sets up a ring and registers it with `registry` under `token`, or,
+    /// where that fails, the synchronous fallback.
+    pub fn new(registry: &Registry, token: mio::Token, role: &str, budget: usize) -> Disk {
+        let ring = match Ring::new() {
+            Ok(ring) => {
+                let fd = ring.fd();
+                match registry.register(&mut SourceFd(&fd), token, Interest::READABLE) {
+                    Ok(()) => Some(ring),
+                    Err(e) => {
+                        log::warn!("{role}: io_uring not usable ({e}): spool writes go through the page cache, on the loop");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                log::info!("{role}: io_uring not available ({e}): spool writes go through the page cache, on the loop");
+                None
+            }
+        };
+        let mut disk = Disk::blocking(budget);
+        disk.ring = ring;
+        disk.used = true;
+        disk
+    }
+
+    /// The synchronous disk, for roles that do not need a ring.
+    pub fn blocking(budget: usize) -> Disk {
+        Disk {
+            ring: None,
+            in_flight: Slab::new(),
+            done: Vec::new(),
+            pool: Vec::new(),
+            alive: Arc::new(AtomicUsize::new(0)),
+            budget: (budget / CHUNK).max(MIN_CHUNKS),
+            waiters: std::collections::VecDeque::new(),
+            counters: DiskCounters::default(),
+            used: false,
+        }
+    }
+
+    /// True when operations are asynchronous (there is a ring). Without
+    /// one, a spool must not use `O_DIRECT`: every write would wait for the
+    /// device on the loop.
+    pub fn is_async(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// Writes the first `len` bytes of `buf` at `offset` of `file`, for
+    /// `owner`, who hears of it through [`Disk::reap`]. If `file` is
+    /// `O_DIRECT` (`fallback` is then the same file without it), `offset`
+    /// and `len` must be multiples of [`ALIGN`]. A chunk must not change
+    /// from now on (it is marked submitted).
+    pub fn write(
+        &mut self,
+        file: &Arc<File>,
+        fallback: Option<&Arc<File>>,
+        offset: u64,
+        buf: Buf,
+        len: usize,
+        owner: Owner,
+    ) {
+        debug_assert!(len <= buf.bytes().len());
+        if let Buf::Chunk(c) = &buf {
+            c.mark_submitted();
+        }
+        self.counters.writes += 1;
+        self.counters.bytes += len as u64;
+        let op = Op::Write {
+            offset,
+            len,
+            direct: fallback.is_some(),
+        };
+        let slot = self.in_flight.insert(InFlight {
+            buf: Some(buf),
+            file: Arc::clone(file),
+            fallback: fallback.cloned(),
+            owner: Some(owner),
+            op,
+            refused_direct: false,
+        });
+        self.start(slot);
+    }
+
+    /// Reserves `len` bytes of space at `offset` (`fallocate(mode)`).
+    pub fn reserve(&mut self, file: &Arc<File>, mode: i32, offset: u64, len: u64, owner: Owner) {
+        let slot = self.insert(file, Some(owner), Op::Reserve);
+        let entry = opcode::Fallocate::new(types::Fd(file.as_raw_fd()), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
+        self.queue(slot, entry, || sys::fallocate(file, mode, offset, len));
+    }
+
+    /// Sets the file's length to `len` (`ftruncate`). The caller issues it
+    /// only when nothing else of the file is in flight: the ring keeps no
+    /// order, and a write or a reservation completing after it would undo it.
+    pub fn truncate(&mut self, file: &Arc<File>, len: u64, owner: Owner) {
+        let slot = self.insert(file, Some(owner), Op::Truncate);
+        let entry = opcode::Ftruncate::new(types::Fd(file.as_raw_fd()), len).build();
+        let can = self.ring.as_ref().is_some_and(|r| r.can_truncate);
+        if can {
+            self.queue(slot, entry, || Ok(()));
+        } else {
+            // No ring, or a kernel without the opcode: at once. Nothing of
+            // this file is in flight (see above), so nothing makes it wait.
+            let result = file.set_len(len);
+            self.complete(slot, result);
+        }
+    }
+
+    /// Starts writeback of `len` bytes at `offset` without waiting for it
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
+    pub fn writeback(&mut self, file: &Arc<File>, offset: u64, len: u64, owner: Owner) {
+        let slot = self.insert(file, Some(owner), Op::Writeback);
+        let entry = opcode::SyncFileRange::new(types::Fd(file.as_raw_fd()), len as u32)
+            .offset(offset)
+            .flags(libc::SYNC_FILE_RANGE_WRITE)
+            .build();
+        self.queue(slot, entry, || sys::start_writeback(file, offset, len));
+    }
+
+    /// Drops the file's clean pages from the page cache. Nobody hears of
+    /// its completion: it is advice.
+    pub fn drop_cached(&mut self, file: &Arc<File>) {
+        let slot = self.insert(file, None, Op::DropCached);
+        let entry =
+            opcode::Fadvise::new(types::Fd(file.as_raw_fd()), 0, libc::POSIX_FADV_DONTNEED).build();
+        self.queue(slot, entry, || sys::drop_cached(file));
+    }
+
+    fn insert(&mut self, file: &Arc<File>, owner: Option<Owner>, op: Op) -> usize {
+        self.in_flight.insert(InFlight {
+            buf: None,
+            file: Arc::clone(file),
+            fallback: None,
+            owner,
+            op,
+            refused_direct: false,
+        })
+    }
+
+    /// Queues the entry for `slot` on the ring, or, without one, runs
+    /// `now` and queues its completion.
+    fn queue(&mut self, slot: usize, entry: squeue::Entry, now: impl FnOnce() -> io::Result<()>) {
+        match self.ring.as_mut() {
+            // SAFETY: the entry points at nothing but the file, which the
+            // in-flight entry keeps open until its completion is reaped.
+            Some(ring) => unsafe { ring.push(entry.user_data(slot as u64)) },
+            None => {
+                let result = now();
+                self.complete(slot, result);
+            }
+        }
+    }
+
+    /// Starts the write in `slot`: on the ring, or at once.
+    fn start(&mut self, slot: usize) {
+        let w = &self.in_flight[slot];
+        let Op::Write { offset, len, .. } = w.op else {
+            return;
+        };
+        let data = &w.buf.as_ref().expect("a write has a buffer").bytes()[..len];
+        let Some(ring) = self.ring.as_mut() else {
+            let result = w.file.write_all_at(data, offset);
+            self.complete(slot, result);
+            return;
+        };
+        let entry = opcode::Write::new(types::Fd(w.file.as_raw_fd()), data.as_ptr(), len as u32)
+            .offset(offset)
+            .build()
+            .user_data(slot as u64);
+        // SAFETY: the buffer and the file are owned by the in-flight entry
+        // until this write's completion is reaped, and a chunk is marked
+        // submitted, so nothing writes to it.
+        unsafe { ring.push(entry) };
+    }
+
+    /// Turns the in-flight entry `slot` into a completion for its owner.
+    fn complete(&mut self, slot: usize, result: io::Result<()>) {
+        let Some(w) = self.in_flight.try_remove(slot) else {
+            return;
+        };
+        if let Some(owner) = w.owner {
+            self.done.push(Done {
+                owner,
+                op: w.op,
+                result,
+                refused_direct: w.refused_direct,
+            });
+        }
+        if let Some(Buf::Chunk(chunk)) = w.buf {
+            if let Ok(chunk) = Arc::try_unwrap(chunk) {
+                self.recycle(chunk);
+            }
+        }
+    }
+
+    /// Gives every queued operation to the kernel in one system call. The
+    /// loop calls this before it polls again.
+    pub fn submit(&mut self) {
+        if let Some(ring) = self.ring.as_mut() {
+            if ring.has_queued() {
+                ring.submit();
+            }
+        }
+    }
+
+    /// Operations given to the kernel (or queued) and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// True when [`Disk::reap`] has something to hand out.
+    pub fn has_completions(&mut self) -> bool {
+        !self.done.is_empty() || self.ring.as_mut().is_some_and(Ring::has_completions)
+    }
+
+    /// Collects the completed operations. Their chunks go back to the pool
+    /// once their spools have let go of them too.
+    pub fn reap(&mut self) -> Vec<Done> {
+        loop {
+            let cqes = match self.ring.as_mut() {
+                Some(ring) => ring.completions(),
+                None => Vec::new(),
+            };
+            if cqes.is_empty() {
+                break;
+            }
+            for cqe in cqes {
+                self.on_cqe(cqe.user_data() as usize, cqe.result());
+            }
+        }
+        std::mem::take(&mut self.done)
+    }
+
+    /// One completion from the kernel: `res` is a byte count or `-errno`.
+    fn on_cqe(&mut self, slot: usize, res: i32) {
+        let Some(w) = self.in_flight.get_mut(slot) else {
+            return;
+        };
+        if matches!(w.op, Op::Write { direct: true, .. }) && res == -libc::EINVAL {
+            if let Some(fallback) = w.fallback.take() {
+                // The device took O_DIRECT at open but refuses this write:
+                // the same bytes, through the page cache.
+                w.file = fallback;
+                w.refused_direct = true;
+                self.counters.refused_direct += 1;
+                self.start(slot);
+                return;
+            }
+        }
+        let result = match w.op {
+            _ if res < 0 => Err(io::Error::from_raw_os_error(-res)),
+            Op::Write {
+                offset,
+                len,
+                direct,
+            } if res as usize != len => {
+                // A short write: the disk is full, or the device refused
+                // the rest. What follows in the file cannot be trusted; the
+                // completion reports the part that was not written.
+                let n = res as usize;
+                w.op = Op::Write {
+                    offset: offset + n as u64,
+                    len: len - n,
+                    direct,
+                };
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            _ => Ok(()),
+        };
+        self.complete(slot, result);
+    }
+
+    /// Waits (at most [`DROP_WAIT`] in all) for every operation in flight,
+    /// at shutdown, so that the files being finished have all their bytes
+    /// when the process exits. Returns the completions; the caller may
+    /// queue more (and call this again).
+    pub fn drain(&mut self, deadline: Instant) -> Vec<Done> {
+        let mut all = Vec::new();
+        while self.in_flight() > 0 && Instant::now() < deadline {
+            let Some(ring) = self.ring.as_mut() else {
+                break;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(e) = ring.wait(left.min(Duration::from_millis(100))) {
+                log::warn!("waiting for disk operations: {e}");
+                break;
+            }
+            all.extend(self.reap());
+        }
+        all.extend(self.reap());
+        all
+    }
+}
+
+impl Drop for Disk {
+    /// Waits (bounded) for what is in flight; whatever is still in flight
+    /// after that keeps its buffers and files forever (leaked): the kernel
+    /// may still be using them.
+    fn drop(&mut self) {
+        if self.in_flight() == 0 {
+            return;
+        }
+        self.submit();
+        let _ = self.drain(Instant::now() + DROP_WAIT);
+        if self.in_flight() > 0 {
+            log::warn!(
+                "{} disk operation(s) still in flight at exit: their buffers are left to the kernel",
+                self.in_flight()
+            );
+            for w in std::mem::take(&mut self.in_flight).drain() {
+                std::mem::forget(w);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

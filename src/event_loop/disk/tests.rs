@@ -1,0 +1,200 @@
+use super::*;
+use std::os::unix::fs::OpenOptionsExt;
+
+fn disk() -> (mio::Poll, Disk) {
+    let poll = mio::Poll::new().unwrap();
+    let disk = Disk::new(poll.registry(), mio::Token(7), "test", DEFAULT_BUDGET);
+    (poll, disk)
+}
+
+/// Reaps until `n` completions have come (or 10 s).
+fn wait_for(disk: &mut Disk, poll: &mut mio::Poll, n: usize) -> Vec<Done> {
+    let mut done = Vec::new();
+    let mut events = mio::Events::with_capacity(8);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while done.len() < n && Instant::now() < deadline {
+        // As the loop does: what is queued (a retry, too) goes to the
+        // kernel before waiting.
+        disk.submit();
+        if !disk.has_completions() {
+            // EINTR is normal: io_uring interrupts the wait to post a
+            // completion.
+            let _ = poll.poll(&mut events, Some(Duration::from_millis(100)));
+        }
+        done.extend(disk.reap());
+    }
+    done
+}
+
+#[test]
+fn chunks_are_aligned_and_fill_from_the_front() {
+    let (_poll, mut disk) = disk();
+    let mut c = disk.chunk().unwrap();
+    assert_eq!(c.spare().as_ptr() as usize % ALIGN, 0);
+    c.spare()[..3].copy_from_slice(b"abc");
+    c.commit(3);
+    assert_eq!(c.filled(), b"abc");
+    assert_eq!(c.spare().len(), CHUNK - 3);
+    c.mark_submitted();
+    assert!(
+        c.spare().is_empty(),
+        "a submitted chunk takes no more bytes"
+    );
+}
+
+#[test]
+fn the_budget_bounds_chunks_and_wakes_waiters_in_order() {
+    let (_poll, mut disk) = disk();
+    disk.budget = MIN_CHUNKS;
+    let held: Vec<Chunk> = (0..MIN_CHUNKS).map(|_| disk.chunk().unwrap()).collect();
+    assert!(disk.chunk().is_none(), "the budget is spent");
+    assert!(disk.under_pressure());
+    for key in 0..3 {
+        disk.wait(Owner { key, id: 1 });
+    }
+    assert!(disk.wakeups().is_empty(), "nothing is free yet");
+    let mut held = held.into_iter();
+    disk.recycle(held.next().unwrap()); // back to the pool
+    drop(held.next().unwrap()); // or freed: both give room back
+    assert!(disk.has_wakeups(), "the loop must not sleep now");
+    let woken: Vec<usize> = disk.wakeups().iter().map(|o| o.key).collect();
+    assert_eq!(woken, [0, 1], "one per free chunk, oldest first");
+    assert_eq!(disk.waiting(), 1);
+    assert!(
+        disk.has_wakeups(),
+        "the woken have not taken their chunks yet"
+    );
+    let taken = (disk.chunk().unwrap(), disk.chunk().unwrap());
+    assert!(
+        !disk.has_wakeups(),
+        "the budget is spent again: nothing to wake"
+    );
+    drop(taken);
+}
+
+#[test]
+fn writes_reservations_and_truncation_complete_through_the_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let plain = Arc::new(std::fs::File::create(&path).unwrap());
+    // O_DIRECT where the filesystem allows it, as the proxy does.
+    let direct = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .ok()
+        .map(Arc::new);
+    let (mut poll, mut disk) = disk();
+    let owner = Owner { key: 1, id: 9 };
+    let mut want = Vec::new();
+    disk.reserve(&plain, 0, 0, 8 * CHUNK as u64, owner);
+    for i in 0..4u8 {
+        let mut c = disk.chunk().unwrap();
+        let n = c.spare().len();
+        c.spare().fill(i + 1);
+        c.commit(n);
+        want.extend_from_slice(c.filled());
+        let (file, fallback) = match &direct {
+            Some(d) => (d, Some(&plain)),
+            None => (&plain, None),
+        };
+        let at = i as u64 * CHUNK as u64;
+        disk.write(file, fallback, at, Buf::Chunk(Arc::new(c)), CHUNK, owner);
+    }
+    let done = wait_for(&mut disk, &mut poll, 5);
+    assert_eq!(done.len(), 5, "every operation completes");
+    for d in &done {
+        assert_eq!(d.owner, owner);
+        assert!(d.result.is_ok(), "{:?}", d.result);
+    }
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        8 * CHUNK as u64,
+        "fallocate mode 0 extends the file"
+    );
+    disk.truncate(&plain, 4 * CHUNK as u64, owner);
+    let done = wait_for(&mut disk, &mut poll, 1);
+    assert_eq!(done.len(), 1);
+    assert!(matches!(done[0].op, Op::Truncate) && done[0].result.is_ok());
+    assert_eq!(disk.in_flight(), 0);
+    assert_eq!(std::fs::read(&path).unwrap(), want);
+}
+
+#[test]
+fn without_a_ring_everything_completes_at_the_next_reap() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let file = Arc::new(std::fs::File::create(&path).unwrap());
+    let mut disk = Disk::blocking(DEFAULT_BUDGET);
+    assert!(!disk.is_async());
+    let owner = Owner { key: 0, id: 1 };
+    disk.write(&file, None, 3, Buf::Bytes(b"abc".to_vec().into()), 3, owner);
+    disk.truncate(&file, 5, owner);
+    assert!(disk.has_completions());
+    let done = disk.reap();
+    assert_eq!(done.len(), 2);
+    assert!(done.iter().all(|d| d.result.is_ok()));
+    assert_eq!(std::fs::read(&path).unwrap(), b"\0\0\0ab");
+}
+
+#[test]
+fn dropping_the_disk_waits_for_what_is_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let file = Arc::new(std::fs::File::create(&path).unwrap());
+    let (_poll, mut disk) = disk();
+    let owner = Owner { key: 0, id: 1 };
+    for i in 0..4u64 {
+        let mut c = disk.chunk().unwrap();
+        let n = c.spare().len();
+        c.spare().fill(7);
+        c.commit(n);
+        disk.write(
+            &file,
+            None,
+            i * CHUNK as u64,
+            Buf::Chunk(Arc::new(c)),
+            CHUNK,
+            owner,
+        );
+    }
+    disk.submit();
+    drop(disk);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * CHUNK as u64);
+}
+
+#[test]
+fn a_direct_write_the_device_refuses_is_written_through_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let plain = Arc::new(std::fs::File::create(&path).unwrap());
+    let Ok(direct) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+    else {
+        eprintln!("no O_DIRECT on {}: nothing to refuse", dir.path().display());
+        return;
+    };
+    let direct = Arc::new(direct);
+    let (mut poll, mut disk) = disk();
+    let owner = Owner { key: 2, id: 3 };
+    // A length that is not a multiple of the block: the kernel answers
+    // EINVAL, as a device that refuses a direct write does.
+    let data = b"not a whole block".to_vec();
+    let len = data.len();
+    disk.write(
+        &direct,
+        Some(&plain),
+        0,
+        Buf::Bytes(data.into()),
+        len,
+        owner,
+    );
+    let done = wait_for(&mut disk, &mut poll, 1);
+    assert_eq!(done.len(), 1);
+    assert!(done[0].result.is_ok(), "{:?}", done[0].result);
+    assert!(done[0].refused_direct, "the completion says so");
+    assert_eq!(disk.counters.refused_direct, 1);
+    assert_eq!(std::fs::read(&path).unwrap(), b"not a whole block");
+}

@@ -1,0 +1,477 @@
+//! The file side of a spool: one upload's recording on disk, its
+//! operations in flight, and how it ends.
+//!
+//! A recording writes through two descriptors of the same file: the
+//! `.part` file as created (through the page cache: small uploads, a last
+//! partial block, overflow, and every write where `O_DIRECT` is refused or
+//! there is no ring), and, once the upload is large enough, a second one
+//! opened with `O_DIRECT` for whole chunks. Every operation goes through
+//! the loop's `Disk` (the ring), and is counted here until it completes.
+//!
+//! **How a recording ends.** Each recording has a goal:
+//!
+//! - `Finish`: the upload is complete; once every operation has completed,
+//!   the file is trimmed to its length (space reserved past it is given
+//!   back) and renamed to its final name;
+//! - `Keep`: the upload is not complete (or a write failed); the file is
+//!   trimmed to its **longest valid prefix** (the bytes before the first
+//!   failed write: no hole, no zero padding from a reservation) and renamed
+//!   `NAME.incomplete`, or removed if that prefix is empty;
+//! - `Discard`: removed at once (writes in flight land in the unlinked file).
+//!
+//! Trimming is an `ftruncate` through the ring, issued only when nothing
+//! else of the file is in flight (the ring keeps no order between entries).
+//!
+//! **No `.part` outlives its transfer.** A recording dropped before it has
+//! ended (its transfer closed, failed, or gave up recording) hands itself
+//! to the loop's [`Closing`] table, which finishes it as its completions
+//! come in: `Finish` if the upload was complete, `Keep` otherwise.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::event_loop::disk::{Buf, Disk, Done, Op, Owner, ALIGN};
+use crate::store::PartFile;
+use crate::sys;
+
+/// Most direct writes one recording may have in flight. A chunk that fills
+/// up beyond that (the disk is slower than the client) *overflows*: it is
+/// written through the page cache (still through the ring: the loop never
+/// waits for the writeback, nor for the dirty-page throttling that makes a
+/// buffered `write` wait when the disk is behind), so the transfer goes on
+/// at memory speed; writeback of those pages is started as soon as the
+/// write completes, and they are dropped from the cache when the file is
+/// finished.
+pub const MAX_IN_FLIGHT: u32 = 4;
+
+/// How a recording ends (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goal {
+    Finish,
+    Keep,
+    Discard,
+}
+
+/// How a recording ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Under its final name.
+    Finished(PathBuf),
+    /// As `.incomplete`, with this many bytes.
+    Kept(PathBuf, u64),
+    /// Nothing kept.
+    Removed,
+}
+
+/// Whether the recording writes with `O_DIRECT`.
+#[derive(Debug)]
+enum Direct {
+    /// Not asked yet (a small upload so far).
+    NotYet,
+    On(Arc<File>),
+    /// The filesystem (or the lack of a ring) said no: ordinary writes.
+    Off,
+}
+
+/// Recordings whose transfers are gone (or have given up recording), to be
+/// finished by the loop as their completions arrive. Shared by every
+/// recording of one proxy, and drained by the proxy after each event.
+#[derive(Debug, Clone, Default)]
+pub struct Closing(Arc<Mutex<Vec<Recording>>>);
+
+impl Closing {
+    /// Hands `rec` over to be finished.
+    pub fn retire(&self, mut rec: Recording) {
+        let taken = rec.take();
+        if let Ok(mut list) = self.0.lock() {
+            list.push(taken);
+        }
+    }
+
+    /// The recordings handed over since the last call.
+    pub fn take_new(&self) -> Vec<Recording> {
+        self.0
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default()
+    }
+}
+
+/// One upload's file (see the module docs).
+#[derive(Debug)]
+pub struct Recording {
+    /// `None` once handed on (see [`Recording::take`]) or removed.
+    part: Option<PartFile>,
+    /// The file's name (kept for the log once the file is gone).
+    name: String,
+    owner: Owner,
+    direct: Direct,
+    /// Operations of this file in flight (writes, reservations, trims).
+    in_flight: u32,
+    /// Direct writes in flight (see [`MAX_IN_FLIGHT`]).
+    direct_in_flight: u32,
+    /// The lowest offset a write failed at, and the first error (its
+    /// `errno` where it has one, and what it says).
+    failed: Option<(u64, Option<i32>, String)>,
+    /// The failure has been reported to the transfer.
+    failure_taken: bool,
+    /// Bytes written through the page cache because the disk was behind.
+    pub overflowed: u64,
+    /// Trimmed to this length (through the ring), or asked to be.
+    trimmed_to: Option<u64>,
+    /// What to do when it ends.
+    pub goal: Goal,
+    /// Why recording was given up, if it was (for the log and the metric).
+    pub given_up: Option<String>,
+    closing: Closing,
+}
+
+impl Recording {
+    pub fn new(part: PartFile, owner: Owner, closing: Closing) -> Recording {
+        Recording {
+            name: part.name().to_string(),
+            part: Some(part),
+            owner,
+            direct: Direct::NotYet,
+            in_flight: 0,
+            direct_in_flight: 0,
+            failed: None,
+            failure_taken: false,
+            overflowed: 0,
+            trimmed_to: None,
+            goal: Goal::Keep,
+            given_up: None,
+            closing,
+        }
+    }
+
+    /// Moves everything out into a new recording, leaving this one empty
+    /// (so that its `Drop` does nothing).
+    fn take(&mut self) -> Recording {
+        Recording {
+            name: std::mem::take(&mut self.name),
+            part: self.part.take(),
+            owner: self.owner,
+            direct: std::mem::replace(&mut self.direct, Direct::Off),
+            in_flight: self.in_flight,
+            direct_in_flight: self.direct_in_flight,
+            failed: self.failed.take(),
+            failure_taken: self.failure_taken,
+            overflowed: self.overflowed,
+            trimmed_to: self.trimmed_to,
+            goal: self.goal,
+            given_up: self.given_up.take(),
+            closing: self.closing.clone(),
+        }
+    }
+
+    fn part(&self) -> &PartFile {
+        self.part.as_ref().expect("a live recording has its file")
+    }
+
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Why the recording is not whole, if it is not: given up, or a write
+    /// failed.
+    pub fn failure(&self) -> Option<&str> {
+        self.given_up
+            .as_deref()
+            .or(self.failed.as_ref().map(|(_, _, e)| e.as_str()))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.part().path()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.part.as_ref().is_some_and(PartFile::is_finished)
+    }
+
+    /// True once `O_DIRECT` is on.
+    pub fn is_direct(&self) -> bool {
+        matches!(self.direct, Direct::On(_))
+    }
+
+    /// True until the first write that must be whole blocks.
+    pub fn direct_not_yet(&self) -> bool {
+        matches!(self.direct, Direct::NotYet)
+    }
+
+    /// True when the disk is behind: a full chunk should overflow.
+    pub fn disk_behind(&self) -> bool {
+        self.is_direct() && self.direct_in_flight >= MAX_IN_FLIGHT
+    }
+
+    /// Counts `len` more upload bytes, reserving space ahead through the ring.
+    pub fn advance(&mut self, len: u64, disk: &mut Disk) {
+        let Some(part) = self.part.as_mut() else {
+            return;
+        };
+        if let Some(r) = part.advance(len) {
+            disk.reserve(part.shared_file(), r.mode, r.offset, r.len, self.owner);
+            self.in_flight += 1;
+        }
+    }
+
+    /// Writes `len` bytes (whole blocks) of `buf` at `offset`, directly
+    /// where it can: `O_DIRECT` is turned on at the first such write, when
+    /// there is a ring and the file allows it.
+    pub fn write_blocks(&mut self, disk: &mut Disk, offset: u64, buf: Buf, len: usize) {
+        if self.direct_not_yet() {
+            self.direct = self.open_direct(disk);
+        }
+        let Some(part) = self.part.as_ref() else {
+            return;
+        };
+        match &self.direct {
+            Direct::On(file) => {
+                log::trace!(
+                    "proxy: #{} disk write {len} at {offset} queued (direct)",
+                    self.owner.key
+                );
+                disk.write(file, Some(part.shared_file()), offset, buf, len, self.owner);
+                self.direct_in_flight += 1;
+                self.in_flight += 1;
+            }
+            _ => self.write_plain(disk, offset, buf, len),
+        }
+    }
+
+    /// Writes through the page cache (through the ring, where there is one).
+    pub fn write_plain(&mut self, disk: &mut Disk, offset: u64, buf: Buf, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let Some(part) = self.part.as_ref() else {
+            return;
+        };
+        log::trace!(
+            "proxy: #{} disk write {len} at {offset}{}",
+            self.owner.key,
+            if disk.is_async() { " queued" } else { "" }
+        );
+        disk.write(part.shared_file(), None, offset, buf, len, self.owner);
+        self.in_flight += 1;
+    }
+
+    /// A full chunk the disk is too far behind to take directly.
+    pub fn overflow(&mut self, disk: &mut Disk, offset: u64, buf: Buf, len: usize) {
+        self.overflowed += len as u64;
+        disk.counters.overflow_bytes += len as u64;
+        self.write_plain(disk, offset, buf, len);
+    }
+
+    /// Opens the `O_DIRECT` descriptor, if this file may have one: only
+    /// with a ring (a direct write done at once would hold the loop for the
+    /// device's write time), and only where `statx(STATX_DIOALIGN)` asks for
+    /// an alignment that our blocks ([`ALIGN`]) satisfy.
+    fn open_direct(&mut self, disk: &Disk) -> Direct {
+        let Some(part) = self.part.as_mut() else {
+            return Direct::Off;
+        };
+        if !disk.is_async() {
+            return Direct::Off;
+        }
+        let path = part.path().to_path_buf();
+        let refused = |why: String| {
+            log::debug!(
+                "{}: O_DIRECT refused ({why}): writing through the page cache",
+                path.display()
+            );
+            Direct::Off
+        };
+        let file = match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) => return refused(e.to_string()),
+        };
+        match sys::dio_alignment(&file) {
+            Ok(Some((mem, offset))) if mem == 0 || offset == 0 => {
+                return refused("statx: no direct I/O on this file".into())
+            }
+            Ok(Some((mem, offset)))
+                if ALIGN % mem as usize != 0 || ALIGN % offset as usize != 0 =>
+            {
+                return refused(format!(
+                    "statx: alignment {mem}/{offset} does not divide {ALIGN}"
+                ))
+            }
+            // Known and satisfied, or not reported (older kernel or
+            // filesystem): our page-sized blocks, which every common
+            // device takes.
+            _ => {}
+        }
+        part.extend_reserve();
+        Direct::On(Arc::new(file))
+    }
+
+    /// One of our operations has completed.
+    pub fn on_done(&mut self, done: Done, disk: &mut Disk) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        log::trace!(
+            "proxy: #{} disk {} done{}",
+            self.owner.key,
+            done.op.name(),
+            if done.result.is_err() {
+                " (failed)"
+            } else {
+                ""
+            }
+        );
+        match done.op {
+            Op::Write {
+                offset,
+                len,
+                direct,
+            } => {
+                if direct {
+                    self.direct_in_flight = self.direct_in_flight.saturating_sub(1);
+                }
+                if done.refused_direct && self.is_direct() {
+                    log::debug!(
+                        "{}: a direct write was refused: writing through the page cache from now on",
+                        self.path().display()
+                    );
+                    self.direct = Direct::Off;
+                }
+                match done.result {
+                    Err(e) => self.write_failed(offset, e),
+                    Ok(()) if !direct && self.overflowed > 0 && self.is_direct() => {
+                        // An overflow write: start its writeback now, so its
+                        // pages are clean (and can be dropped) at the end.
+                        if let Some(part) = self.part.as_ref() {
+                            disk.writeback(part.shared_file(), offset, len as u64, self.owner);
+                            self.in_flight += 1;
+                        }
+                    }
+                    Ok(()) => {}
+                }
+            }
+            Op::Reserve => {
+                if let (Err(e), Some(part)) = (&done.result, self.part.as_mut()) {
+                    part.reservation_failed(e);
+                }
+            }
+            Op::Truncate => {
+                if let Err(e) = done.result {
+                    log::warn!("trimming {}: {e}", self.path().display());
+                }
+            }
+            Op::Writeback | Op::DropCached => {}
+        }
+    }
+
+    fn write_failed(&mut self, offset: u64, e: io::Error) {
+        let path = self.path().display().to_string();
+        log::debug!("{path}: disk write at {offset} failed: {e}");
+        match &mut self.failed {
+            Some((at, _, _)) => *at = (*at).min(offset),
+            None => self.failed = Some((offset, e.raw_os_error(), crate::error::brief(&e))),
+        }
+    }
+
+    /// The first failed write, reported once.
+    pub fn take_failure(&mut self) -> Option<io::Error> {
+        if self.failure_taken {
+            return None;
+        }
+        let (_, errno, what) = self.failed.as_ref()?;
+        self.failure_taken = true;
+        Some(match errno {
+            Some(errno) => io::Error::from_raw_os_error(*errno),
+            None => io::Error::other(what.clone()),
+        })
+    }
+
+    /// Moves the recording on towards its goal (see the module docs):
+    /// `None` while something is still in flight, then how it ended. For a
+    /// live upload (`Finish`), `Err` when it cannot take its final name.
+    pub fn advance_to_end(&mut self, disk: &mut Disk) -> Option<io::Result<Ended>> {
+        let Some(part) = self.part.as_mut() else {
+            return Some(Ok(Ended::Removed));
+        };
+        if part.is_finished() {
+            return Some(Ok(Ended::Finished(part.path().to_path_buf())));
+        }
+        let valid = match &self.failed {
+            Some((at, _, _)) => part.bytes().min(*at),
+            None => part.bytes(),
+        };
+        let goal = match self.goal {
+            Goal::Finish if self.failed.is_some() => Goal::Keep,
+            g => g,
+        };
+        if goal == Goal::Discard || (goal == Goal::Keep && valid == 0) {
+            // Writes in flight land in the unlinked file.
+            self.part.take().expect("checked above").discard();
+            return Some(Ok(Ended::Removed));
+        }
+        if self.in_flight > 0 {
+            return None;
+        }
+        // Trim first: reserved space past the data, or anything past the
+        // valid prefix.
+        let want = if goal == Goal::Keep {
+            Some(valid)
+        } else {
+            part.trim_due()
+        };
+        if let Some(len) = want {
+            if self.trimmed_to != Some(len) {
+                disk.truncate(part.shared_file(), len, self.owner);
+                self.trimmed_to = Some(len);
+                self.in_flight += 1;
+                return None;
+            }
+            part.trimmed();
+        }
+        if goal == Goal::Finish {
+            if let Err(e) = part.finish() {
+                return Some(Err(e));
+            }
+            log::trace!("proxy: #{} disk renamed {}", self.owner.key, part.name());
+            let path = part.path().to_path_buf();
+            if self.overflowed > 0 {
+                // What overflowed through the page cache leaves it (pages
+                // still being written back stay until they are clean).
+                disk.drop_cached(part.shared_file());
+            }
+            return Some(Ok(Ended::Finished(path)));
+        }
+        let part = self.part.take().expect("checked above");
+        let part_path = part.path().to_path_buf();
+        match part.keep_incomplete() {
+            Ok(path) => Some(Ok(Ended::Kept(path, valid))),
+            Err(e) => {
+                // Not even a rename fits (a full directory on a full disk):
+                // the bytes go, but no `.part` outlives its transfer.
+                let removed = std::fs::remove_file(&part_path);
+                Some(Err(io::Error::new(
+                    e.kind(),
+                    format!("{e}; removed it ({removed:?})"),
+                )))
+            }
+        }
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if self.part.as_ref().is_some_and(|p| !p.is_finished()) {
+            let closing = self.closing.clone();
+            closing.retire(self.take());
+        }
+    }
+}
