@@ -18,8 +18,9 @@
 #   SOAK_SPOOL_MB   size of the spool's ext4 image     (default 2048)
 #
 # The spool lives on a loop-mounted ext4 image where this runs as root and
-# the kernel allows it; from SOAK_S/3 to 2*SOAK_S/3 a filler file takes
-# every free byte of it, so recordings fail (each counted, the load test
+# the kernel allows it (made with no blocks reserved for root, so a root
+# proxy cannot write past the filler); from SOAK_S/3 to 2*SOAK_S/3 a filler
+# file takes every free byte of it, so recordings fail (each counted, the load test
 # going on) and resume once the filler is gone. Elsewhere the spool is a
 # plain directory and the fill is skipped (said so).
 #
@@ -49,7 +50,7 @@ trap cleanup EXIT
 spool_fs="$work/spoolfs"
 mkdir -p "$spool_fs"
 if [ "$(id -u)" = 0 ] && truncate -s "${SOAK_SPOOL_MB}M" "$work/spool.img" \
-    && mkfs.ext4 -q -F "$work/spool.img" 2>/dev/null \
+    && mkfs.ext4 -q -F -m 0 "$work/spool.img" 2>/dev/null \
     && mount -o loop "$work/spool.img" "$spool_fs" 2>/dev/null; then
     mounted="$spool_fs"
     echo "soak: spool on a ${SOAK_SPOOL_MB} MiB ext4 image ($(df -h --output=source "$spool_fs" | tail -1))"
@@ -86,6 +87,12 @@ metrics() {
 }
 # One metric's value (labels included in the name), 0 if absent.
 value() { awk -v m="$2" '$1 == m { print $2; found = 1 } END { if (!found) print 0 }' <<<"$1"; }
+# The share of event handlings (since start) that took under 5 ms.
+under_5ms() {
+    awk -v u="$(value "$1" 'stopover_loop_event_seconds_bucket{le="0.005"}')" \
+        -v n="$(value "$1" stopover_loop_event_seconds_count)" \
+        'BEGIN { if (n > 0) print 100 * u / n; else print 100 }'
+}
 rss_mib() { awk '/^VmRSS/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
 fds() { ls "/proc/$1/fd" | wc -l; }
 
@@ -95,11 +102,11 @@ echo "soak: proxy $proxy_addr -> server $server_addr; $SOAK_CLIENTS clients x $S
 load_pid=$!
 pids+=($load_pid)
 
-printf '%6s %8s %9s %8s %7s | %9s %7s %8s %7s | %9s %7s %8s | %9s %5s %9s | %s\n' \
+printf '%6s %8s %9s %8s %7s | %9s %7s %8s %7s | %9s %7s %8s | %9s %9s %11s %13s | %s\n' \
     "t s" "MB/s" "relayed" "refused" "aborted" \
     "spool MB" "files" "deleted" "failed" \
     "recv MB" "files" "deleted" \
-    "RSS MiB" "fds" "loop ms" "spool fs"
+    "RSS MiB" "fds" "max ms" "% <5 ms" "spool fs"
 prev_bytes=0 prev_relayed=0 prev_refused=0 prev_aborted=0
 start_t=$(date +%s)
 filled=""
@@ -123,7 +130,7 @@ while kill -0 "$load_pid" 2>/dev/null && [ "$elapsed" -lt $((SOAK_S + 30)) ]; do
     relayed=$(value "$p" 'stopover_transfers_total{outcome="relayed"}')
     refused=$(value "$p" 'stopover_transfers_total{outcome="refused"}')
     aborted=$(value "$p" 'stopover_transfers_total{outcome="aborted"}')
-    printf '%6d %8.0f %9d %8d %7d | %9.0f %7d %8d %7d | %9.0f %7d %8d | %4s/%-4s %2s/%-3s %4.1f/%-4.1f | %s\n' \
+    printf '%6d %8.0f %9d %8d %7d | %9.0f %7d %8d %7d | %9.0f %7d %8d | %4s/%-4s %4s/%-4s %5.0f/%-5.0f %6.2f/%-6.2f | %s\n' \
         "$elapsed" \
         "$(awk -v a="$bytes" -v b="$prev_bytes" -v t="$SOAK_INTERVAL" 'BEGIN { print (a - b) / t / 1e6 }')" \
         $((relayed - prev_relayed)) $((refused - prev_refused)) $((aborted - prev_aborted)) \
@@ -135,6 +142,7 @@ while kill -0 "$load_pid" 2>/dev/null && [ "$elapsed" -lt $((SOAK_S + 30)) ]; do
         "$(rss_mib "$proxy_pid")" "$(rss_mib "$server_pid")" "$(fds "$proxy_pid")" "$(fds "$server_pid")" \
         "$(awk -v v="$(value "$p" stopover_loop_event_seconds_max)" 'BEGIN { print v * 1000 }')" \
         "$(awk -v v="$(value "$s" stopover_loop_event_seconds_max)" 'BEGIN { print v * 1000 }')" \
+        "$(under_5ms "$p")" "$(under_5ms "$s")" \
         "$(df -h --output=used,size "$spool_fs" | tail -1 | awk '{ print $1 "/" $2 }')"
     prev_bytes=$bytes prev_relayed=$relayed prev_refused=$refused prev_aborted=$aborted
 done
@@ -144,4 +152,5 @@ grep -o '"transfers_ok":[0-9]*\|"transfers_failed":[0-9]*\|"mb_per_s":[0-9.]*' "
 echo
 leftover=$(find "$spool_fs/spool" "$work/received" -name '*.part' | wc -l)
 warnings=$(grep -c WARN "$work/proxy.log" || true)
-echo "soak: .part files left: $leftover; proxy warning lines: $warnings (RSS, descriptors and disk per row above: RSS proxy/server, fds proxy/server, longest event handling proxy/server)"
+echo "soak: .part files left: $leftover; proxy warning lines: $warnings"
+echo "(columns: RSS, descriptors, the longest event handling since start and the share under 5 ms: each proxy/server)"
