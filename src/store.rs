@@ -87,6 +87,9 @@ pub struct Reservation {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    /// The directory, open: files are created relative to it through the
+    /// ring (see `proxy`'s accept path).
+    dir_file: Arc<File>,
     pid: u32,
     seq: u64,
     /// Where finished and kept files are announced (see `retention`).
@@ -143,8 +146,11 @@ impl Store {
                 ),
             ));
         }
+        let dir_file =
+            File::open(dir).with_context(|| format!("opening directory {}", dir.display()))?;
         let mut store = Store {
             dir: dir.to_path_buf(),
+            dir_file: Arc::new(dir_file),
             pid: std::process::id(),
             seq: 0,
             recorder: None,
@@ -206,18 +212,10 @@ impl Store {
 
     /// Creates a new `<name>.part` file for an incoming upload.
     pub fn create(&mut self) -> io::Result<PartFile> {
-        // humantime gives "2026-11-25T12:44:45.123456Z"; drop the separators
-        // so the name is compact and free of ':' (awkward on some tools).
-        let stamp: String = humantime::format_rfc3339_micros(SystemTime::now())
-            .to_string()
-            .chars()
-            .filter(|c| *c != '-' && *c != ':')
-            .collect();
         // O_EXCL makes collisions impossible to miss; retrying with the next
         // counter value makes them harmless.
-        for _ in 0..1000 {
-            self.seq += 1;
-            let name = format!("{stamp}-{}-{:06}", self.pid, self.seq);
+        for _ in 0..MAX_NAME_TRIES {
+            let name = self.next_name();
             let part_path = self.dir.join(format!("{name}{PART_SUFFIX}"));
             match OpenOptions::new()
                 .write(true)
@@ -226,33 +224,83 @@ impl Store {
                 .mode(0o600)
                 .open(&part_path)
             {
-                Ok(file) => {
-                    return Ok(PartFile {
-                        file: Arc::new(file),
-                        final_path: self.dir.join(&name),
-                        part_path,
-                        name,
-                        bytes: 0,
-                        crc: 0,
-                        reserved: 0,
-                        preallocate: true,
-                        extend_reserve: false,
-                        finished: false,
-                        ticket: self.recorder.as_ref().map(Recorder::ticket),
-                    })
-                }
+                Ok(file) => return Ok(self.adopt(name, file)),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
                     return Err(e).with_context(|| format!("creating {}", part_path.display()))
                 }
             }
         }
-        Err(io::Error::new(
+        Err(self.no_free_name())
+    }
+
+    /// The next unique name (see the module docs): the time now, our pid
+    /// and a counter. For a caller that creates `<name>.part` itself (the
+    /// proxy does, through the ring) and then hands it to [`Store::adopt`];
+    /// on `EEXIST` it takes the next name.
+    pub fn next_name(&mut self) -> String {
+        // humantime gives "2026-11-25T12:44:45.123456Z"; drop the separators
+        // so the name is compact and free of ':' (awkward on some tools).
+        let stamp: String = humantime::format_rfc3339_micros(SystemTime::now())
+            .to_string()
+            .chars()
+            .filter(|c| *c != '-' && *c != ':')
+            .collect();
+        self.seq += 1;
+        format!("{stamp}-{}-{:06}", self.pid, self.seq)
+    }
+
+    /// `<name>.part` relative to the directory, for creating it there.
+    pub fn part_name(name: &str) -> std::ffi::CString {
+        std::ffi::CString::new(format!("{name}{PART_SUFFIX}")).expect("our names have no NUL byte")
+    }
+
+    /// The directory, open (files are created relative to it).
+    pub fn dir_file(&self) -> &Arc<File> {
+        &self.dir_file
+    }
+
+    /// Takes `file`, just created as `<name>.part` in this directory (with
+    /// `O_EXCL`, mode 0600), as an upload being written.
+    pub fn adopt(&self, name: String, file: File) -> PartFile {
+        PartFile {
+            file: Arc::new(file),
+            final_path: self.dir.join(&name),
+            part_path: self.dir.join(format!("{name}{PART_SUFFIX}")),
+            name,
+            bytes: 0,
+            crc: 0,
+            reserved: 0,
+            preallocate: true,
+            extend_reserve: false,
+            finished: false,
+            ticket: self.recorder.as_ref().map(Recorder::ticket),
+        }
+    }
+
+    /// Removes `<name>.part`, created for an upload that is gone before
+    /// it could be written (the proxy's creation through the ring finished
+    /// after its transfer ended).
+    pub fn remove_part(&self, name: &std::ffi::CStr) {
+        let path = self.dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        if let Err(e) = fs::remove_file(&path) {
+            log::debug!("removing {}: {e}", path.display());
+        }
+    }
+
+    /// The error when every name tried was taken.
+    pub fn no_free_name(&self) -> io::Error {
+        io::Error::new(
             io::ErrorKind::AlreadyExists,
             format!("no free file name in {}", self.dir.display()),
-        ))
+        )
     }
 }
+
+/// How many names [`Store::create`] (and the proxy's creation through the
+/// ring) tries before it gives up: a collision needs another process with
+/// our pid in the same directory within the same microsecond.
+pub const MAX_NAME_TRIES: u32 = 1000;
 
 /// One upload being written: `<name>.part` until [`PartFile::finish`].
 #[derive(Debug)]

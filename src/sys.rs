@@ -15,6 +15,7 @@
 //! | `sync_file_range`, `posix_fadvise` | the disk's fallback without a ring | no std API |
 //! | `statx(STATX_DIOALIGN)` | the proxy's spool (may it use `O_DIRECT`?) | no std API |
 //! | `fallocate` | the store | no std API |
+//! | `openat` | the disk's fallback without a ring (creating a spool file) | std opens by path only |
 //! | `renameat2(RENAME_NOREPLACE)` | the store | `fs::rename` replaces |
 //! | `geteuid` | the store (who owns a directory) | no std API |
 //! | `fstatvfs` | retention (`--min-free`) | no std API |
@@ -81,6 +82,25 @@ pub fn set_recv_low_water(sock: &impl AsRawFd, bytes: usize) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// `openat(2)`: opens `name` in the directory `dir` with `flags` and
+/// `mode` (for creating files relative to a directory descriptor, as the
+/// ring's `openat` does).
+pub fn open_at(
+    dir: &File,
+    name: &std::ffi::CStr,
+    flags: libc::c_int,
+    mode: u32,
+) -> io::Result<File> {
+    // SAFETY: `name` is a valid C string for the duration of the call, and
+    // the descriptor is owned by `dir`, which outlives it.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a non-negative result is a new descriptor, ours alone.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 /// `fallocate(2)` with `mode` (0: reserve and extend the file's length;

@@ -499,3 +499,40 @@ fn a_spool_file_that_cannot_be_created_relays_unrecorded_or_refuses() {
         final_files(&mount.sub("a")).len() == 1
     });
 }
+
+/// The spool file is created through the ring while the transfer starts
+/// connecting (see `proxy::files`). A flood of clients that reset before
+/// sending a byte leaves nothing behind (each file made for one is
+/// removed), and a client that does send is recorded whole. (A file whose
+/// transfer is gone before it exists is removed too: `proxy::files`'s unit
+/// test, since on loopback the race is too narrow to provoke.)
+#[test]
+fn a_flood_of_resets_leaves_nothing_and_an_upload_is_recorded_whole() {
+    let dirs = tempfile::tempdir().unwrap();
+    let server = spawn_server(&dirs.path().join("r"), &[]);
+    let spool = dirs.path().join("s");
+    let proxy = spawn_proxy(server.addr, &spool, &[]);
+    let base = conn_fds(proxy.pid());
+    for _ in 0..300 {
+        let sock = TcpStream::connect(proxy.addr).unwrap();
+        socket2::SockRef::from(&sock)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(sock); // a reset before any byte
+    }
+    let upload = random_bytes(100_000, 7);
+    assert_eq!(
+        send(proxy.addr, &upload).unwrap().verdict(),
+        Verdict::Verified
+    );
+    wait_until("every reset transfer is closed and its file gone", || {
+        conn_fds(proxy.pid()) == base && with_suffix(&spool, ".part").is_empty()
+    });
+    let files = file_names(&spool);
+    assert_eq!(
+        files.len(),
+        1,
+        "only the real upload is recorded: {files:?}"
+    );
+    assert_eq!(std::fs::read(spool.join(&files[0])).unwrap(), upload);
+}

@@ -12,7 +12,7 @@
 //!       poll(events, timeout)
 //!       for each event:
 //!           LISTENER      -> accept until WouldBlock; for each client:
-//!                              create the spool file, start connecting upstream
+//!                              ask the ring for its spool file, start connecting upstream
 //!           client_token  -> transfer.on_event(Client) ; transfer.drive()
 //!           upstream_token-> transfer.on_event(Upstream); transfer.drive()
 //!       fire due timers
@@ -27,15 +27,15 @@
 //! [`connect_upstream`]). Listening, the accept gate and the graceful stop
 //! are the shared `event_loop::Acceptor`'s.
 //!
-//! One more table lives here: **recordings closing**. A transfer may end
-//! (or give up recording, see `--on-disk-error`) while its spool's disk
-//! writes are still in flight; its recording then hands itself over
-//! (`transfer::spool::Closing`) and is finished here as its completions
-//! come in: renamed, kept as a trimmed `.incomplete`, or removed. So no
-//! `.part` outlives its transfer, and a full disk is counted
-//! (`stopover_recordings_failed_total`) and warned about under the loop's
-//! throttle, never once per transfer.
+//! The proxy's files are in `files`: each spool file is created through
+//! the ring (the loop never waits for `openat`), and the **recordings
+//! closing** table finishes the recordings whose transfers have ended while
+//! their disk writes were in flight: renamed, kept as a trimmed
+//! `.incomplete`, or removed. So no `.part` outlives its transfer, and a
+//! full disk is counted (`stopover_recordings_failed_total`) and warned
+//! about under the loop's throttle, never once per transfer.
 
+mod files;
 pub mod transfer;
 
 use std::io;
@@ -48,12 +48,12 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use crate::event_loop::disk::{Done, Owner};
+use crate::event_loop::disk::{Done, Op, Owner};
 use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon, Exposition, MinRate};
 use crate::retention::{self, Keeper};
 use crate::store::Store;
 
-use transfer::spool::{Closing, Ended, Goal, Recording, Spool};
+use transfer::spool::{Closing, Recording};
 use transfer::{Next, Outcome, Policy, Side, Transfer};
 
 pub use transfer::OnDiskError;
@@ -401,50 +401,20 @@ impl event_loop::Handler for Core {
     /// Seed steps 1 and 4: a client connected. Create its spool file, start
     /// the non-blocking connect upstream (unless holding), and drive it.
     fn accepted(&mut self, cx: &mut Context<Timer>, mut client: TcpStream, addr: SocketAddr) {
-        let spool = match self.store.create() {
-            Ok(spool) => Ok(spool),
-            Err(e) if accept::is_out_of_descriptors(&e) => {
-                // No descriptor for the file means none for the upstream
-                // either: refuse by closing before reading a byte, and back off.
-                cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
-                self.stats.refused += 1;
-                cx.acceptor.out_of_descriptors(&e, self.transfers.len());
-                return;
-            }
-            Err(e)
-                if self.policy.hold.is_some()
-                    || self.policy.on_disk_error == OnDiskError::Refuse =>
-            {
-                // Without a spool we could lose the upload: the transfer
-                // answers `ERR proxy cannot store upload` (`Transfer::new`).
-                self.stats.recordings_failed += 1;
-                cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
-                Err(cause(&e))
-            }
-            Err(e) => {
-                // --on-disk-error relay: the load test goes on, unrecorded.
-                self.stats.recordings_failed += 1;
-                cx.aborts.warn(format_args!(
-                    "proxy: relaying {addr} without recording: {e}"
-                ));
-                Err(cause(&e))
-            }
-        };
         // TCP_NODELAY and SO_LINGER 0 came from the listener (see
         // `event_loop::accept`'s set_options).
-        let entry = self.transfers.vacant_entry();
-        let key = entry.key();
+        let key = self.transfers.vacant_key();
         self.next_id += 1;
         let id = self.next_id;
         if let Err(e) = register_client(&cx.registry, key, &mut client) {
             log::warn!("proxy: registering {addr}: {e}");
-            if let Ok(part) = spool {
-                part.discard();
-            }
             return;
         }
         log::trace!("proxy: accept {addr} -> #{key}, register client READABLE|WRITABLE");
-        let spool = Spool::new(spool, Owner { key, id }, &self.closing_inbox);
+        // The spool file is created through the ring (see `files`); the
+        // transfer starts connecting meanwhile, and reads its client once
+        // the file exists.
+        let spool = self.create_spool(cx, Owner { key, id });
         let mut transfer = Transfer::new(key, id, client, addr, spool, cx, &self.policy);
         if let Some(idle) = self.idle_timeout {
             transfer.set_idle_timer(
@@ -453,7 +423,8 @@ impl event_loop::Handler for Core {
             );
         }
         log::debug!("proxy: accepted {addr} as #{key}");
-        entry.insert(transfer);
+        let inserted = self.transfers.insert(transfer);
+        debug_assert_eq!(inserted, key, "the slab fills the key it said was vacant");
         // Bytes may already be waiting; the registration will report
         // them, but driving now saves a trip through poll.
         self.drive(cx, key);
@@ -490,6 +461,9 @@ impl event_loop::Handler for Core {
     /// either still its transfer's (which may now be able to finish its
     /// file and pass the answer on) or in the closing table.
     fn written(&mut self, cx: &mut Context<Timer>, done: Done) {
+        if done.op == Op::Open {
+            return self.spool_created(cx, done);
+        }
         let Owner { key, id } = done.owner;
         if let Some(rec) = self.closing.get_mut(&id) {
             rec.on_done(done, &mut cx.disk);
@@ -532,75 +506,7 @@ impl event_loop::Handler for Core {
     }
 }
 
-/// What went wrong, without where (the spool's path is none of the
-/// client's business): `No space left on device`.
-fn cause(e: &io::Error) -> String {
-    let text = crate::error::brief(e);
-    match text.rsplit_once(": ") {
-        Some((_, cause)) => cause.to_string(),
-        None => text,
-    }
-}
-
 impl Core {
-    /// Takes in the recordings that spools have let go of since the last
-    /// call, and moves each on at once (one with nothing in flight may be
-    /// done already).
-    fn adopt_closing(&mut self, cx: &mut Context<Timer>) {
-        for rec in self.closing_inbox.take_new() {
-            let id = rec.owner().id;
-            self.closing.insert(id, rec);
-            self.advance_closing(cx, id);
-        }
-    }
-
-    /// Moves recording `id` of the closing table towards its end; once it
-    /// is there, says so (a failed recording under the per-transfer
-    /// warnings' throttle) and forgets it.
-    fn advance_closing(&mut self, cx: &mut Context<Timer>, id: u64) {
-        let Some(rec) = self.closing.get_mut(&id) else {
-            return;
-        };
-        let ended = match rec.advance_to_end(&mut cx.disk) {
-            None => return, // operations still in flight
-            Some(Ok(ended)) => ended,
-            Some(Err(e)) if rec.goal == Goal::Finish => {
-                // It could not take its final name: keep it as incomplete.
-                cx.aborts.warn(format_args!("proxy: {e}"));
-                rec.goal = Goal::Keep;
-                return self.advance_closing(cx, id);
-            }
-            Some(Err(e)) => {
-                // Not even kept (see `Recording::advance_to_end`).
-                cx.aborts.warn(format_args!("proxy: {e}"));
-                Ended::Removed
-            }
-        };
-        let Some(rec) = self.closing.remove(&id) else {
-            return;
-        };
-        let what = match &ended {
-            Ended::Finished(path) => format!("finished as {}", path.display()),
-            Ended::Kept(path, bytes) => format!("{bytes} bytes kept as {}", path.display()),
-            Ended::Removed => "nothing kept".to_string(),
-        };
-        match rec.failure() {
-            Some(why) => {
-                self.stats.recordings_failed += 1;
-                cx.aborts.warn(format_args!(
-                    "proxy: recording {} failed ({why}){}; {what}",
-                    rec.name(),
-                    if rec.given_up.is_some() {
-                        "; its transfer went on without it"
-                    } else {
-                        ""
-                    }
-                ));
-            }
-            None => log::debug!("proxy: recording {}: {what}", rec.name()),
-        }
-    }
-
     /// Drives one transfer and closes it if it is finished.
     fn drive(&mut self, cx: &mut Context<Timer>, key: usize) {
         let Next::Close { outcome, clean } = self.transfers[key].drive(cx, &self.policy) else {

@@ -198,3 +198,45 @@ fn a_direct_write_the_device_refuses_is_written_through_the_page_cache() {
     assert_eq!(disk.counters.refused_direct, 1);
     assert_eq!(std::fs::read(&path).unwrap(), b"not a whole block");
 }
+
+#[test]
+fn files_are_created_through_the_ring_and_a_taken_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_file = Arc::new(File::open(dir.path()).unwrap());
+    std::fs::write(dir.path().join("taken"), b"someone else's").unwrap();
+    for ring in [true, false] {
+        let (mut poll, mut disk) = disk();
+        if !ring {
+            disk.ring = None; // the fallback: created at once, reported at the reap
+        }
+        let owner = Owner { key: 3, id: 9 };
+        let fresh = format!("new-{ring}");
+        disk.open(&dir_file, CString::new(fresh.clone()).unwrap(), owner);
+        disk.open(&dir_file, CString::new("taken").unwrap(), owner);
+        let done = wait_for(&mut disk, &mut poll, 2);
+        assert_eq!(done.len(), 2, "ring {ring}: both opens complete");
+        let made = done
+            .iter()
+            .find(|d| d.name.as_deref() == Some(CString::new(fresh.clone()).unwrap().as_c_str()))
+            .unwrap();
+        assert!(made.result.is_ok() && made.op == Op::Open, "{made:?}");
+        let mut file = made.opened.as_ref().unwrap();
+        std::io::Write::write_all(&mut file, b"ours").unwrap();
+        assert_eq!(std::fs::read(dir.path().join(&fresh)).unwrap(), b"ours");
+        let mode = std::fs::metadata(dir.path().join(&fresh)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+        let taken = done.iter().find(|d| d.opened.is_none()).unwrap();
+        assert_eq!(
+            taken.result.as_ref().unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists,
+            "O_EXCL: a name that exists is never opened"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("taken")).unwrap(),
+            b"someone else's"
+        );
+    }
+}

@@ -45,6 +45,7 @@
 mod answer;
 mod failure;
 mod hold;
+mod opening;
 pub mod spool;
 mod timers;
 mod upload;
@@ -209,6 +210,17 @@ impl State {
     }
 
     /// The spool, in the states that have one.
+    fn spool(&self) -> Option<&Spool> {
+        match self {
+            State::Receiving { spool }
+            | State::Holding { spool, .. }
+            | State::Connecting { spool, .. }
+            | State::Streaming { spool, .. }
+            | State::Salvaging { spool, .. } => Some(spool),
+            State::Replying(_) | State::Done { .. } => None,
+        }
+    }
+
     fn spool_mut(&mut self) -> Option<&mut Spool> {
         match self {
             State::Receiving { spool }

@@ -251,6 +251,10 @@ pub(super) fn read_client(
         };
         let read = if room == 0 {
             Err("the upstream")
+        } else if spool.is_opening() {
+            Err("the spool file") // being created: the loop wakes us
+        } else if spool.waiting_for_direct() {
+            Err("the disk") // O_DIRECT being opened: the completion wakes us
         } else {
             match spool.spare(disk, room as usize) {
                 [] => Err("memory"), // queued for a chunk: the loop wakes us

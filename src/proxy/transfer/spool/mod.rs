@@ -90,6 +90,9 @@ pub struct Spool {
     tail_written: bool,
     /// Queued for a chunk (see `Disk::wait`).
     waiting: bool,
+    /// The file is being created through the ring (see [`Spool::opening`]):
+    /// the client is not read until it exists.
+    opening: bool,
 }
 
 impl Spool {
@@ -120,7 +123,48 @@ impl Spool {
             tail: Vec::new(),
             tail_written: false,
             waiting: false,
+            opening: false,
         }
+    }
+
+    /// A spool whose file `name` is being created through the ring (the
+    /// proxy asked `Disk::open` for it). Until [`Spool::opened`] or
+    /// [`Spool::open_failed`], the client is not read: its bytes wait in
+    /// the kernel, as with any back-pressure, and the loop never waits for
+    /// `openat`, which on a busy disk can take a quarter of a second.
+    pub fn opening(name: String, owner: Owner) -> Spool {
+        Spool {
+            name: Some(name),
+            not_recorded: None,
+            opening: true,
+            ..Spool::new(Err(String::new()), owner, &Closing::default())
+        }
+    }
+
+    /// True while the file is being created.
+    pub fn is_opening(&self) -> bool {
+        self.opening
+    }
+
+    /// The name being created (a collision moved it to the next one).
+    pub fn set_name(&mut self, name: String) {
+        self.name = Some(name);
+    }
+
+    /// The file exists: record into it from the first byte.
+    pub fn opened(&mut self, part: PartFile, closing: &Closing) {
+        self.opening = false;
+        self.not_recorded = None;
+        self.name = Some(part.name().to_string());
+        self.rec = Some(Recording::new(part, self.owner, closing.clone()));
+    }
+
+    /// The file could not be created (`why`): pass the bytes on without
+    /// recording them (the caller decides whether that is allowed).
+    pub fn open_failed(&mut self, why: String) {
+        self.opening = false;
+        self.name = None;
+        self.not_recorded = Some(why);
     }
 
     /// Room to read up to `max` more upload bytes into; then
@@ -128,6 +172,12 @@ impl Spool {
     /// has queued for a chunk, and the loop wakes its transfer when one is
     /// free ([`Spool::woken`]).
     pub fn spare(&mut self, disk: &mut Disk, max: usize) -> &mut [u8] {
+        if self.staging.as_ref().is_some_and(|(_, c)| c.is_full()) {
+            if self.waiting_for_direct() {
+                return &mut [];
+            }
+            self.hand_full(disk);
+        }
         if self.staging.is_none() {
             let Some(mut chunk) = disk.chunk() else {
                 if !self.waiting {
@@ -156,9 +206,20 @@ impl Spool {
         self.waiting = false;
     }
 
-    /// True while the client is not read because of us: queued for memory.
+    /// True while the client is not read because of us: queued for memory,
+    /// waiting for the file to be created, or for its `O_DIRECT`
+    /// descriptor.
     pub fn held_back(&self) -> bool {
-        self.waiting
+        self.waiting || self.opening || self.waiting_for_direct()
+    }
+
+    /// True while a full chunk waits for the `O_DIRECT` descriptor, which
+    /// the ring is opening (asked for when the upload passed
+    /// [`DIRECT_AFTER`]): written now, it would go through the page cache.
+    /// The client is not read meanwhile; the completion resumes it.
+    pub fn waiting_for_direct(&self) -> bool {
+        self.staging.as_ref().is_some_and(|(_, c)| c.is_full())
+            && self.rec.as_ref().is_some_and(Recording::direct_opening)
     }
 
     /// Gives the partial staging chunk to the disk now (its whole blocks;
@@ -168,7 +229,11 @@ impl Spool {
     /// when reading pauses for back-pressure. Without this, a few hundred
     /// clients that send a little and go quiet could hold the whole budget.
     pub fn settle(&mut self, disk: &mut Disk, idle: bool) {
-        if self.staging.is_none() || self.ended || !(idle || disk.under_pressure()) {
+        if self.staging.is_none()
+            || self.ended
+            || self.waiting_for_direct()
+            || !(idle || disk.under_pressure())
+        {
             return;
         }
         let (at, chunk) = self.staging.take().expect("checked above");
@@ -206,11 +271,24 @@ impl Spool {
         let full = chunk.is_full();
         if let Some(rec) = self.rec.as_mut() {
             rec.advance(n as u64, disk);
+            if self.received >= DIRECT_AFTER as u64 {
+                // Large now: the O_DIRECT descriptor is opened through the
+                // ring while the rest of the first chunk arrives.
+                rec.prepare_direct(disk);
+            }
         }
-        if !full {
+        if !full || self.waiting_for_direct() {
+            return; // a full chunk waiting for O_DIRECT goes from `on_done`
+        }
+        self.hand_full(disk);
+    }
+
+    /// Hands the full staging chunk to the disk, keeping it for the
+    /// upstream.
+    fn hand_full(&mut self, disk: &mut Disk) {
+        let Some((at, chunk)) = self.staging.take() else {
             return;
-        }
-        let (at, chunk) = self.staging.take().expect("checked above");
+        };
         let chunk = Arc::new(chunk);
         match self.rec.as_mut() {
             None => {}
@@ -262,6 +340,20 @@ impl Spool {
             return;
         }
         self.ended = true;
+        if let Some(rec) = self.rec.as_mut() {
+            rec.goal = Goal::Finish;
+            if rec.direct_opening() && self.staging.is_some() {
+                // Its blocks go direct once the descriptor is open
+                // (`on_done`); `try_finish` waits for that.
+                return;
+            }
+        }
+        self.write_end(disk);
+    }
+
+    /// Hands what is left at the end (the staging chunk, or a partial
+    /// block set aside) to the disk.
+    fn write_end(&mut self, disk: &mut Disk) {
         let staging = self.staging.take();
         let Some(rec) = self.rec.as_mut() else {
             if let Some((at, chunk)) = staging {
@@ -319,10 +411,23 @@ impl Spool {
         }
     }
 
-    /// An operation of ours has completed.
+    /// An operation of ours has completed. If it opened the `O_DIRECT`
+    /// descriptor, what waited for it goes to the disk now.
     pub fn on_done(&mut self, done: Done, disk: &mut Disk) {
-        if let Some(rec) = self.rec.as_mut() {
-            rec.on_done(done, disk);
+        let Some(rec) = self.rec.as_mut() else {
+            return;
+        };
+        let was_opening = rec.direct_opening();
+        rec.on_done(done, disk);
+        if !was_opening || rec.direct_opening() {
+            return;
+        }
+        if self.ended {
+            if self.staging.is_some() {
+                self.write_end(disk);
+            }
+        } else if self.staging.as_ref().is_some_and(|(_, c)| c.is_full()) {
+            self.hand_full(disk);
         }
     }
 

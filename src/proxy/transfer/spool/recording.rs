@@ -27,9 +27,9 @@
 //! to the loop's [`Closing`] table, which finishes it as its completions
 //! come in: `Finish` if the upload was complete, `Keep` otherwise.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -71,6 +71,9 @@ pub enum Ended {
 enum Direct {
     /// Not asked yet (a small upload so far).
     NotYet,
+    /// The `O_DIRECT` descriptor is being opened through the ring; full
+    /// chunks meanwhile go through the page cache, like an overflow.
+    Opening,
     On(Arc<File>),
     /// The filesystem (or the lack of a ring) said no: ordinary writes.
     Off,
@@ -201,9 +204,27 @@ impl Recording {
         matches!(self.direct, Direct::On(_))
     }
 
-    /// True until the first write that must be whole blocks.
+    /// True until the upload is large enough to ask for `O_DIRECT`.
     pub fn direct_not_yet(&self) -> bool {
         matches!(self.direct, Direct::NotYet)
+    }
+
+    /// True while the `O_DIRECT` descriptor is being opened.
+    pub fn direct_opening(&self) -> bool {
+        matches!(self.direct, Direct::Opening)
+    }
+
+    /// True when this file is written through the page cache for good.
+    fn is_off(&self) -> bool {
+        matches!(self.direct, Direct::Off)
+    }
+
+    /// Asks for the `O_DIRECT` descriptor now (the upload has become
+    /// large), so that it is open by the time the first chunk is full.
+    pub fn prepare_direct(&mut self, disk: &mut Disk) {
+        if self.direct_not_yet() {
+            self.direct = self.open_direct(disk);
+        }
     }
 
     /// True when the disk is behind: a full chunk should overflow.
@@ -223,8 +244,9 @@ impl Recording {
     }
 
     /// Writes `len` bytes (whole blocks) of `buf` at `offset`, directly
-    /// where it can: `O_DIRECT` is turned on at the first such write, when
-    /// there is a ring and the file allows it.
+    /// where it can: the `O_DIRECT` descriptor is asked for at the first
+    /// such write, when there is a ring; until it is there, the write goes
+    /// through the page cache like an overflow.
     pub fn write_blocks(&mut self, disk: &mut Disk, offset: u64, buf: Buf, len: usize) {
         if self.direct_not_yet() {
             self.direct = self.open_direct(disk);
@@ -242,6 +264,7 @@ impl Recording {
                 self.direct_in_flight += 1;
                 self.in_flight += 1;
             }
+            Direct::Opening => self.overflow(disk, offset, buf, len),
             _ => self.write_plain(disk, offset, buf, len),
         }
     }
@@ -270,51 +293,72 @@ impl Recording {
         self.write_plain(disk, offset, buf, len);
     }
 
-    /// Opens the `O_DIRECT` descriptor, if this file may have one: only
-    /// with a ring (a direct write done at once would hold the loop for the
-    /// device's write time), and only where `statx(STATX_DIOALIGN)` asks for
-    /// an alignment that our blocks ([`ALIGN`]) satisfy.
-    fn open_direct(&mut self, disk: &Disk) -> Direct {
-        let Some(part) = self.part.as_mut() else {
+    /// Asks the ring for the `O_DIRECT` descriptor, if this file may have
+    /// one: only with a ring (a direct write done at once would hold the
+    /// loop for the device's write time). The completion decides
+    /// ([`Recording::direct_opened`]).
+    fn open_direct(&mut self, disk: &mut Disk) -> Direct {
+        let Some(part) = self.part.as_ref() else {
             return Direct::Off;
         };
         if !disk.is_async() {
             return Direct::Off;
         }
-        let path = part.path().to_path_buf();
-        let refused = |why: String| {
+        let Ok(path) = std::ffi::CString::new(part.path().as_os_str().as_bytes()) else {
+            return Direct::Off;
+        };
+        disk.reopen(
+            part.shared_file(),
+            path,
+            libc::O_WRONLY | libc::O_DIRECT | libc::O_NOFOLLOW,
+            self.owner,
+        );
+        self.in_flight += 1;
+        Direct::Opening
+    }
+
+    /// The `O_DIRECT` descriptor is open (or refused): keep it only where
+    /// `statx(STATX_DIOALIGN)` asks for an alignment that our blocks
+    /// ([`ALIGN`]) satisfy.
+    fn direct_opened(&mut self, file: Option<File>, result: io::Result<()>) {
+        let refused = |path: &Path, why: String| {
             log::debug!(
                 "{}: O_DIRECT refused ({why}): writing through the page cache",
                 path.display()
             );
             Direct::Off
         };
-        let file = match OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
-            .open(&path)
-        {
-            Ok(file) => file,
-            Err(e) => return refused(e.to_string()),
+        let path = self
+            .part
+            .as_ref()
+            .map(|p| p.path().to_path_buf())
+            .unwrap_or_default();
+        self.direct = match (file, result) {
+            (Some(file), Ok(())) => match sys::dio_alignment(&file) {
+                Ok(Some((mem, offset))) if mem == 0 || offset == 0 => {
+                    refused(&path, "statx: no direct I/O on this file".into())
+                }
+                Ok(Some((mem, offset)))
+                    if ALIGN % mem as usize != 0 || ALIGN % offset as usize != 0 =>
+                {
+                    refused(
+                        &path,
+                        format!("statx: alignment {mem}/{offset} does not divide {ALIGN}"),
+                    )
+                }
+                // Known and satisfied, or not reported (older kernel or
+                // filesystem): our page-sized blocks, which every common
+                // device takes.
+                _ => {
+                    if let Some(part) = self.part.as_mut() {
+                        part.extend_reserve();
+                    }
+                    Direct::On(Arc::new(file))
+                }
+            },
+            (_, Err(e)) => refused(&path, e.to_string()),
+            (None, Ok(())) => refused(&path, "no descriptor".into()),
         };
-        match sys::dio_alignment(&file) {
-            Ok(Some((mem, offset))) if mem == 0 || offset == 0 => {
-                return refused("statx: no direct I/O on this file".into())
-            }
-            Ok(Some((mem, offset)))
-                if ALIGN % mem as usize != 0 || ALIGN % offset as usize != 0 =>
-            {
-                return refused(format!(
-                    "statx: alignment {mem}/{offset} does not divide {ALIGN}"
-                ))
-            }
-            // Known and satisfied, or not reported (older kernel or
-            // filesystem): our page-sized blocks, which every common
-            // device takes.
-            _ => {}
-        }
-        part.extend_reserve();
-        Direct::On(Arc::new(file))
     }
 
     /// One of our operations has completed.
@@ -348,7 +392,7 @@ impl Recording {
                 }
                 match done.result {
                     Err(e) => self.write_failed(offset, e),
-                    Ok(()) if !direct && self.overflowed > 0 && self.is_direct() => {
+                    Ok(()) if !direct && self.overflowed > 0 && !self.is_off() => {
                         // An overflow write: start its writeback now, so its
                         // pages are clean (and can be dropped) at the end.
                         if let Some(part) = self.part.as_ref() {
@@ -369,7 +413,10 @@ impl Recording {
                     log::warn!("trimming {}: {e}", self.path().display());
                 }
             }
-            Op::Writeback | Op::DropCached => {}
+            Op::Reopen => self.direct_opened(done.opened, done.result),
+            // Opens are the proxy's (see `Spool::opening`), never a
+            // recording's: a recording exists once its file does.
+            Op::Writeback | Op::DropCached | Op::Open => {}
         }
     }
 

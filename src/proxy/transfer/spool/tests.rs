@@ -3,12 +3,34 @@ use crate::store::Store;
 
 /// Feeds `data` to the spool in reads of `piece` bytes (at most), and,
 /// if `settle`, gives the staging chunk back after each, as a transfer
-/// whose client pauses between reads does.
-fn fill(spool: &mut Spool, disk: &mut Disk, data: &[u8], piece: usize, settle: bool) {
+/// whose client pauses between reads does. When the spool takes nothing
+/// (a full chunk waits for the `O_DIRECT` descriptor), completions are
+/// delivered, as the loop would.
+fn fill(
+    spool: &mut Spool,
+    disk: &mut Disk,
+    poll: &mut mio::Poll,
+    data: &[u8],
+    piece: usize,
+    settle: bool,
+) {
     let mut rest = data;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !rest.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spool stopped taking bytes"
+        );
         let spare = spool.spare(disk, rest.len().min(piece));
         let n = spare.len();
+        if n == 0 {
+            assert!(
+                spool.waiting_for_direct(),
+                "only the direct descriptor is awaited"
+            );
+            pump(disk, poll, |d, disk| spool.on_done(d, disk));
+            continue;
+        }
         spare.copy_from_slice(&rest[..n]);
         spool.commit(n, disk);
         rest = &rest[n..];
@@ -116,7 +138,7 @@ fn every_size_lands_whole_under_its_final_name() {
         for (piece, settle) in [(usize::MAX, false), (10_000, true), (ALIGN, true)] {
             let data: Vec<u8> = (0..len).map(|i| (i * 31 % 253) as u8).collect();
             let mut spool = new_spool(&mut store, &closing);
-            fill(&mut spool, &mut disk, &data, piece, settle);
+            fill(&mut spool, &mut disk, &mut poll, &data, piece, settle);
             // Forwarding reads the same bytes back from memory.
             let mut from_memory = Vec::new();
             while from_memory.len() < len {
@@ -149,7 +171,7 @@ fn bytes_the_upstream_has_not_taken_stay_held_past_the_end() {
     for len in [1000, DIRECT_AFTER + 5, CHUNK + 5] {
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let mut spool = new_spool(&mut store, &closing);
-        fill(&mut spool, &mut disk, &data, usize::MAX, false);
+        fill(&mut spool, &mut disk, &mut poll, &data, usize::MAX, false);
         spool.end(&mut disk); // the upstream has taken nothing yet
         let mut from_memory = Vec::new();
         while from_memory.len() < len {
@@ -172,15 +194,42 @@ fn bytes_the_upstream_has_not_taken_stay_held_past_the_end() {
 fn a_disk_that_is_behind_overflows_through_the_page_cache_and_loses_nothing() {
     let (dir, mut store, mut poll, mut disk) = setup();
     let closing = Closing::default();
-    // Eight chunks and nothing reaped meanwhile: the disk is "behind"
-    // after MAX_IN_FLIGHT of them.
-    let data: Vec<u8> = (0..8 * CHUNK + 777).map(|i| (i % 239) as u8).collect();
+    // Past DIRECT_AFTER the spool asks the ring for the O_DIRECT
+    // descriptor; a chunk full before it is open waits for it rather than
+    // go through the page cache.
+    let data: Vec<u8> = (0..9 * CHUNK + 777).map(|i| (i % 239) as u8).collect();
     let mut spool = new_spool(&mut store, &closing);
-    fill(&mut spool, &mut disk, &data, usize::MAX, false);
+    fill(
+        &mut spool,
+        &mut disk,
+        &mut poll,
+        &data[..CHUNK],
+        usize::MAX,
+        false,
+    );
+    assert_eq!(
+        disk.counters.overflow_bytes, 0,
+        "nothing went through the page cache"
+    );
+    settle_all(&mut spool, &mut disk, &mut poll);
+    assert!(
+        !spool.waiting_for_direct(),
+        "the completion sent the chunk on"
+    );
     if !spool.rec.as_ref().unwrap().is_direct() {
         eprintln!("no O_DIRECT on {}; nothing overflows", dir.path().display());
         return;
     }
+    // Then eight chunks and nothing reaped meanwhile: the disk is "behind"
+    // after MAX_IN_FLIGHT of them.
+    fill(
+        &mut spool,
+        &mut disk,
+        &mut poll,
+        &data[CHUNK..],
+        usize::MAX,
+        false,
+    );
     assert_eq!(
         disk.counters.overflow_bytes,
         (8 - MAX_IN_FLIGHT as usize) as u64 * CHUNK as u64,
@@ -199,7 +248,7 @@ fn an_abandoned_spool_keeps_every_byte_received_and_no_padding() {
     // not stay), cut short while its writes are in flight.
     let data: Vec<u8> = (0..3 * CHUNK + 5000).map(|i| (i % 241) as u8).collect();
     let mut spool = new_spool(&mut store, &closing);
-    fill(&mut spool, &mut disk, &data, 100_000, true);
+    fill(&mut spool, &mut disk, &mut poll, &data, 100_000, true);
     assert!(
         !spool.try_finish(&mut disk).unwrap(),
         "not ended: no final name"
@@ -232,7 +281,7 @@ fn a_failed_write_keeps_only_the_valid_prefix() {
     let closing = Closing::default();
     let data: Vec<u8> = (0..4 * CHUNK).map(|i| (i % 233) as u8).collect();
     let mut spool = new_spool(&mut store, &closing);
-    fill(&mut spool, &mut disk, &data, usize::MAX, false);
+    fill(&mut spool, &mut disk, &mut poll, &data, usize::MAX, false);
     settle_all(&mut spool, &mut disk, &mut poll);
     // The write of the second chunk "failed" (as on a full disk): later
     // chunks landed, but the file must not have a hole.
@@ -245,6 +294,8 @@ fn a_failed_write_keeps_only_the_valid_prefix() {
         },
         result: Err(io::Error::from_raw_os_error(libc::ENOSPC)),
         refused_direct: false,
+        opened: None,
+        name: None,
     };
     spool.on_done(failed, &mut disk);
     let e = spool.take_failure().expect("the failure is reported");
@@ -261,12 +312,12 @@ fn a_failed_write_keeps_only_the_valid_prefix() {
 
 #[test]
 fn a_spool_that_records_nothing_still_passes_every_byte() {
-    let (_dir, _store, _poll, mut disk) = setup();
+    let (_dir, _store, mut poll, mut disk) = setup();
     let closing = Closing::default();
     let owner = Owner { key: 0, id: 1 };
     let mut spool = Spool::new(Err("disk full".into()), owner, &closing);
     let data: Vec<u8> = (0..2 * CHUNK + 77).map(|i| (i % 229) as u8).collect();
-    fill(&mut spool, &mut disk, &data, 300_000, true);
+    fill(&mut spool, &mut disk, &mut poll, &data, 300_000, true);
     let mut from_memory = Vec::new();
     while from_memory.len() < data.len() {
         let piece = spool.bytes_at(from_memory.len() as u64);
