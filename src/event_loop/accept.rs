@@ -10,6 +10,8 @@
 //!     StopHandle   another thread's (or a signal's) way to ask for a stop
 //! ```
 //!
+//! (The last two live in `stop`; the acceptor holds them.)
+//!
 //! The loop ([`super::run`]) asks [`Acceptor::accept`] for connections until
 //! it says `None`, hands each to the role, and asks [`Acceptor::should_stop`]
 //! after every round of events. The acceptor's two deadlines (end of a
@@ -18,17 +20,17 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
-use mio::{Interest, Registry, Waker};
+use mio::{Interest, Registry};
 use signal_hook_mio::v1_0::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::stats::LoopCounters;
-use super::{LISTENER, SIGNALS, WAKER};
+use super::stop::{GracefulStop, StopHandle};
+use super::{LISTENER, SIGNALS};
 use crate::error::Context;
 use crate::sys;
 
@@ -484,102 +486,6 @@ impl AcceptGate {
         } else {
             log::debug!("{}: {message}", self.role);
         }
-    }
-}
-
-/// A handle that stops a running loop from another thread.
-///
-/// The first request starts a graceful stop (stop accepting, let transfers
-/// in flight finish for up to the grace period); a second one stops at
-/// once. SIGINT and SIGTERM, when the role handles signals, count as
-/// requests too.
-#[derive(Clone, Debug)]
-pub struct StopHandle {
-    waker: Arc<Waker>,
-    requests: Arc<AtomicUsize>,
-}
-
-impl StopHandle {
-    fn new(registry: &Registry) -> io::Result<StopHandle> {
-        Ok(StopHandle {
-            waker: Arc::new(Waker::new(registry, WAKER).context("creating waker")?),
-            requests: Arc::new(AtomicUsize::new(0)),
-        })
-    }
-
-    /// Asks the loop to stop: gracefully the first time, at once the second.
-    pub fn shutdown(&self) {
-        self.request(1);
-    }
-
-    /// Asks the loop to stop at once, whatever is in flight.
-    pub fn shutdown_now(&self) {
-        self.request(2);
-    }
-
-    fn request(&self, n: usize) {
-        self.requests.fetch_add(n, Ordering::SeqCst);
-        if let Err(e) = self.waker.wake() {
-            log::warn!("waking loop for shutdown: {e}");
-        }
-    }
-
-    /// How many times a stop was asked for (0: keep running).
-    pub fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
-
-/// Graceful stop, the same for both roles.
-///
-/// The first stop request closes the listener at once, so new clients are
-/// refused rather than left in a backlog nobody will accept from, and gives
-/// the transfers in flight `grace` to finish. The loop stops when none are
-/// left, when the grace period is over, or at a second request.
-#[derive(Debug)]
-struct GracefulStop {
-    role: &'static str,
-    grace: Duration,
-    until: Option<Instant>,
-}
-
-impl GracefulStop {
-    fn new(role: &'static str, grace: Duration) -> GracefulStop {
-        GracefulStop {
-            role,
-            grace,
-            until: None,
-        }
-    }
-
-    fn is_draining(&self) -> bool {
-        self.until.is_some()
-    }
-
-    fn should_stop(
-        &mut self,
-        handle: &StopHandle,
-        in_flight: usize,
-        listener: &mut Option<TcpListener>,
-        registry: &Registry,
-    ) -> bool {
-        let requests = handle.requests();
-        if requests == 0 {
-            return false;
-        }
-        let now = Instant::now();
-        if self.until.is_none() {
-            self.until = Some(now + self.grace);
-            if let Some(mut listener) = listener.take() {
-                let _ = registry.deregister(&mut listener);
-            }
-            log::info!(
-                "{}: shutting down: not accepting; {in_flight} transfer(s) in flight get up to {} to finish (again to stop now)",
-                self.role,
-                humantime::format_duration(self.grace)
-            );
-        }
-        requests >= 2 || in_flight == 0 || self.until.is_some_and(|t| now >= t)
     }
 }
 

@@ -29,6 +29,7 @@ pub mod health;
 pub mod peer;
 pub mod reply;
 pub mod stats;
+pub mod stop;
 pub mod timer;
 
 use std::io;
@@ -41,11 +42,12 @@ use mio::{Events, Poll, Registry, Token};
 
 use crate::error::Context as _;
 
-pub use accept::{AcceptConfig, Acceptor, StopHandle};
+pub use accept::{AcceptConfig, Acceptor};
 pub use guard::{MinRate, RateWindow, Throttle};
 pub use peer::{Io, Peer, Who};
 pub use reply::{Reply, ReplyStep, DISCARD_LIMIT};
 pub use stats::{Exposition, StatsServer};
+pub use stop::StopHandle;
 pub use timer::{TimerId, Timers};
 
 /// Token of the listening socket.
