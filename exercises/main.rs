@@ -53,7 +53,7 @@ const EXERCISES: &[Exercise] = &[
     },
     Exercise {
         title: "count the WouldBlocks",
-        hint: "count `Io::Blocked` in `src/server/conn.rs:drive` into the server's Stats, and print it in `src/server/mod.rs:stopped`",
+        hint: "count `Io::Blocked` in `src/server/conn.rs:drive` into the server's Stats (only after a read was made: see `src/event_loop/peer.rs:read`), and print it in `src/server/mod.rs:stopped`",
         check: checks::wouldblock_counter,
     },
     Exercise {
