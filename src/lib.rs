@@ -57,4 +57,5 @@ pub mod retention;
 pub mod server;
 pub mod store;
 pub mod sys;
+pub mod toxics;
 pub mod trace_view;
