@@ -52,6 +52,8 @@ use crate::event_loop::disk::{Done, Owner};
 use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon, Exposition, MinRate};
 use crate::retention::{self, Keeper};
 use crate::store::Store;
+use crate::toxics::pipe::End;
+use crate::toxics::Toxic;
 
 use transfer::spool::{Closing, Ended, Goal, Recording, Spool};
 use transfer::{Next, Outcome, Policy, Side, Transfer};
@@ -93,6 +95,9 @@ pub struct ProxyConfig {
     pub spool_memory: usize,
     /// What a full or failing spool disk does (`--on-disk-error`).
     pub on_disk_error: OnDiskError,
+    /// The toxics every transfer draws from (`--toxic`, `--config`), in
+    /// chain order (see `crate::toxics`).
+    pub toxics: Vec<Toxic>,
 }
 
 impl Default for ProxyConfig {
@@ -113,6 +118,7 @@ impl Default for ProxyConfig {
             retention: retention::Limits::default(),
             spool_memory: event_loop::disk::DEFAULT_BUDGET,
             on_disk_error: OnDiskError::default(),
+            toxics: Vec::new(),
         }
     }
 }
@@ -187,6 +193,8 @@ pub enum Timer {
     Idle { key: usize, id: u64 },
     /// A `--min-rate` window is over.
     Rate { key: usize, id: u64 },
+    /// A toxic's delay queue has something due (see `transfer::toxic`).
+    Toxic { key: usize, id: u64 },
 }
 
 /// Counters reported when the proxy stops.
@@ -208,6 +216,14 @@ pub struct Stats {
     /// Recordings given up or cut short by a disk error (or never started:
     /// no spool file could be created).
     pub recordings_failed: u64,
+    /// Toxics drawn by transfers (each toxic a transfer got counts once).
+    pub toxics_applied: u64,
+    /// Transfers reset by a toxic (`reset_peer`).
+    pub toxic_resets: u64,
+    /// Transfers closed by a toxic (`timeout`, `limit_data`, `limit_time`).
+    pub toxic_closes: u64,
+    /// Bytes a toxic held back (latency, bandwidth, slicer).
+    pub bytes_delayed: u64,
 }
 
 /// A bound proxy, ready to [`run`](Daemon::run).
@@ -233,6 +249,8 @@ pub struct Core {
     closing: std::collections::HashMap<u64, Recording>,
     /// Transfers still open when the loop stopped.
     open_at_stop: usize,
+    /// The toxics new transfers draw from, in chain order.
+    toxics: Vec<Toxic>,
 }
 
 impl Proxy {
@@ -276,8 +294,19 @@ impl Proxy {
                 closing_inbox: Closing::default(),
                 closing: std::collections::HashMap::new(),
                 open_at_stop: 0,
+                toxics: config.toxics.clone(),
             })
         })?;
+        for t in &config.toxics {
+            log::info!(
+                "proxy: toxic {}: {} {} {:?}, toxicity {}",
+                t.name,
+                t.kind.type_name(),
+                t.stream,
+                t.kind.attributes(),
+                t.toxicity
+            );
+        }
         if let Some(hold) = config.hold {
             log::info!(
                 "proxy: hold mode: each upload is stored whole, held {} for editing, then forwarded",
@@ -337,6 +366,24 @@ impl event_loop::Handler for Core {
             "stopover_recordings_closing",
             "Recordings of ended transfers waiting for their last disk operations.",
             self.closing.len() as f64,
+        );
+        out.counter(
+            "stopover_toxics_applied_total",
+            "Toxics drawn by transfers (each toxic a transfer got counts once, as the transfer ends).",
+            s.toxics_applied,
+        );
+        out.counter_labelled(
+            "stopover_toxic_ends_total",
+            "Transfers ended by a toxic: reset (reset_peer) or closed (timeout, limit_data, limit_time).",
+            &[
+                ("how", "reset", s.toxic_resets),
+                ("how", "closed", s.toxic_closes),
+            ],
+        );
+        out.counter(
+            "stopover_bytes_delayed_total",
+            "Bytes a toxic held back (latency, bandwidth, slicer), counted as transfers end.",
+            s.bytes_delayed,
         );
         let held = self.transfers.iter().filter(|(_, t)| t.is_held()).count();
         out.gauge(
@@ -445,7 +492,8 @@ impl event_loop::Handler for Core {
         }
         log::trace!("proxy: accept {addr} -> #{key}, register client READABLE|WRITABLE");
         let spool = Spool::new(spool, Owner { key, id }, &self.closing_inbox);
-        let mut transfer = Transfer::new(key, id, client, addr, spool, cx, &self.policy);
+        let mut transfer =
+            Transfer::new(key, id, client, addr, spool, cx, &self.policy, &self.toxics);
         if let Some(idle) = self.idle_timeout {
             transfer.set_idle_timer(
                 cx.timers
@@ -509,7 +557,8 @@ impl event_loop::Handler for Core {
             Timer::HoldOver { key, id }
             | Timer::ConnectTimeout { key, id }
             | Timer::Idle { key, id }
-            | Timer::Rate { key, id } => (key, id),
+            | Timer::Rate { key, id }
+            | Timer::Toxic { key, id } => (key, id),
         };
         let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) else {
             return; // its transfer is gone
@@ -526,6 +575,7 @@ impl event_loop::Handler for Core {
                 }
             }
             Timer::Rate { .. } => t.check_rate(cx, &self.policy),
+            Timer::Toxic { .. } => t.toxic_fired(),
         }
         self.drive(cx, key);
         self.adopt_closing(cx);
@@ -614,6 +664,14 @@ impl Core {
         }
         log::trace!("proxy: #{key} closed ({outcome:?})");
         let (received, forwarded) = transfer.bytes();
+        let toxic = transfer.toxic_figures();
+        self.stats.toxics_applied += toxic.applied;
+        self.stats.bytes_delayed += toxic.delayed;
+        match toxic.ended {
+            Some(End::Reset) => self.stats.toxic_resets += 1,
+            Some(End::Close) => self.stats.toxic_closes += 1,
+            None => {}
+        }
         self.stats.received += received;
         self.stats.forwarded += forwarded;
         match outcome {

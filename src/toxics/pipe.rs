@@ -113,6 +113,16 @@ impl Pipe {
         pipe
     }
 
+    /// True when this direction has nothing to do: no toxic, nothing
+    /// queued, no EOF or end pending. Its bytes then take the fast path.
+    pub fn is_idle(&self) -> bool {
+        self.stages.is_empty()
+            && self.queue.is_empty()
+            && self.eof_at.is_none()
+            && self.end.is_none()
+            && !self.close_when_drained
+    }
+
     /// True when the connection drew no toxic for this direction.
     pub fn is_empty(&self) -> bool {
         self.stages.is_empty()

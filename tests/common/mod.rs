@@ -61,6 +61,22 @@ pub fn start_server(dir: &Path) -> InProcess {
     }
 }
 
+impl InProcess {
+    /// Runs a bound proxy on a thread of the test process.
+    pub fn run(proxy: Proxy) -> InProcess {
+        let addr = proxy.local_addr();
+        let shutdown = proxy.shutdown_handle();
+        let thread = std::thread::spawn(move || {
+            proxy.run().expect("proxy runs");
+        });
+        InProcess {
+            addr,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+}
+
 pub fn start_proxy(upstream: SocketAddr, dir: &Path) -> InProcess {
     start_proxy_with(upstream, dir, None)
 }
