@@ -242,6 +242,12 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "stopover", value_name = "NAME")]
     pub name: String,
 
+    /// Serve a toxiproxy-compatible HTTP API here (host:port), from the
+    /// same loop: toxiproxy's clients add and remove toxics, disable and
+    /// re-enable the proxy. Off by default; keep it on loopback.
+    #[arg(long, value_name = "ADDR", value_parser = parse_host_port)]
+    pub api_addr: Option<String>,
+
     #[command(flatten)]
     pub limits: Limits,
 }

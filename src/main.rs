@@ -135,6 +135,12 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 listen: resolve("listen address", &listen)?,
                 upstream,
                 toxics,
+                name: args.name.clone(),
+                api_addr: args
+                    .api_addr
+                    .as_deref()
+                    .map(|a| resolve("API address", a))
+                    .transpose()?,
                 dir: args.dir,
                 hold: args.hold,
                 max_conns: args.limits.max_conns.map(|n| n as usize),

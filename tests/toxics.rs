@@ -6,31 +6,12 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
 use stopover::proxy::{Proxy, ProxyConfig};
 use stopover::toxics::Toxic;
-
-/// A thread-per-connection echo server: every byte back, then its FIN
-/// after the client's.
-fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind(loopback0()).unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for sock in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let _ = sock.set_nodelay(true);
-                let mut out = sock.try_clone().unwrap();
-                let mut sock = sock;
-                let _ = std::io::copy(&mut sock, &mut out);
-                let _ = out.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
 
 /// An in-process proxy in front of `upstream` with `toxics` (compact form).
 fn proxy(upstream: SocketAddr, dir: &std::path::Path, toxics: &[&str]) -> InProcess {

@@ -36,6 +36,11 @@
 //! (`stopover_recordings_failed_total`) and warned about under the loop's
 //! throttle, never once per transfer.
 
+mod admit;
+mod api;
+mod closing;
+mod metrics;
+pub mod routes;
 pub mod transfer;
 
 use std::io;
@@ -49,13 +54,14 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use crate::event_loop::disk::{Done, Owner};
-use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon, Exposition, MinRate};
+use crate::event_loop::{self, AcceptConfig, Context, Daemon, Exposition, MinRate};
 use crate::retention::{self, Keeper};
 use crate::store::Store;
 use crate::toxics::pipe::End;
 use crate::toxics::Toxic;
 
-use transfer::spool::{Closing, Ended, Goal, Recording, Spool};
+use routes::{Listener, Route};
+use transfer::spool::{Closing, Recording};
 use transfer::{Next, Outcome, Policy, Side, Transfer};
 
 pub use transfer::OnDiskError;
@@ -98,6 +104,10 @@ pub struct ProxyConfig {
     /// The toxics every transfer draws from (`--toxic`, `--config`), in
     /// chain order (see `crate::toxics`).
     pub toxics: Vec<Toxic>,
+    /// This proxy's name in the toxiproxy API (`--name`).
+    pub name: String,
+    /// Serve the toxiproxy-compatible API here (`--api-addr`; `None`: off).
+    pub api_addr: Option<SocketAddr>,
 }
 
 impl Default for ProxyConfig {
@@ -119,6 +129,8 @@ impl Default for ProxyConfig {
             spool_memory: event_loop::disk::DEFAULT_BUDGET,
             on_disk_error: OnDiskError::default(),
             toxics: Vec::new(),
+            name: "stopover".to_string(),
+            api_addr: None,
         }
     }
 }
@@ -249,8 +261,9 @@ pub struct Core {
     closing: std::collections::HashMap<u64, Recording>,
     /// Transfers still open when the loop stopped.
     open_at_stop: usize,
-    /// The toxics new transfers draw from, in chain order.
-    toxics: Vec<Toxic>,
+    /// The listen -> upstream pairs served (see `routes`): the command
+    /// line's, and those the API added.
+    routes: Slab<Route>,
 }
 
 impl Proxy {
@@ -268,9 +281,10 @@ impl Proxy {
             stats_listen: config.stats_addr,
             stats_interval: config.stats_interval,
             recv_low_water: None,
+            api_listen: config.api_addr,
         };
         let mut spool_dir = String::new();
-        let proxy = Daemon::bind_then(&accept, Some(config.spool_memory), || {
+        let mut proxy = Daemon::bind_then(&accept, Some(config.spool_memory), || {
             let mut store = Store::open(&config.dir)?;
             let retention = Keeper::open("proxy", store.dir(), config.retention)?;
             store.record_to(retention.recorder());
@@ -294,9 +308,21 @@ impl Proxy {
                 closing_inbox: Closing::default(),
                 closing: std::collections::HashMap::new(),
                 open_at_stop: 0,
-                toxics: config.toxics.clone(),
+                routes: Slab::new(),
             })
         })?;
+        let core = proxy.handler();
+        let policy = core.policy;
+        core.routes.insert(Route {
+            name: config.name.clone(),
+            listen: config.listen,
+            upstream: config.upstream.to_string(),
+            policy,
+            toxics: config.toxics.clone(),
+            enabled: true,
+            listener: Listener::Main,
+            store: None,
+        });
         for t in &config.toxics {
             log::info!(
                 "proxy: toxic {}: {} {} {:?}, toxicity {}",
@@ -335,62 +361,7 @@ impl event_loop::Handler for Core {
     }
 
     fn metrics(&self, out: &mut Exposition) {
-        self.retention.metrics(out);
-        let s = &self.stats;
-        out.counter_labelled(
-            "stopover_transfers_total",
-            "Transfers by outcome: relayed (the server's answer reached the client), refused (our own ERR), aborted (the client went away), kept (held, not forwarded: the proxy stopped first).",
-            &[
-                ("outcome", "relayed", s.relayed),
-                ("outcome", "refused", s.refused),
-                ("outcome", "aborted", s.aborted),
-                ("outcome", "kept", s.kept),
-            ],
-        );
-        out.counter(
-            "stopover_bytes_received_total",
-            "Upload bytes received from clients, counted as transfers end.",
-            s.received,
-        );
-        out.counter(
-            "stopover_bytes_forwarded_total",
-            "Upload bytes sent to the upstream, counted as transfers end.",
-            s.forwarded,
-        );
-        out.counter(
-            "stopover_recordings_failed_total",
-            "Uploads whose recording failed (a full or failing disk): relayed without it (--on-disk-error relay) or refused.",
-            s.recordings_failed,
-        );
-        out.gauge(
-            "stopover_recordings_closing",
-            "Recordings of ended transfers waiting for their last disk operations.",
-            self.closing.len() as f64,
-        );
-        out.counter(
-            "stopover_toxics_applied_total",
-            "Toxics drawn by transfers (each toxic a transfer got counts once, as the transfer ends).",
-            s.toxics_applied,
-        );
-        out.counter_labelled(
-            "stopover_toxic_ends_total",
-            "Transfers ended by a toxic: reset (reset_peer) or closed (timeout, limit_data, limit_time).",
-            &[
-                ("how", "reset", s.toxic_resets),
-                ("how", "closed", s.toxic_closes),
-            ],
-        );
-        out.counter(
-            "stopover_bytes_delayed_total",
-            "Bytes a toxic held back (latency, bandwidth, slicer), counted as transfers end.",
-            s.bytes_delayed,
-        );
-        let held = self.transfers.iter().filter(|(_, t)| t.is_held()).count();
-        out.gauge(
-            "stopover_uploads_held",
-            "Uploads held now (--hold).",
-            held as f64,
-        );
+        self.write_metrics(out);
     }
 
     /// The proxy is stopping: a held upload whose hold ends after the
@@ -445,70 +416,19 @@ impl event_loop::Handler for Core {
         self.stats
     }
 
-    /// Seed steps 1 and 4: a client connected. Create its spool file, start
-    /// the non-blocking connect upstream (unless holding), and drive it.
-    fn accepted(&mut self, cx: &mut Context<Timer>, mut client: TcpStream, addr: SocketAddr) {
-        let spool = match self.store.create() {
-            Ok(spool) => Ok(spool),
-            Err(e) if accept::is_out_of_descriptors(&e) => {
-                // No descriptor for the file means none for the upstream
-                // either: refuse by closing before reading a byte, and back off.
-                cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
-                self.stats.refused += 1;
-                cx.acceptor.out_of_descriptors(&e, self.transfers.len());
-                return;
-            }
-            Err(e)
-                if self.policy.hold.is_some()
-                    || self.policy.on_disk_error == OnDiskError::Refuse =>
-            {
-                // Without a spool we could lose the upload: the transfer
-                // answers `ERR proxy cannot store upload` (`Transfer::new`).
-                self.stats.recordings_failed += 1;
-                cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
-                Err(cause(&e))
-            }
-            Err(e) => {
-                // --on-disk-error relay: the load test goes on, unrecorded.
-                self.stats.recordings_failed += 1;
-                cx.aborts.warn(format_args!(
-                    "proxy: relaying {addr} without recording: {e}"
-                ));
-                Err(cause(&e))
-            }
-        };
-        // TCP_NODELAY and SO_LINGER 0 came from the listener (see
-        // `event_loop::accept`'s set_options).
-        let entry = self.transfers.vacant_entry();
-        let key = entry.key();
-        self.next_id += 1;
-        let id = self.next_id;
-        if let Err(e) = register_client(&cx.registry, key, &mut client) {
-            log::warn!("proxy: registering {addr}: {e}");
-            if let Ok(part) = spool {
-                part.discard();
-            }
-            return;
+    /// A client of the loop's own listener: the command-line route's
+    /// (see `admit`).
+    fn accepted(&mut self, cx: &mut Context<Timer>, client: TcpStream, addr: SocketAddr) {
+        match self.main_route() {
+            Some(r) => self.admit(cx, r, client, addr),
+            None => Core::turn_away(client, addr),
         }
-        log::trace!("proxy: accept {addr} -> #{key}, register client READABLE|WRITABLE");
-        let spool = Spool::new(spool, Owner { key, id }, &self.closing_inbox);
-        let mut transfer =
-            Transfer::new(key, id, client, addr, spool, cx, &self.policy, &self.toxics);
-        if let Some(idle) = self.idle_timeout {
-            transfer.set_idle_timer(
-                cx.timers
-                    .schedule(Instant::now() + idle, Timer::Idle { key, id }),
-            );
-        }
-        log::debug!("proxy: accepted {addr} as #{key}");
-        entry.insert(transfer);
-        // Bytes may already be waiting; the registration will report
-        // them, but driving now saves a trip through poll.
-        self.drive(cx, key);
-        self.adopt_closing(cx);
     }
 
     fn connection_event(&mut self, cx: &mut Context<Timer>, event: &Event) {
+        if let Some(r) = routes::route_of_token(event.token()) {
+            return self.accept_route(cx, r);
+        }
         let (key, side) = token_owner(event.token());
         log::trace!("proxy: #{key} {side} event{}", event_loop::flags(event));
         // A stale event (for a transfer closed earlier in this batch) finds
@@ -521,6 +441,13 @@ impl event_loop::Handler for Core {
         }
     }
 
+    fn api(
+        &mut self,
+        cx: &mut Context<Timer>,
+        request: &event_loop::stats::ApiRequest,
+    ) -> (u16, String) {
+        self.api_request(cx, request)
+    }
     fn disk_budget(&self) -> Option<usize> {
         Some(self.spool_memory)
     }
@@ -563,18 +490,19 @@ impl event_loop::Handler for Core {
         let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) else {
             return; // its transfer is gone
         };
+        let policy = &self.routes[t.route].policy;
         match timer {
-            Timer::HoldOver { .. } => t.hold_over(cx, &self.policy),
-            Timer::ConnectTimeout { .. } => t.connect_timed_out(cx, &self.policy),
+            Timer::HoldOver { .. } => t.hold_over(cx, policy),
+            Timer::ConnectTimeout { .. } => t.connect_timed_out(cx, policy),
             Timer::Idle { .. } => {
                 let Some(idle) = self.idle_timeout else {
                     return;
                 };
-                if let Some(at) = t.check_idle(cx, &self.policy, idle) {
+                if let Some(at) = t.check_idle(cx, policy, idle) {
                     t.set_idle_timer(cx.timers.schedule(at, Timer::Idle { key, id }));
                 }
             }
-            Timer::Rate { .. } => t.check_rate(cx, &self.policy),
+            Timer::Rate { .. } => t.check_rate(cx, policy),
             Timer::Toxic { .. } => t.toxic_fired(),
         }
         self.drive(cx, key);
@@ -582,78 +510,11 @@ impl event_loop::Handler for Core {
     }
 }
 
-/// What went wrong, without where (the spool's path is none of the
-/// client's business): `No space left on device`.
-fn cause(e: &io::Error) -> String {
-    let text = crate::error::brief(e);
-    match text.rsplit_once(": ") {
-        Some((_, cause)) => cause.to_string(),
-        None => text,
-    }
-}
-
 impl Core {
-    /// Takes in the recordings that spools have let go of since the last
-    /// call, and moves each on at once (one with nothing in flight may be
-    /// done already).
-    fn adopt_closing(&mut self, cx: &mut Context<Timer>) {
-        for rec in self.closing_inbox.take_new() {
-            let id = rec.owner().id;
-            self.closing.insert(id, rec);
-            self.advance_closing(cx, id);
-        }
-    }
-
-    /// Moves recording `id` of the closing table towards its end; once it
-    /// is there, says so (a failed recording under the per-transfer
-    /// warnings' throttle) and forgets it.
-    fn advance_closing(&mut self, cx: &mut Context<Timer>, id: u64) {
-        let Some(rec) = self.closing.get_mut(&id) else {
-            return;
-        };
-        let ended = match rec.advance_to_end(&mut cx.disk) {
-            None => return, // operations still in flight
-            Some(Ok(ended)) => ended,
-            Some(Err(e)) if rec.goal == Goal::Finish => {
-                // It could not take its final name: keep it as incomplete.
-                cx.aborts.warn(format_args!("proxy: {e}"));
-                rec.goal = Goal::Keep;
-                return self.advance_closing(cx, id);
-            }
-            Some(Err(e)) => {
-                // Not even kept (see `Recording::advance_to_end`).
-                cx.aborts.warn(format_args!("proxy: {e}"));
-                Ended::Removed
-            }
-        };
-        let Some(rec) = self.closing.remove(&id) else {
-            return;
-        };
-        let what = match &ended {
-            Ended::Finished(path) => format!("finished as {}", path.display()),
-            Ended::Kept(path, bytes) => format!("{bytes} bytes kept as {}", path.display()),
-            Ended::Removed => "nothing kept".to_string(),
-        };
-        match rec.failure() {
-            Some(why) => {
-                self.stats.recordings_failed += 1;
-                cx.aborts.warn(format_args!(
-                    "proxy: recording {} failed ({why}){}; {what}",
-                    rec.name(),
-                    if rec.given_up.is_some() {
-                        "; its transfer went on without it"
-                    } else {
-                        ""
-                    }
-                ));
-            }
-            None => log::debug!("proxy: recording {}: {what}", rec.name()),
-        }
-    }
-
     /// Drives one transfer and closes it if it is finished.
     fn drive(&mut self, cx: &mut Context<Timer>, key: usize) {
-        let Next::Close { outcome, clean } = self.transfers[key].drive(cx, &self.policy) else {
+        let t = &mut self.transfers[key];
+        let Next::Close { outcome, clean } = t.drive(cx, &self.routes[t.route].policy) else {
             return;
         };
         let transfer = self.transfers.remove(key);

@@ -453,3 +453,22 @@ pub fn sample(body: &str, name: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+/// A thread-per-connection echo server: every byte back, then its FIN
+/// after the client's (the upstream of the toxics tests).
+pub fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind(loopback0()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = sock.set_nodelay(true);
+                let mut out = sock.try_clone().unwrap();
+                let mut sock = sock;
+                let _ = std::io::copy(&mut sock, &mut out);
+                let _ = out.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}

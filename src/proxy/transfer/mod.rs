@@ -45,6 +45,7 @@
 mod answer;
 mod failure;
 mod hold;
+mod policy;
 pub mod spool;
 mod timers;
 mod toxic;
@@ -53,14 +54,14 @@ mod upload;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::event::Event;
 use mio::net::TcpStream;
 
 use crate::answer::Answer;
 use crate::event_loop::disk::{Disk, Done};
-use crate::event_loop::{Context, MinRate, Peer, RateWindow, Reply, ReplyStep, TimerId, Who};
+use crate::event_loop::{Context, Peer, RateWindow, Reply, ReplyStep, TimerId, Who};
 
 use super::Timer;
 use crate::toxics::pipe::End;
@@ -69,6 +70,7 @@ use spool::Spool;
 use toxic::Toxics;
 use upload::Link;
 
+pub use policy::{OnDiskError, Policy};
 pub use toxic::ToxicFigures;
 pub use upload::LAG_LIMIT;
 
@@ -114,37 +116,6 @@ pub enum Next {
         outcome: Outcome,
         clean: bool,
     },
-}
-
-/// The per-transfer rules, from the command line.
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    /// The server every upload goes to.
-    pub upstream: SocketAddr,
-    /// Hold mode (`--hold`): how long to hold a complete upload.
-    pub hold: Option<Duration>,
-    /// Largest upload accepted (`--max-bytes`).
-    pub max_bytes: Option<u64>,
-    /// Slowest upload accepted (`--min-rate`).
-    pub min_rate: Option<MinRate>,
-    /// Longest an upstream connect may take (`--connect-timeout`).
-    pub connect_timeout: Duration,
-    /// What a full or failing spool disk does to a transfer
-    /// (`--on-disk-error`; hold mode always refuses).
-    pub on_disk_error: OnDiskError,
-}
-
-/// `--on-disk-error`: what happens to a transfer whose recording cannot be
-/// written (a full disk, a failing one, no file to write to).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnDiskError {
-    /// Keep relaying; give up that transfer's recording (what landed is
-    /// kept as `.incomplete`), count it and warn. A load test goes on.
-    #[default]
-    Relay,
-    /// Refuse the upload (`ERR proxy cannot store upload`): for users who
-    /// need every relayed byte recorded.
-    Refuse,
 }
 
 /// Where a transfer is in its life. See the module docs for the diagram.
@@ -278,6 +249,8 @@ pub struct Transfer {
     /// (for the metrics: the spool and the link go with their states).
     received: u64,
     forwarded: u64,
+    /// The route (listen -> upstream pair) it came through.
+    pub route: usize,
     /// The toxics drawn at the start, until the upstream link takes them.
     drawn: Option<Box<Toxics>>,
     /// The one toxic timer, and when it is due (see `toxic`).
@@ -326,6 +299,7 @@ impl Transfer {
                 .map(|r| cx.timers.schedule(now + r.window, Timer::Rate { key, id })),
             received: 0,
             forwarded: 0,
+            route: 0,
             drawn,
             toxic_timer: None,
             toxic_figures: ToxicFigures::default(),
