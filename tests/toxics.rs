@@ -289,3 +289,40 @@ fn no_toxic_latency_figure() {
         through.saturating_sub(direct)
     );
 }
+
+#[test]
+fn metrics_count_toxics_and_their_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let toxics: Vec<Toxic> = [
+        "latency:downstream:latency=20",
+        "reset_peer:upstream:timeout=10",
+    ]
+    .iter()
+    .map(|t| t.parse().unwrap())
+    .collect();
+    let proxy = Proxy::bind(&ProxyConfig {
+        listen: loopback0(),
+        upstream: echo_server(),
+        dir: dir.path().to_path_buf(),
+        toxics,
+        stats_addr: Some(loopback0()),
+        ..ProxyConfig::default()
+    })
+    .unwrap();
+    let stats = proxy.stats_addr().unwrap();
+    let p = InProcess::run(proxy);
+    let mut sock = connect(p.addr);
+    sock.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 16];
+    let err = sock.read(&mut buf).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+    wait_until("the reset is counted", || {
+        sample(&scrape(stats), "stopover_toxic_ends_total{how=\"reset\"}") == 1.0
+    });
+    let body = scrape(stats);
+    assert_eq!(sample(&body, "stopover_toxics_applied_total"), 2.0);
+    assert_eq!(
+        sample(&body, "stopover_toxic_ends_total{how=\"closed\"}"),
+        0.0
+    );
+}

@@ -533,6 +533,7 @@ impl Transfer {
             State::Connecting { spool, link, .. } | State::Streaming { spool, link } => {
                 self.received = self.received.max(spool.bytes());
                 self.forwarded = self.forwarded.max(link.forwarded);
+                self.toxic_figures.note(link);
             }
             State::Replying(_) | State::Done { .. } => {}
         }

@@ -368,7 +368,7 @@ impl Transfer {
 impl ToxicFigures {
     /// Takes in a link's figures (keeping the larger: a link's counters
     /// only grow).
-    fn note(&mut self, link: &Link) {
+    pub(super) fn note(&mut self, link: &Link) {
         if let Some(t) = link.toxics.as_deref() {
             self.applied = self
                 .applied
