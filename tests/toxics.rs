@@ -326,3 +326,47 @@ fn metrics_count_toxics_and_their_ends() {
         0.0
     );
 }
+
+#[test]
+fn the_command_line_checks_toxics_and_honours_a_config_files_toxics() {
+    for bad in [
+        &["--toxic", "lag"][..],
+        &["--toxic", "latency:sideways"],
+        &["--toxic", "latency::latency=-5"],
+        &["--toxic", "latency::toxicity=1.5"],
+        &["--config", "/nonexistent/toxiproxy.json"],
+    ] {
+        let out = std::process::Command::new(bin())
+            .arg("proxy")
+            .args(bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("toxiproxy.json");
+    let echo = echo_server();
+    std::fs::write(
+        &config,
+        format!(
+            r#"[{{"name": "db", "listen": "127.0.0.1:0", "upstream": "{echo}", "enabled": true,
+                 "toxics": [{{"type": "latency", "attributes": {{"latency": 150}}}}]}}]"#
+        ),
+    )
+    .unwrap();
+    let spool = dir.path().join("spool");
+    let proxy = spawn_with(std::process::Command::new(bin()).args([
+        "-v",
+        "proxy",
+        "--config",
+        config.to_str().unwrap(),
+        "--name",
+        "db",
+        "--dir",
+        spool.to_str().unwrap(),
+    ]));
+    let (got, took, _) = round_trip(&connect(proxy.addr), b"config");
+    assert_eq!(got, b"config");
+    assert!(took >= ms(150), "the config's toxic did not act: {took:?}");
+    proxy.wait_for_log("drew toxics: latency_downstream");
+}
