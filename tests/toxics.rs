@@ -370,3 +370,39 @@ fn the_command_line_checks_toxics_and_honours_a_config_files_toxics() {
     assert!(took >= ms(150), "the config's toxic did not act: {took:?}");
     proxy.wait_for_log("drew toxics: latency_downstream");
 }
+
+#[test]
+fn hold_mode_and_toxics_work_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let toxics: Vec<Toxic> = [
+        "slicer:upstream:average_size=1000,size_variation=500",
+        "latency:downstream:latency=100",
+    ]
+    .iter()
+    .map(|t| t.parse().unwrap())
+    .collect();
+    let proxy = Proxy::bind(&ProxyConfig {
+        listen: loopback0(),
+        upstream: echo_server(),
+        dir: dir.path().to_path_buf(),
+        hold: Some(Duration::ZERO),
+        toxics,
+        ..ProxyConfig::default()
+    })
+    .unwrap();
+    let p = InProcess::run(proxy);
+    let mut sock = connect(p.addr);
+    let data = random_bytes(200_000, 9);
+    let start = Instant::now();
+    sock.write_all(&data).unwrap();
+    sock.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    sock.read_to_end(&mut got).unwrap();
+    assert!(got == data, "the held upload came back changed");
+    assert!(start.elapsed() >= ms(100), "the answer was not delayed");
+    wait_until("the held recording is final", || {
+        final_files(dir.path()).len() == 1
+    });
+    let name = &final_files(dir.path())[0];
+    assert!(std::fs::read(dir.path().join(name)).unwrap() == data);
+}
