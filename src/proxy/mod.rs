@@ -369,6 +369,8 @@ impl event_loop::Handler for Core {
     /// is told now (`ERR proxy shutting down: kept as NAME, not
     /// forwarded`), and its upload stays whole under its final name.
     fn draining(&mut self, cx: &mut Context<Timer>, until: Instant) {
+        // The routes the API added stop accepting too.
+        self.stop_listening(cx);
         let past: Vec<usize> = self
             .transfers
             .iter()

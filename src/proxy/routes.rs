@@ -167,8 +167,8 @@ impl Core {
         on: bool,
     ) -> io::Result<()> {
         let route = &mut self.routes[r];
-        if route.enabled == on {
-            return Ok(());
+        if route.enabled == on || (on && cx.acceptor.draining_until().is_some()) {
+            return Ok(()); // (a stopping proxy listens no more)
         }
         match &mut route.listener {
             Listener::Main => cx.acceptor.set_listening(on, &cx.registry)?,
@@ -256,6 +256,18 @@ impl Core {
                 Err(e) => {
                     log::debug!("proxy: {}: accept: {e}", self.routes[r].name);
                     return;
+                }
+            }
+        }
+    }
+
+    /// The proxy is stopping: the routes' own listeners are closed (the
+    /// loop's own is the acceptor's to close).
+    pub(super) fn stop_listening(&mut self, cx: &mut Context<Timer>) {
+        for (_, route) in self.routes.iter_mut() {
+            if let Listener::Own(slot) = &mut route.listener {
+                if let Some(mut l) = slot.take() {
+                    let _ = cx.registry.deregister(&mut l);
                 }
             }
         }
