@@ -222,10 +222,11 @@ pub struct ProxyArgs {
     pub on_disk_error: OnDiskErrorArg,
 
     /// Misbehave on purpose (repeatable; toxiproxy's toxics, chained in
-    /// the order given): TYPE[:STREAM][:ATTR=N,...], e.g.
-    /// latency:downstream:latency=50,jitter=10. STREAM is upstream (client
-    /// to server) or downstream (the default); besides the type's
-    /// attributes, toxicity=P (default 1) and name=NAME. Types: latency,
+    /// the order given): TYPE:STREAM:ATTR=N,... with the stream and the
+    /// attributes optional, e.g. latency:downstream:latency=50,jitter=10.
+    /// STREAM is upstream (client to server) or downstream (the default);
+    /// besides the type's attributes, toxicity=P (default 1) and
+    /// name=NAME. Types: latency,
     /// bandwidth, slow_close, timeout, reset_peer, slicer, limit_data,
     /// limit_time.
     #[arg(long = "toxic", value_name = "TOXIC", value_parser = parse_toxic)]
