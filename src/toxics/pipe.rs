@@ -52,6 +52,8 @@ struct Stage {
     last_out: Option<Instant>,
     /// Bytes it has let through (`limit_data`).
     passed: u64,
+    /// `limit_data` has let its bytes through.
+    reached: bool,
 }
 
 /// A piece of data and the instant it may leave.
@@ -153,10 +155,17 @@ impl Pipe {
         self.plan_end();
     }
 
-    /// The earliest end the timed toxics set (`timeout`, `limit_time`).
+    /// The earliest end the toxics of the chain set: `timeout` and
+    /// `limit_time` from when they started, a `reset_peer` already
+    /// triggered, a `limit_data` already reached. A removed toxic ends
+    /// nothing.
     fn plan_end(&mut self) {
-        let keep = self.end.filter(|(_, how)| *how == End::Reset);
-        self.end = keep;
+        let resets = self
+            .stages
+            .iter()
+            .any(|s| matches!(s.kind, Kind::ResetPeer { .. }));
+        self.end = self.end.filter(|(_, how)| resets && *how == End::Reset);
+        self.close_when_drained = self.stages.iter().any(|s| s.reached);
         let timed: Vec<Instant> = self
             .stages
             .iter()
@@ -278,6 +287,7 @@ impl Pipe {
                     s.passed += take as u64;
                     self.dropped += (data.len() - take) as u64;
                     if s.passed >= bytes {
+                        s.reached = true;
                         self.close_when_drained = true;
                     }
                     out.push((at, data[..take].to_vec()));
@@ -373,6 +383,7 @@ impl Stage {
             started: now,
             last_out: None,
             passed: 0,
+            reached: false,
         }
     }
 }

@@ -169,6 +169,30 @@ fn toxicity_is_drawn_per_connection() {
 }
 
 #[test]
+fn a_removed_toxic_ends_nothing() {
+    let t0 = Instant::now();
+    let mut r = pipe(&["reset_peer:timeout=20"], t0);
+    r.push(t0, b"x");
+    r.rechain([], t0 + ms(1));
+    assert_eq!(r.end(t0 + ms(50)), None);
+    let mut l = pipe(&["limit_data:bytes=1"], t0);
+    l.push(t0, b"xy");
+    assert_eq!(drain(&mut l, t0), b"x");
+    l.rechain([], t0);
+    assert_eq!(l.end(t0), None);
+    let kept = toxic("limit_data:bytes=1");
+    let mut k = Pipe::draw([&kept], t0, Rng::new(1));
+    k.push(t0, b"xy");
+    k.rechain([&kept], t0);
+    assert_eq!(drain(&mut k, t0), b"x");
+    assert_eq!(
+        k.end(t0),
+        Some(End::Close),
+        "a kept limit_data still ends it"
+    );
+}
+
+#[test]
 fn rechain_keeps_queued_bytes_and_stage_state() {
     let t0 = Instant::now();
     let lat = toxic("latency:latency=100");
