@@ -352,6 +352,12 @@ impl Pipe {
         self.eof_passed
     }
 
+    /// Whether a toxic may end the connection (an end is planned or
+    /// `limit_data` was reached): when not, there is no clock to read.
+    pub fn may_end(&self) -> bool {
+        self.end.is_some() || self.close_when_drained
+    }
+
     /// A toxic's end of the connection, if it is due at `now`.
     pub fn end(&self, now: Instant) -> Option<End> {
         match self.end {

@@ -265,6 +265,9 @@ impl Link {
     /// A toxic's end of the connection, if one is due.
     pub(super) fn toxic_end(&self) -> Option<End> {
         let t = self.toxics.as_deref()?;
+        if !t.up.may_end() && !t.down.may_end() {
+            return None;
+        }
         let now = Instant::now();
         t.up.end(now).or_else(|| t.down.end(now))
     }
@@ -284,6 +287,16 @@ impl Transfer {
     /// After a drive: arms (or moves) the one toxic timer for the earliest
     /// instant a pipe waits for.
     pub(super) fn arm_toxic_timer(&mut self, cx: &mut Context<Timer>) {
+        let toxic = match &self.state {
+            State::Connecting { link, .. } | State::Streaming { link, .. } => link
+                .toxics
+                .as_deref()
+                .is_some_and(|t| !t.up.is_idle() || !t.down.is_idle()),
+            _ => false,
+        };
+        if !toxic && self.toxic_timer.is_none() {
+            return; // the fast path: no toxic at work, no clock read
+        }
         let due = match &self.state {
             State::Connecting { link, .. } | State::Streaming { link, .. } => {
                 link.toxic_due(Instant::now())
