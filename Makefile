@@ -4,7 +4,7 @@ CARGO ?= cargo
 BIN   := target/release/stopover
 
 .PHONY: build test lint bench soak demo demo-trace diagrams run-server run-proxy install uninstall clean \
-	exercises exercise exercises-proof
+	exercises exercise exercises-proof compat
 
 ## build: release build of the `stopover` binary
 build:
@@ -25,6 +25,12 @@ bench:
 ## root); one row a minute: throughput, disk, RSS, descriptors, loop stalls
 soak: build
 	bash scripts/soak.sh $(BIN)
+
+## compat: toxiproxy's own clients (Node: toxiproxy-node-client from npm,
+## Python: toxiproxy-python from PyPI, installed into a temporary
+## directory) drive the proxy's --api-addr; needs node, npm, python3, pip
+compat: build
+	bash scripts/compat.sh $(BIN)
 
 ## lint: formatting and clippy, warnings are errors
 lint:

@@ -221,8 +221,79 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "relay", value_name = "WHAT")]
     pub on_disk_error: OnDiskErrorArg,
 
+    /// Misbehave on purpose (repeatable; toxiproxy's toxics, chained in
+    /// the order given): TYPE:STREAM:ATTR=N,... with the stream and the
+    /// attributes optional, e.g. latency:downstream:latency=50,jitter=10.
+    /// STREAM is upstream (client to server) or downstream (the default);
+    /// besides the type's attributes, toxicity=P (default 1) and
+    /// name=NAME. Types: latency,
+    /// bandwidth, slow_close, timeout, reset_peer, slicer, limit_data,
+    /// limit_time.
+    #[arg(long = "toxic", value_name = "TOXIC", value_parser = parse_toxic)]
+    pub toxics: Vec<crate::toxics::Toxic>,
+
+    /// toxiproxy's config file (a JSON list of proxies: name, listen,
+    /// upstream, enabled, toxics): the proxy named --name (or the file's
+    /// only one) sets the listen address, the upstream and the toxics
+    /// (--toxic adds to them).
+    #[arg(long, value_name = "FILE", value_parser = parse_config)]
+    pub config: Option<ConfigFile>,
+
+    /// This proxy's name (in --config, and in the toxiproxy API).
+    #[arg(long, default_value = "stopover", value_name = "NAME")]
+    pub name: String,
+
+    /// Serve a toxiproxy-compatible HTTP API here (host:port), from the
+    /// same loop: toxiproxy's clients add and remove toxics, disable and
+    /// re-enable the proxy. Off by default; keep it on loopback.
+    #[arg(long, value_name = "ADDR", value_parser = parse_host_port)]
+    pub api_addr: Option<String>,
+
     #[command(flatten)]
     pub limits: Limits,
+}
+
+/// A `--config` file, read and checked when the command line is parsed.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub proxies: Vec<crate::toxics::json::ProxySpec>,
+}
+
+impl ConfigFile {
+    /// The proxy named `name`, or the file's only one.
+    pub fn proxy(&self, name: &str) -> Result<&crate::toxics::json::ProxySpec, String> {
+        match self.proxies.iter().find(|p| p.name == name) {
+            Some(p) => Ok(p),
+            None if self.proxies.len() == 1 => Ok(&self.proxies[0]),
+            None => Err(format!(
+                "{}: no proxy named {name:?} (use --name)",
+                self.path.display()
+            )),
+        }
+    }
+}
+
+/// `--toxic`: the compact form (see `crate::toxics`).
+pub fn parse_toxic(text: &str) -> Result<crate::toxics::Toxic, String> {
+    text.parse()
+}
+
+/// `--config`: toxiproxy's JSON list of proxies, toxics honoured.
+pub fn parse_config(text: &str) -> Result<ConfigFile, String> {
+    let path = PathBuf::from(text);
+    let body = std::fs::read_to_string(&path).map_err(|e| format!("reading {text}: {e}"))?;
+    let proxies =
+        crate::toxics::json::proxies_from_json(&body).map_err(|e| format!("{text}: {e}"))?;
+    for p in &proxies {
+        parse_host_port(&p.listen).map_err(|e| format!("{text}: proxy {}: listen: {e}", p.name))?;
+        parse_host_port(&p.upstream)
+            .map_err(|e| format!("{text}: proxy {}: upstream: {e}", p.name))?;
+    }
+    if proxies.is_empty() {
+        return Err(format!("{text}: no proxy in it"));
+    }
+    Ok(ConfigFile { path, proxies })
 }
 
 /// `--on-disk-error` (see `ProxyArgs`).

@@ -79,6 +79,8 @@ pub const PROXY: Epilogue = Epilogue {
         "stopover proxy",
         "stopover proxy --listen 127.0.0.1:8000 --upstream localhost:9000 --dir spool",
         "stopover proxy --hold 30s        # store, hold 30 s for editing, then forward",
+        "stopover proxy --toxic latency:downstream:latency=50,jitter=10   # answers 50 +- 10 ms late",
+        "stopover proxy --api-addr 127.0.0.1:8474   # toxiproxy's clients drive it",
     ],
     output: "",
     exit_codes: &[

@@ -25,7 +25,8 @@
 //! | [`retention`] | deleting the oldest recordings, a little every turn (`--retain-*`, `--min-free`) |
 //! | [`event_loop`] | poll plumbing both loops share: the loop, tokens, timers, the acceptor (gate, back-off, stop, signals), the peer and its one I/O verdict, our own reply line, asynchronous direct disk writes (`io_uring`) |
 //! | [`server`] | the server role; `server/conn.rs` is one connection, `server/sink.rs` where its upload goes (a file, or nowhere with `--discard`) |
-//! | [`proxy`] | the proxy role; [`proxy::transfer`] is one transfer's state machine |
+//! | [`proxy`] | the proxy role; [`proxy::transfer`] is one transfer's state machine; `proxy/routes.rs` and `proxy/api.rs` its toxiproxy-style proxies and API (`--api-addr`) |
+//! | [`toxics`] | faults on purpose, with toxiproxy's names and units: the model, the per-direction delay queue on a clock passed in, the JSON forms |
 //! | [`client`] | the blocking client, and the verification of an answer |
 //! | [`load`] | the load generator: many concurrent verified clients, a summary |
 //! | [`cli`] | command-line definitions |
@@ -57,4 +58,5 @@ pub mod retention;
 pub mod server;
 pub mod store;
 pub mod sys;
+pub mod toxics;
 pub mod trace_view;

@@ -104,10 +104,43 @@ fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Proxy(args) => {
-            let upstream = resolve("upstream", &args.upstream)?;
+            let (mut listen, mut upstream) = (args.listen.clone(), args.upstream.clone());
+            let mut toxics = Vec::new();
+            if let Some(config) = &args.config {
+                let p = config.proxy(&args.name)?;
+                if !p.enabled {
+                    return Err(format!(
+                        "{}: proxy {} is disabled (enabled: false)",
+                        config.path.display(),
+                        p.name
+                    ));
+                }
+                (listen, upstream) = (p.listen.clone(), p.upstream.clone());
+                toxics = p.toxics.clone();
+            }
+            for t in &args.toxics {
+                if toxics
+                    .iter()
+                    .any(|o: &stopover::toxics::Toxic| o.name == t.name)
+                {
+                    return Err(format!(
+                        "toxic {} given twice (name=NAME tells them apart)",
+                        t.name
+                    ));
+                }
+                toxics.push(t.clone());
+            }
+            let upstream = resolve("upstream", &upstream)?;
             let mut proxy = Proxy::bind(&ProxyConfig {
-                listen: resolve("listen address", &args.listen)?,
+                listen: resolve("listen address", &listen)?,
                 upstream,
+                toxics,
+                name: args.name.clone(),
+                api_addr: args
+                    .api_addr
+                    .as_deref()
+                    .map(|a| resolve("API address", a))
+                    .transpose()?,
                 dir: args.dir,
                 hold: args.hold,
                 max_conns: args.limits.max_conns.map(|n| n as usize),

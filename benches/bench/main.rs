@@ -43,6 +43,9 @@
 //! Sizes: the full run (default), `BENCH_QUICK=1` (under a minute) and
 //! `BENCH_SMOKE=1` (seconds; `make test` runs it so the bench never rots).
 //! `BENCH_ONLY=active,small` runs only the scenarios named.
+//! `BENCH_PROXY_ARGS="--toxic latency::latency=50,toxicity=0"` gives the
+//! proxies under test more flags (toxics configured but not drawn must
+//! cost nothing: compare with a run without).
 //! Outputs: the table on stdout, `target/bench/results.json` and
 //! `target/bench/report.svg` (smoke runs write under `target/bench/smoke/`).
 
@@ -126,21 +129,25 @@ fn main() {
         ],
         &work.join("server.log"),
     );
-    let proxy = Daemon::start(
-        &bin,
-        &[
+    // BENCH_PROXY_ARGS: more flags for the proxies under test.
+    let extra = std::env::var("BENCH_PROXY_ARGS").unwrap_or_default();
+    let start_proxy = |upstream: &str, spool: &str, log: &str| {
+        let spool = work.join(spool);
+        let mut args = vec![
             "proxy",
             "--listen",
             "127.0.0.1:0",
             "--upstream",
-            &server.addr,
+            upstream,
             "--dir",
-            work.join("spool").to_str().unwrap(),
+            spool.to_str().unwrap(),
             "--stats-addr",
             "127.0.0.1:0",
-        ],
-        &work.join("proxy.log"),
-    );
+        ];
+        args.extend(extra.split_whitespace());
+        Daemon::start(&bin, &args, &work.join(log))
+    };
+    let proxy = start_proxy(&server.addr, "spool", "proxy.log");
     let references: Vec<(Reference, Daemon)> = if preset == Preset::Smoke {
         Vec::new()
     } else {
@@ -161,21 +168,7 @@ fn main() {
             ],
             &work.join("receiver.log"),
         );
-        let proxy = Daemon::start(
-            &bin,
-            &[
-                "proxy",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                &receiver.addr,
-                "--dir",
-                work.join("spool-t").to_str().unwrap(),
-                "--stats-addr",
-                "127.0.0.1:0",
-            ],
-            &work.join("proxy-t.log"),
-        );
+        let proxy = start_proxy(&receiver.addr, "spool-t", "proxy-t.log");
         (receiver, proxy)
     });
     let bench = Bench {

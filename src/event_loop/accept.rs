@@ -61,6 +61,8 @@ pub struct AcceptConfig {
     /// `SO_RCVLOWAT` for every accepted socket (the server's batching of
     /// upload reads), set once on the listener.
     pub recv_low_water: Option<usize>,
+    /// `--api-addr` (the proxy's toxiproxy API): serve it here.
+    pub api_listen: Option<SocketAddr>,
 }
 
 /// The listening side of a loop. See the module docs.
@@ -113,6 +115,31 @@ impl Acceptor {
             recv_low_water: config.recv_low_water,
             counters: LoopCounters::default(),
         })
+    }
+
+    /// Closes the listener (`on` false: new clients are refused, as by a
+    /// port nobody listens on) or binds it again at the same address: a
+    /// toxiproxy proxy's `enabled`. Nothing changes once stopping.
+    pub fn set_listening(&mut self, on: bool, registry: &Registry) -> io::Result<()> {
+        if self.stop.is_draining() {
+            return Ok(());
+        }
+        match (on, self.listener.take()) {
+            (false, Some(mut listener)) => {
+                let _ = registry.deregister(&mut listener);
+                log::info!("{}: disabled: listener closed", self.role);
+            }
+            (true, None) => {
+                let mut listener = bind_listener(self.local_addr, self.role)?;
+                set_options(&listener, self.recv_low_water)?;
+                registry.register(&mut listener, LISTENER, Interest::READABLE)?;
+                self.listener = Some(listener);
+                self.resume = true;
+                log::info!("{}: enabled: listening on {}", self.role, self.local_addr);
+            }
+            (_, listener) => self.listener = listener,
+        }
+        Ok(())
     }
 
     /// Logs how many connections the daemon will take at once.
@@ -289,7 +316,7 @@ impl Acceptor {
 /// Binds a non-blocking TCP listener on `addr` (port 0 picks a free port).
 /// The role logs `listening on <addr>` once it is completely ready, since
 /// tests and scripts take that line as the signal to connect.
-fn bind_listener(addr: SocketAddr, role: &str) -> io::Result<TcpListener> {
+pub fn bind_listener(addr: SocketAddr, role: &str) -> io::Result<TcpListener> {
     let what = || format!("{role}: binding {addr}");
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .with_context(what)?;
@@ -320,7 +347,7 @@ fn bind_listener(addr: SocketAddr, role: &str) -> io::Result<TcpListener> {
 /// - `TCP_NODELAY`: our writes are whole answers and relayed chunks; Nagle
 ///   would hold a last small segment back for a delayed ACK.
 /// - `SO_RCVLOWAT`, where the role asks for it (the server).
-fn set_options(sock: &impl std::os::fd::AsFd, recv_low_water: Option<usize>) -> io::Result<()> {
+pub fn set_options(sock: &impl std::os::fd::AsFd, recv_low_water: Option<usize>) -> io::Result<()> {
     let sock = socket2::SockRef::from(sock);
     sock.set_linger(Some(Duration::ZERO))?;
     sock.set_nodelay(true)?;

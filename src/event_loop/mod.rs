@@ -103,11 +103,19 @@ impl<T> Context<T> {
             .try_clone()
             .with_context(|| format!("{}: cloning registry", config.role))?;
         let acceptor = Acceptor::bind(config, &registry)?;
-        let stats = match (config.stats_listen, config.stats_interval) {
-            (None, None) => None,
-            (listen, interval) => {
-                Some(StatsServer::bind(config.role, listen, interval, &registry)?)
-            }
+        let stats = match (
+            config.stats_listen,
+            config.stats_interval,
+            config.api_listen,
+        ) {
+            (None, None, None) => None,
+            (listen, interval, api) => Some(StatsServer::bind(
+                config.role,
+                listen,
+                interval,
+                api,
+                &registry,
+            )?),
         };
         let disk = match disk_budget {
             Some(budget) => disk::Disk::new(&registry, DISK, config.role, budget),
@@ -191,6 +199,14 @@ pub trait Handler {
     /// The role's own metrics (the loop adds its own: accepted, at
     /// capacity, back-offs, open connections, uptime).
     fn metrics(&self, out: &mut Exposition);
+    /// An API request (`--api-addr`): the status and JSON body to answer.
+    fn api(
+        &mut self,
+        _cx: &mut Context<Self::Timer>,
+        _request: &stats::ApiRequest,
+    ) -> (u16, String) {
+        (404, r#"{"error":"no API here","status":404}"#.to_string())
+    }
 }
 
 /// A role bound and ready to run: its poll instance, what the loop owns
@@ -231,6 +247,16 @@ impl<H: Handler> Daemon<H> {
     /// Where `GET /metrics` is served, with `--stats-addr`.
     pub fn stats_addr(&self) -> Option<SocketAddr> {
         self.cx.stats.as_ref().and_then(StatsServer::local_addr)
+    }
+
+    /// The role's own part (for its `bind` to finish setting up).
+    pub fn handler(&mut self) -> &mut H {
+        &mut self.handler
+    }
+
+    /// Where the toxiproxy API is served, with `--api-addr`.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.cx.stats.as_ref().and_then(StatsServer::api_addr)
     }
 
     /// A handle that stops [`Daemon::run`] from another thread.
@@ -338,7 +364,7 @@ pub fn run<H: Handler>(
                         }
                     }
                 }
-                stats::STATS_LISTENER => {
+                stats::STATS_LISTENER | stats::API_LISTENER => {
                     if let Some(stats) = cx.stats.as_mut() {
                         stats.accept(&cx.registry);
                     }
@@ -457,11 +483,15 @@ fn stats_event<H: Handler>(cx: &mut Context<H::Timer>, handler: &mut H, event: &
     };
     let text = std::cell::OnceCell::new();
     let mut scratch = std::mem::take(&mut cx.scratch);
-    stats.event(&cx.registry, event.token(), event, &mut scratch, || {
+    let api = stats.event(&cx.registry, event.token(), event, &mut scratch, || {
         text.get_or_init(|| exposition(cx, handler).into_text())
             .clone()
     });
     cx.scratch = scratch;
+    if let Some(request) = api {
+        let (status, body) = handler.api(cx, &request);
+        stats.answer(&cx.registry, request, status, &body);
+    }
     cx.stats = Some(stats);
 }
 

@@ -16,6 +16,14 @@
 //!
 //! The same counters are logged as one line every `--stats-interval`, and
 //! on SIGUSR1.
+//!
+//! The proxy's toxiproxy-compatible API (`--api-addr`, see `proxy::api`)
+//! rides on the same plumbing: its own listener ([`API_LISTENER`]), its
+//! connections in the same bounded table, a request body read up to its
+//! `Content-Length` (at most [`MAX_API_REQUEST`]). An API request does
+//! not need the metrics but the role: [`StatsServer::event`] hands it back
+//! ([`ApiRequest`]) and the loop answers it with the role's help
+//! ([`StatsServer::answer`]).
 
 use std::fmt::Write as _;
 use std::io;
@@ -38,6 +46,21 @@ pub const MAX_CONNS: usize = 16;
 const FIRST_CONN: usize = usize::MAX - 4;
 /// The largest request accepted (line and headers).
 pub const MAX_REQUEST: usize = 8 * 1024;
+/// Token of the API listener (`--api-addr`).
+pub const API_LISTENER: Token = Token(usize::MAX - 33);
+/// The largest API request (line, headers and body): a `/populate` of
+/// dozens of proxies.
+pub const MAX_API_REQUEST: usize = 64 * 1024;
+
+/// A complete API request, for the role to answer.
+#[derive(Debug)]
+pub struct ApiRequest {
+    key: usize,
+    pub method: String,
+    pub path: String,
+    pub body: Vec<u8>,
+}
+
 /// How long a stats connection may take from accept to close.
 pub const DEADLINE: Duration = Duration::from_secs(5);
 
@@ -149,6 +172,18 @@ struct Conn {
     request: Vec<u8>,
     /// The answer once the request is read, and how much of it is sent.
     response: Option<(Vec<u8>, usize)>,
+    /// An API connection (`--api-addr`), not a metrics one.
+    api: bool,
+}
+
+/// What reading a request came to.
+enum Parsed {
+    /// Not complete yet.
+    Partial,
+    /// Answered here (metrics, or an error).
+    Answered,
+    /// An API request for the role.
+    Api(ApiRequest),
 }
 
 /// The stats listener and its connections.
@@ -156,6 +191,8 @@ pub struct StatsServer {
     role: &'static str,
     /// `None` with only `--stats-interval`.
     listener: Option<TcpListener>,
+    /// `--api-addr`.
+    api: Option<TcpListener>,
     conns: Slab<Conn>,
     /// `--stats-interval`: the next log line is due then.
     interval: Option<(Duration, Instant)>,
@@ -170,25 +207,30 @@ impl StatsServer {
         role: &'static str,
         addr: Option<SocketAddr>,
         interval: Option<Duration>,
+        api: Option<SocketAddr>,
         registry: &Registry,
     ) -> io::Result<StatsServer> {
-        let listener = match addr {
-            Some(addr) => {
-                let mut listener = TcpListener::bind(addr)
-                    .with_context(|| format!("{role}: binding stats address {addr}"))?;
-                let local_addr = listener.local_addr()?;
-                registry
-                    .register(&mut listener, STATS_LISTENER, Interest::READABLE)
-                    .with_context(|| format!("{role}: registering the stats listener"))?;
-                log::info!("{role}: metrics at http://{local_addr}/metrics");
-                Some(listener)
-            }
-            None => None,
-        };
+        let api = listen(
+            role,
+            ("API", "toxiproxy API"),
+            api,
+            API_LISTENER,
+            "proxies",
+            registry,
+        )?;
+        let listener = listen(
+            role,
+            ("stats", "metrics"),
+            addr,
+            STATS_LISTENER,
+            "metrics",
+            registry,
+        )?;
         let now = Instant::now();
         Ok(StatsServer {
             role,
             listener,
+            api,
             conns: Slab::with_capacity(MAX_CONNS),
             interval: interval.map(|d| (d, now + d)),
             report_requested: false,
@@ -198,6 +240,11 @@ impl StatsServer {
     /// The address the stats listener is bound to, if there is one.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The address the API listener is bound to, if there is one.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The earliest deadline: a stats connection's, or the next log line.
@@ -212,7 +259,13 @@ impl StatsServer {
 
     /// Accepts stats connections while there is room.
     pub fn accept(&mut self, registry: &Registry) {
-        let Some(listener) = self.listener.as_ref() else {
+        self.accept_from(registry, false);
+        self.accept_from(registry, true);
+    }
+
+    fn accept_from(&mut self, registry: &Registry, api: bool) {
+        let listener = if api { &self.api } else { &self.listener };
+        let Some(listener) = listener.as_ref() else {
             return;
         };
         while self.conns.len() < MAX_CONNS {
@@ -247,6 +300,7 @@ impl StatsServer {
                 deadline: Instant::now() + DEADLINE,
                 request: Vec::new(),
                 response: None,
+                api,
             });
         }
         // At the limit: the rest wait in the backlog; a closing connection
@@ -255,6 +309,7 @@ impl StatsServer {
 
     /// An event for stats connection `token`: read the request, answer it
     /// with `metrics()` (called only for a complete `GET /metrics`), close.
+    /// A complete API request is handed back, for [`StatsServer::answer`].
     pub fn event(
         &mut self,
         registry: &Registry,
@@ -262,15 +317,37 @@ impl StatsServer {
         event: &mio::event::Event,
         scratch: &mut [u8],
         metrics: impl FnOnce() -> String,
-    ) {
+    ) -> Option<ApiRequest> {
         let key = FIRST_CONN - token.0;
-        let Some(conn) = self.conns.get_mut(key) else {
+        let conn = self.conns.get_mut(key)?;
+        conn.peer.on_event(event);
+        let room = MAX_API_REQUEST.min(scratch.len());
+        let mut api = None;
+        let finished = match read_request(conn, key, &mut scratch[..room], metrics) {
+            Ok(Parsed::Partial) => false,
+            Ok(Parsed::Answered) => send(conn),
+            Ok(Parsed::Api(request)) => {
+                api = Some(request);
+                false
+            }
+            Err(()) => true,
+        };
+        if finished {
+            self.close(key);
+            self.accept(registry);
+        }
+        api
+    }
+
+    /// Answers an API request with `status` and a JSON `body` (empty for
+    /// 204), and closes once it is sent.
+    pub fn answer(&mut self, registry: &Registry, request: ApiRequest, status: u16, body: &str) {
+        let Some(conn) = self.conns.get_mut(request.key) else {
             return;
         };
-        conn.peer.on_event(event);
-        let room = MAX_REQUEST.min(scratch.len());
-        if drive(conn, &mut scratch[..room], metrics) {
-            self.close(key);
+        conn.response = Some((respond_as(status, "application/json", body), 0));
+        if send(conn) {
+            self.close(request.key);
             self.accept(registry);
         }
     }
@@ -307,55 +384,126 @@ impl StatsServer {
     }
 }
 
-/// Moves one stats connection along; true when it is finished.
-fn drive(conn: &mut Conn, scratch: &mut [u8], metrics: impl FnOnce() -> String) -> bool {
-    if conn.response.is_none() {
-        loop {
-            match conn.peer.read(scratch) {
-                Io::Data(n) => {
-                    if conn.request.len() + n > MAX_REQUEST {
-                        conn.response = Some((respond(431, "request too large\n"), 0));
-                        break;
-                    }
-                    conn.request.extend_from_slice(&scratch[..n]);
+/// Binds and registers one of the HTTP listeners (`what`: stats, API,
+/// and what it serves), and says where it serves `path`.
+fn listen(
+    role: &str,
+    (what, serves): (&str, &str),
+    addr: Option<SocketAddr>,
+    token: Token,
+    path: &str,
+    registry: &Registry,
+) -> io::Result<Option<TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let mut listener = TcpListener::bind(addr)
+        .with_context(|| format!("{role}: binding {what} address {addr}"))?;
+    let local = listener.local_addr()?;
+    registry
+        .register(&mut listener, token, Interest::READABLE)
+        .with_context(|| format!("{role}: registering the {what} listener"))?;
+    log::info!("{role}: {serves} at http://{local}/{path}");
+    Ok(Some(listener))
+}
+
+/// Reads a stats or API connection's request, and answers what can be
+/// answered here; `Err` when the connection is over (it left).
+fn read_request(
+    conn: &mut Conn,
+    key: usize,
+    scratch: &mut [u8],
+    metrics: impl FnOnce() -> String,
+) -> Result<Parsed, ()> {
+    if conn.response.is_some() {
+        return Ok(Parsed::Answered); // sending it
+    }
+    let most = if conn.api {
+        MAX_API_REQUEST
+    } else {
+        MAX_REQUEST
+    };
+    loop {
+        match conn.peer.read(scratch) {
+            Io::Data(n) => {
+                if conn.request.len() + n > most {
+                    conn.response = Some((respond(431, "request too large\n"), 0));
+                    return Ok(Parsed::Answered);
                 }
-                Io::Blocked => break,
-                Io::Eof | Io::Failed(_) => {
-                    if conn.request.is_empty() {
-                        return true; // connected and left: nothing to answer
-                    }
-                    break;
+                conn.request.extend_from_slice(&scratch[..n]);
+            }
+            Io::Blocked => break,
+            Io::Eof | Io::Failed(_) => {
+                if conn.request.is_empty() {
+                    return Err(()); // connected and left: nothing to answer
                 }
+                break;
             }
         }
-        if conn.response.is_none() {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut request = httparse::Request::new(&mut headers);
-            conn.response = match request.parse(&conn.request) {
-                Ok(httparse::Status::Partial) if conn.peer.eof() => {
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    conn.response = match request.parse(&conn.request) {
+        Ok(httparse::Status::Partial) if conn.peer.eof() => {
+            Some((respond(400, "incomplete request\n"), 0))
+        }
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial), // more to come
+        Ok(httparse::Status::Complete(head)) if conn.api => {
+            let length = request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| {
+                    std::str::from_utf8(h.value)
+                        .ok()?
+                        .trim()
+                        .parse::<usize>()
+                        .ok()
+                })
+                .unwrap_or(0);
+            if head + length > most {
+                Some((respond(431, "request too large\n"), 0))
+            } else if conn.request.len() < head + length {
+                if conn.peer.eof() {
                     Some((respond(400, "incomplete request\n"), 0))
+                } else {
+                    return Ok(Parsed::Partial);
                 }
-                Ok(httparse::Status::Partial) => return false, // more to come
-                Ok(httparse::Status::Complete(_)) => {
-                    let response = match (request.method, request.path) {
-                        (Some("GET"), Some("/metrics")) => {
-                            let body = metrics();
-                            format!(
+            } else {
+                let api = ApiRequest {
+                    key,
+                    method: request.method.unwrap_or_default().to_string(),
+                    path: request.path.unwrap_or_default().to_string(),
+                    body: conn.request[head..head + length].to_vec(),
+                };
+                conn.request = Vec::new();
+                return Ok(Parsed::Api(api));
+            }
+        }
+        Ok(httparse::Status::Complete(_)) => {
+            let response = match (request.method, request.path) {
+                (Some("GET"), Some("/metrics")) => {
+                    let body = metrics();
+                    format!(
                                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                                 body.len()
                             )
                             .into_bytes()
-                        }
-                        (Some("GET"), _) => respond(404, "try /metrics\n"),
-                        _ => respond(405, "only GET\n"),
-                    };
-                    Some((response, 0))
                 }
-                Err(e) => Some((respond(400, &format!("bad request: {e}\n")), 0)),
+                (Some("GET"), _) => respond(404, "try /metrics\n"),
+                _ => respond(405, "only GET\n"),
             };
-            conn.request = Vec::new();
+            Some((response, 0))
         }
-    }
+        Err(e) => Some((respond(400, &format!("bad request: {e}\n")), 0)),
+    };
+    conn.request = Vec::new();
+    Ok(Parsed::Answered)
+}
+
+/// Sends what the kernel takes of a connection's answer; true when it is
+/// all sent (or the peer broke).
+fn send(conn: &mut Conn) -> bool {
     let Some((response, sent)) = conn.response.as_mut() else {
         return false;
     };
@@ -365,15 +513,24 @@ fn drive(conn: &mut Conn, scratch: &mut [u8], metrics: impl FnOnce() -> String) 
 }
 
 fn respond(status: u16, body: &str) -> Vec<u8> {
+    respond_as(status, "text/plain", body)
+}
+
+fn respond_as(status: u16, content_type: &str, body: &str) -> Vec<u8> {
     let reason = match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         _ => "Error",
     };
     format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()

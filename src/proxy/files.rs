@@ -1,6 +1,4 @@
-//! The proxy's files, seen from the loop: each spool file is **created
-//! through the ring**, and each recording whose transfer has gone is
-//! **finished by the loop** (the closing table).
+//! Each spool file is **created through the ring**, in its route's store.
 //!
 //! **Creating a spool file never waits.** `openat(O_CREAT)` allocates an
 //! inode, and on a busy ext4 that may mean reading bitmaps from the disk:
@@ -16,30 +14,128 @@
 //! moves on to the next name; any other error is a recording that failed,
 //! handled as `--on-disk-error` says: relayed without a recording, or
 //! refused with `ERR` (always, in hold mode). A file made for a transfer
-//! that has already ended is removed.
-//!
-//! **The closing table.** A transfer may end (or give up recording, see
-//! `--on-disk-error`) while its spool's disk writes are still in flight;
-//! its recording then hands itself over (`transfer::spool::Closing`) and
-//! is finished here as its completions come in: renamed, kept as a trimmed
-//! `.incomplete`, or removed. So no `.part` outlives its transfer.
+//! that has already ended is removed. (Recordings whose transfers end with
+//! writes in flight are finished by `closing`.)
 
 use std::io;
 
-use super::transfer::spool::{Ended, Goal, Spool};
-use super::{accept, Core, OnDiskError, Timer};
+use super::transfer::spool::Spool;
+use super::{Core, OnDiskError, Timer};
 use crate::event_loop::disk::{Done, Owner};
-use crate::event_loop::Context;
+use crate::event_loop::{accept, Context};
 use crate::store::Store;
 
-/// A file created for a transfer that has ended meanwhile (a client that
-/// reset, a stop): nobody will write it, so it goes.
-fn remove_orphan(store: &Store, done: &Done) {
-    if let (Some(_), Some(name)) = (&done.opened, &done.name) {
-        log::debug!(
-            "proxy: #{} gone before its spool file: removing it",
-            done.owner.key
-        );
+impl Core {
+    /// The store route `r` records into (its own, or the spool directory).
+    fn store_of(&mut self, r: usize) -> &mut Store {
+        match self
+            .routes
+            .get_mut(r)
+            .and_then(|route| route.store.as_mut())
+        {
+            Some(store) => store,
+            None => &mut self.store,
+        }
+    }
+
+    /// Asks the ring to create the spool file of transfer `owner` (of
+    /// route `r`), and returns its spool, waiting for the file.
+    pub(super) fn create_spool(
+        &mut self,
+        cx: &mut Context<Timer>,
+        r: usize,
+        owner: Owner,
+    ) -> Spool {
+        let store = self.store_of(r);
+        let name = store.next_name();
+        cx.disk
+            .open(store.dir_file(), Store::part_name(&name), owner);
+        Spool::opening(name, owner)
+    }
+
+    /// A spool file's creation has completed: it goes to its transfer,
+    /// or, if that has ended meanwhile, it is removed.
+    pub(super) fn spool_created(&mut self, cx: &mut Context<Timer>, done: Done) {
+        let Owner { key, id } = done.owner;
+        let Some(r) = self
+            .transfers
+            .get(key)
+            .filter(|t| t.id() == id && t.spool_opening())
+            .map(|t| t.route)
+        else {
+            self.remove_orphan(&done);
+            return;
+        };
+        let policy = self.routes.get(r).map_or(self.policy, |route| route.policy);
+        let result = match (done.result, done.opened) {
+            (Ok(()), Some(file)) => {
+                let name = self.transfers[key].spool_name().to_string();
+                Ok(self.store_of(r).adopt(name, file))
+            }
+            (Err(e), _) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // Taken: the next name, through the ring again.
+                let store = self.store_of(r);
+                let name = store.next_name();
+                cx.disk
+                    .open(store.dir_file(), Store::part_name(&name), done.owner);
+                self.transfers[key].spool_renamed(name);
+                return;
+            }
+            (Err(e), _) => Err(e),
+            (Ok(()), None) => Err(io::Error::other("the ring made no file")),
+        };
+        let t = &mut self.transfers[key];
+        match result {
+            Ok(part) => {
+                log::trace!("proxy: #{key} disk created {}.part", part.name());
+                if let Some(part) = t.spool_opened(part, &self.closing_inbox) {
+                    part.discard(); // the transfer has no spool any more
+                }
+            }
+            Err(e) => {
+                let e = io::Error::new(e.kind(), format!("creating {}: {e}", t.spool_name()));
+                self.stats.recordings_failed += 1;
+                let addr = t.client_addr();
+                if policy.hold.is_some() || policy.on_disk_error == OnDiskError::Refuse {
+                    cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
+                } else {
+                    cx.aborts.warn(format_args!(
+                        "proxy: relaying {addr} without recording: {e}"
+                    ));
+                }
+                if accept::is_out_of_descriptors(&e) {
+                    let open = self.transfers.len();
+                    cx.acceptor.out_of_descriptors(&e, open);
+                }
+                self.transfers[key].spool_open_failed(e, cause, cx, &policy);
+            }
+        }
+        self.drive(cx, key);
+        self.adopt_closing(cx);
+    }
+
+    /// A file created for a transfer that has ended meanwhile (a client
+    /// that reset, a stop, a route deleted): nobody will write it, so it
+    /// goes. Names are unique to this process, so it is looked for in every
+    /// route's store.
+    fn remove_orphan(&self, done: &Done) {
+        let stores = std::iter::once(&self.store)
+            .chain(self.routes.iter().filter_map(|(_, r)| r.store.as_ref()));
+        remove_orphan_in(stores, done);
+    }
+}
+
+/// Removes the file an open made (if it made one) from whichever of
+/// `stores` holds it.
+fn remove_orphan_in<'a>(stores: impl Iterator<Item = &'a Store>, done: &Done) {
+    let (Some(_), Some(name)) = (&done.opened, &done.name) else {
+        return;
+    };
+    log::debug!(
+        "proxy: #{} gone before its spool file: removing it",
+        done.owner.key
+    );
+    for store in stores {
         store.remove_part(name);
     }
 }
@@ -54,132 +150,6 @@ pub(super) fn cause(e: &io::Error) -> String {
     }
 }
 
-impl Core {
-    /// Asks the ring to create the spool file of transfer `owner`, and
-    /// returns its spool, waiting for the file.
-    pub(super) fn create_spool(&mut self, cx: &mut Context<Timer>, owner: Owner) -> Spool {
-        let name = self.store.next_name();
-        cx.disk
-            .open(self.store.dir_file(), Store::part_name(&name), owner);
-        Spool::opening(name, owner)
-    }
-
-    /// A spool file's creation has completed: it goes to its transfer,
-    /// or, if that has ended meanwhile, it is removed.
-    pub(super) fn spool_created(&mut self, cx: &mut Context<Timer>, done: Done) {
-        let Owner { key, id } = done.owner;
-        let Some(t) = self
-            .transfers
-            .get_mut(key)
-            .filter(|t| t.id() == id && t.spool_opening())
-        else {
-            remove_orphan(&self.store, &done);
-            return;
-        };
-        let result = match (done.result, done.opened) {
-            (Ok(()), Some(file)) => {
-                let part = self.store.adopt(t.spool_name().to_string(), file);
-                Ok(part)
-            }
-            (Err(e), _) if e.kind() == io::ErrorKind::AlreadyExists => {
-                // Taken: the next name, through the ring again.
-                let name = self.store.next_name();
-                cx.disk
-                    .open(self.store.dir_file(), Store::part_name(&name), done.owner);
-                t.spool_renamed(name);
-                return;
-            }
-            (Err(e), _) => Err(e),
-            (Ok(()), None) => Err(io::Error::other("the ring made no file")),
-        };
-        match result {
-            Ok(part) => {
-                log::trace!("proxy: #{key} disk created {}.part", part.name());
-                if let Some(part) = t.spool_opened(part, &self.closing_inbox) {
-                    part.discard(); // the transfer has no spool any more
-                }
-            }
-            Err(e) => {
-                let e = io::Error::new(e.kind(), format!("creating {}: {e}", t.spool_name()));
-                self.stats.recordings_failed += 1;
-                let addr = t.client_addr();
-                if accept::is_out_of_descriptors(&e) {
-                    let open = self.transfers.len();
-                    cx.acceptor.out_of_descriptors(&e, open);
-                }
-                if self.policy.hold.is_some() || self.policy.on_disk_error == OnDiskError::Refuse {
-                    cx.aborts.warn(format_args!("proxy: refusing {addr}: {e}"));
-                } else {
-                    cx.aborts.warn(format_args!(
-                        "proxy: relaying {addr} without recording: {e}"
-                    ));
-                }
-                let t = &mut self.transfers[key];
-                t.spool_open_failed(e, cause, cx, &self.policy);
-            }
-        }
-        self.drive(cx, key);
-        self.adopt_closing(cx);
-    }
-    /// Takes in the recordings that spools have let go of since the last
-    /// call, and moves each on at once (one with nothing in flight may be
-    /// done already).
-    pub(super) fn adopt_closing(&mut self, cx: &mut Context<Timer>) {
-        for rec in self.closing_inbox.take_new() {
-            let id = rec.owner().id;
-            self.closing.insert(id, rec);
-            self.advance_closing(cx, id);
-        }
-    }
-
-    /// Moves recording `id` of the closing table towards its end; once it
-    /// is there, says so (a failed recording under the per-transfer
-    /// warnings' throttle) and forgets it.
-    pub(super) fn advance_closing(&mut self, cx: &mut Context<Timer>, id: u64) {
-        let Some(rec) = self.closing.get_mut(&id) else {
-            return;
-        };
-        let ended = match rec.advance_to_end(&mut cx.disk) {
-            None => return, // operations still in flight
-            Some(Ok(ended)) => ended,
-            Some(Err(e)) if rec.goal == Goal::Finish => {
-                // It could not take its final name: keep it as incomplete.
-                cx.aborts.warn(format_args!("proxy: {e}"));
-                rec.goal = Goal::Keep;
-                return self.advance_closing(cx, id);
-            }
-            Some(Err(e)) => {
-                // Not even kept (see `Recording::advance_to_end`).
-                cx.aborts.warn(format_args!("proxy: {e}"));
-                Ended::Removed
-            }
-        };
-        let Some(rec) = self.closing.remove(&id) else {
-            return;
-        };
-        let what = match &ended {
-            Ended::Finished(path) => format!("finished as {}", path.display()),
-            Ended::Kept(path, bytes) => format!("{bytes} bytes kept as {}", path.display()),
-            Ended::Removed => "nothing kept".to_string(),
-        };
-        match rec.failure() {
-            Some(why) => {
-                self.stats.recordings_failed += 1;
-                cx.aborts.warn(format_args!(
-                    "proxy: recording {} failed ({why}){}; {what}",
-                    rec.name(),
-                    if rec.given_up.is_some() {
-                        "; its transfer went on without it"
-                    } else {
-                        ""
-                    }
-                ));
-            }
-            None => log::debug!("proxy: recording {}: {what}", rec.name()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,7 +158,8 @@ mod tests {
     #[test]
     fn a_file_made_for_a_transfer_that_has_ended_is_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
+        let mut store = Store::open(&dir.path().join("a")).unwrap();
+        let other = Store::open(&dir.path().join("b")).unwrap();
         let mut disk = Disk::blocking(1 << 24); // creates at once
         let name = store.next_name();
         disk.open(
@@ -198,9 +169,9 @@ mod tests {
         );
         let done = disk.reap().pop().expect("the open completed");
         assert!(done.opened.is_some(), "{done:?}");
-        let part = dir.path().join(format!("{name}.part"));
+        let part = dir.path().join("a").join(format!("{name}.part"));
         assert!(part.exists());
-        remove_orphan(&store, &done);
+        remove_orphan_in([&other, &store].into_iter(), &done);
         assert!(!part.exists(), "no .part outlives its transfer");
     }
 }

@@ -35,7 +35,12 @@
 //! full disk is counted (`stopover_recordings_failed_total`) and warned
 //! about under the loop's throttle, never once per transfer.
 
+mod admit;
+mod api;
+mod closing;
 mod files;
+mod metrics;
+pub mod routes;
 pub mod transfer;
 
 use std::io;
@@ -49,10 +54,13 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use crate::event_loop::disk::{Done, Op, Owner};
-use crate::event_loop::{self, accept, AcceptConfig, Context, Daemon, Exposition, MinRate};
+use crate::event_loop::{self, AcceptConfig, Context, Daemon, Exposition, MinRate};
 use crate::retention::{self, Keeper};
 use crate::store::Store;
+use crate::toxics::pipe::End;
+use crate::toxics::Toxic;
 
+use routes::{Listener, Route};
 use transfer::spool::{Closing, Recording};
 use transfer::{Next, Outcome, Policy, Side, Transfer};
 
@@ -93,6 +101,13 @@ pub struct ProxyConfig {
     pub spool_memory: usize,
     /// What a full or failing spool disk does (`--on-disk-error`).
     pub on_disk_error: OnDiskError,
+    /// The toxics every transfer draws from (`--toxic`, `--config`), in
+    /// chain order (see `crate::toxics`).
+    pub toxics: Vec<Toxic>,
+    /// This proxy's name in the toxiproxy API (`--name`).
+    pub name: String,
+    /// Serve the toxiproxy-compatible API here (`--api-addr`; `None`: off).
+    pub api_addr: Option<SocketAddr>,
 }
 
 impl Default for ProxyConfig {
@@ -113,6 +128,9 @@ impl Default for ProxyConfig {
             retention: retention::Limits::default(),
             spool_memory: event_loop::disk::DEFAULT_BUDGET,
             on_disk_error: OnDiskError::default(),
+            toxics: Vec::new(),
+            name: "stopover".to_string(),
+            api_addr: None,
         }
     }
 }
@@ -187,6 +205,8 @@ pub enum Timer {
     Idle { key: usize, id: u64 },
     /// A `--min-rate` window is over.
     Rate { key: usize, id: u64 },
+    /// A toxic's delay queue has something due (see `transfer::toxic`).
+    Toxic { key: usize, id: u64 },
 }
 
 /// Counters reported when the proxy stops.
@@ -208,6 +228,14 @@ pub struct Stats {
     /// Recordings given up or cut short by a disk error (or never started:
     /// no spool file could be created).
     pub recordings_failed: u64,
+    /// Toxics drawn by transfers (each toxic a transfer got counts once).
+    pub toxics_applied: u64,
+    /// Transfers reset by a toxic (`reset_peer`).
+    pub toxic_resets: u64,
+    /// Transfers closed by a toxic (`timeout`, `limit_data`, `limit_time`).
+    pub toxic_closes: u64,
+    /// Bytes a toxic held back (latency, bandwidth, slicer).
+    pub bytes_delayed: u64,
 }
 
 /// A bound proxy, ready to [`run`](Daemon::run).
@@ -233,6 +261,9 @@ pub struct Core {
     closing: std::collections::HashMap<u64, Recording>,
     /// Transfers still open when the loop stopped.
     open_at_stop: usize,
+    /// The listen -> upstream pairs served (see `routes`): the command
+    /// line's, and those the API added.
+    routes: Slab<Route>,
 }
 
 impl Proxy {
@@ -250,9 +281,10 @@ impl Proxy {
             stats_listen: config.stats_addr,
             stats_interval: config.stats_interval,
             recv_low_water: None,
+            api_listen: config.api_addr,
         };
         let mut spool_dir = String::new();
-        let proxy = Daemon::bind_then(&accept, Some(config.spool_memory), || {
+        let mut proxy = Daemon::bind_then(&accept, Some(config.spool_memory), || {
             let mut store = Store::open(&config.dir)?;
             let retention = Keeper::open("proxy", store.dir(), config.retention)?;
             store.record_to(retention.recorder());
@@ -276,8 +308,31 @@ impl Proxy {
                 closing_inbox: Closing::default(),
                 closing: std::collections::HashMap::new(),
                 open_at_stop: 0,
+                routes: Slab::new(),
             })
         })?;
+        let core = proxy.handler();
+        let policy = core.policy;
+        core.routes.insert(Route {
+            name: config.name.clone(),
+            listen: config.listen,
+            upstream: config.upstream.to_string(),
+            policy,
+            toxics: config.toxics.clone(),
+            enabled: true,
+            listener: Listener::Main,
+            store: None,
+        });
+        for t in &config.toxics {
+            log::info!(
+                "proxy: toxic {}: {} {} {:?}, toxicity {}",
+                t.name,
+                t.kind.type_name(),
+                t.stream,
+                t.kind.attributes(),
+                t.toxicity
+            );
+        }
         if let Some(hold) = config.hold {
             log::info!(
                 "proxy: hold mode: each upload is stored whole, held {} for editing, then forwarded",
@@ -306,44 +361,7 @@ impl event_loop::Handler for Core {
     }
 
     fn metrics(&self, out: &mut Exposition) {
-        self.retention.metrics(out);
-        let s = &self.stats;
-        out.counter_labelled(
-            "stopover_transfers_total",
-            "Transfers by outcome: relayed (the server's answer reached the client), refused (our own ERR), aborted (the client went away), kept (held, not forwarded: the proxy stopped first).",
-            &[
-                ("outcome", "relayed", s.relayed),
-                ("outcome", "refused", s.refused),
-                ("outcome", "aborted", s.aborted),
-                ("outcome", "kept", s.kept),
-            ],
-        );
-        out.counter(
-            "stopover_bytes_received_total",
-            "Upload bytes received from clients, counted as transfers end.",
-            s.received,
-        );
-        out.counter(
-            "stopover_bytes_forwarded_total",
-            "Upload bytes sent to the upstream, counted as transfers end.",
-            s.forwarded,
-        );
-        out.counter(
-            "stopover_recordings_failed_total",
-            "Uploads whose recording failed (a full or failing disk): relayed without it (--on-disk-error relay) or refused.",
-            s.recordings_failed,
-        );
-        out.gauge(
-            "stopover_recordings_closing",
-            "Recordings of ended transfers waiting for their last disk operations.",
-            self.closing.len() as f64,
-        );
-        let held = self.transfers.iter().filter(|(_, t)| t.is_held()).count();
-        out.gauge(
-            "stopover_uploads_held",
-            "Uploads held now (--hold).",
-            held as f64,
-        );
+        self.write_metrics(out);
     }
 
     /// The proxy is stopping: a held upload whose hold ends after the
@@ -351,6 +369,8 @@ impl event_loop::Handler for Core {
     /// is told now (`ERR proxy shutting down: kept as NAME, not
     /// forwarded`), and its upload stays whole under its final name.
     fn draining(&mut self, cx: &mut Context<Timer>, until: Instant) {
+        // The routes the API added stop accepting too.
+        self.stop_listening(cx);
         let past: Vec<usize> = self
             .transfers
             .iter()
@@ -398,40 +418,19 @@ impl event_loop::Handler for Core {
         self.stats
     }
 
-    /// Seed steps 1 and 4: a client connected. Create its spool file, start
-    /// the non-blocking connect upstream (unless holding), and drive it.
-    fn accepted(&mut self, cx: &mut Context<Timer>, mut client: TcpStream, addr: SocketAddr) {
-        // TCP_NODELAY and SO_LINGER 0 came from the listener (see
-        // `event_loop::accept`'s set_options).
-        let key = self.transfers.vacant_key();
-        self.next_id += 1;
-        let id = self.next_id;
-        if let Err(e) = register_client(&cx.registry, key, &mut client) {
-            log::warn!("proxy: registering {addr}: {e}");
-            return;
+    /// A client of the loop's own listener: the command-line route's
+    /// (see `admit`).
+    fn accepted(&mut self, cx: &mut Context<Timer>, client: TcpStream, addr: SocketAddr) {
+        match self.main_route() {
+            Some(r) => self.admit(cx, r, client, addr),
+            None => Core::turn_away(client, addr),
         }
-        log::trace!("proxy: accept {addr} -> #{key}, register client READABLE|WRITABLE");
-        // The spool file is created through the ring (see `files`); the
-        // transfer starts connecting meanwhile, and reads its client once
-        // the file exists.
-        let spool = self.create_spool(cx, Owner { key, id });
-        let mut transfer = Transfer::new(key, id, client, addr, spool, cx, &self.policy);
-        if let Some(idle) = self.idle_timeout {
-            transfer.set_idle_timer(
-                cx.timers
-                    .schedule(Instant::now() + idle, Timer::Idle { key, id }),
-            );
-        }
-        log::debug!("proxy: accepted {addr} as #{key}");
-        let inserted = self.transfers.insert(transfer);
-        debug_assert_eq!(inserted, key, "the slab fills the key it said was vacant");
-        // Bytes may already be waiting; the registration will report
-        // them, but driving now saves a trip through poll.
-        self.drive(cx, key);
-        self.adopt_closing(cx);
     }
 
     fn connection_event(&mut self, cx: &mut Context<Timer>, event: &Event) {
+        if let Some(r) = routes::route_of_token(event.token()) {
+            return self.accept_route(cx, r);
+        }
         let (key, side) = token_owner(event.token());
         log::trace!("proxy: #{key} {side} event{}", event_loop::flags(event));
         // A stale event (for a transfer closed earlier in this batch) finds
@@ -444,6 +443,13 @@ impl event_loop::Handler for Core {
         }
     }
 
+    fn api(
+        &mut self,
+        cx: &mut Context<Timer>,
+        request: &event_loop::stats::ApiRequest,
+    ) -> (u16, String) {
+        self.api_request(cx, request)
+    }
     fn disk_budget(&self) -> Option<usize> {
         Some(self.spool_memory)
     }
@@ -483,23 +489,26 @@ impl event_loop::Handler for Core {
             Timer::HoldOver { key, id }
             | Timer::ConnectTimeout { key, id }
             | Timer::Idle { key, id }
-            | Timer::Rate { key, id } => (key, id),
+            | Timer::Rate { key, id }
+            | Timer::Toxic { key, id } => (key, id),
         };
         let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) else {
             return; // its transfer is gone
         };
+        let policy = &self.routes[t.route].policy;
         match timer {
-            Timer::HoldOver { .. } => t.hold_over(cx, &self.policy),
-            Timer::ConnectTimeout { .. } => t.connect_timed_out(cx, &self.policy),
+            Timer::HoldOver { .. } => t.hold_over(cx, policy),
+            Timer::ConnectTimeout { .. } => t.connect_timed_out(cx, policy),
             Timer::Idle { .. } => {
                 let Some(idle) = self.idle_timeout else {
                     return;
                 };
-                if let Some(at) = t.check_idle(cx, &self.policy, idle) {
+                if let Some(at) = t.check_idle(cx, policy, idle) {
                     t.set_idle_timer(cx.timers.schedule(at, Timer::Idle { key, id }));
                 }
             }
-            Timer::Rate { .. } => t.check_rate(cx, &self.policy),
+            Timer::Rate { .. } => t.check_rate(cx, policy),
+            Timer::Toxic { .. } => t.toxic_fired(),
         }
         self.drive(cx, key);
         self.adopt_closing(cx);
@@ -509,7 +518,8 @@ impl event_loop::Handler for Core {
 impl Core {
     /// Drives one transfer and closes it if it is finished.
     fn drive(&mut self, cx: &mut Context<Timer>, key: usize) {
-        let Next::Close { outcome, clean } = self.transfers[key].drive(cx, &self.policy) else {
+        let t = &mut self.transfers[key];
+        let Next::Close { outcome, clean } = t.drive(cx, &self.routes[t.route].policy) else {
             return;
         };
         let transfer = self.transfers.remove(key);
@@ -520,6 +530,14 @@ impl Core {
         }
         log::trace!("proxy: #{key} closed ({outcome:?})");
         let (received, forwarded) = transfer.bytes();
+        let toxic = transfer.toxic_figures();
+        self.stats.toxics_applied += toxic.applied;
+        self.stats.bytes_delayed += toxic.delayed;
+        match toxic.ended {
+            Some(End::Reset) => self.stats.toxic_resets += 1,
+            Some(End::Close) => self.stats.toxic_closes += 1,
+            None => {}
+        }
         self.stats.received += received;
         self.stats.forwarded += forwarded;
         match outcome {

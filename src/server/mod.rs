@@ -198,6 +198,7 @@ impl Server {
             // bytes (or at EOF): fewer, larger reads. See check_idle
             // for the cost.
             recv_low_water: Some(RECV_LOW_WATER),
+            api_listen: None,
         };
         let mut storing = String::new();
         let server = Daemon::bind_then(&accept, None, || {

@@ -266,8 +266,11 @@ impl Store {
     /// after its transfer ended).
     pub fn remove_part(&self, name: &std::ffi::CStr) {
         let path = self.dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-        if let Err(e) = fs::remove_file(&path) {
-            log::debug!("removing {}: {e}", path.display());
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                log::debug!("removing {}: {e}", path.display())
+            }
+            _ => {}
         }
     }
 

@@ -61,6 +61,22 @@ pub fn start_server(dir: &Path) -> InProcess {
     }
 }
 
+impl InProcess {
+    /// Runs a bound proxy on a thread of the test process.
+    pub fn run(proxy: Proxy) -> InProcess {
+        let addr = proxy.local_addr();
+        let shutdown = proxy.shutdown_handle();
+        let thread = std::thread::spawn(move || {
+            proxy.run().expect("proxy runs");
+        });
+        InProcess {
+            addr,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+}
+
 pub fn start_proxy(upstream: SocketAddr, dir: &Path) -> InProcess {
     start_proxy_with(upstream, dir, None)
 }
@@ -436,4 +452,23 @@ pub fn sample(body: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
         .parse()
         .unwrap()
+}
+
+/// A thread-per-connection echo server: every byte back, then its FIN
+/// after the client's (the upstream of the toxics tests).
+pub fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind(loopback0()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = sock.set_nodelay(true);
+                let mut out = sock.try_clone().unwrap();
+                let mut sock = sock;
+                let _ = std::io::copy(&mut sock, &mut out);
+                let _ = out.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
 }

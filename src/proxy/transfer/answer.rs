@@ -49,6 +49,9 @@ impl Link {
         deliver: bool,
         policy: &Policy,
     ) -> Step {
+        if self.down_pipe().is_some() {
+            return self.relay_answer_toxic(client, scratch, deliver);
+        }
         let mut moved = false;
         loop {
             if deliver && !self.answer.is_empty() {
@@ -118,14 +121,19 @@ impl Link {
         // sends it (one system call less); a client still sending (HTTP,
         // say) needs it now.
         if self.up.eof() && self.answer.is_empty() && !client.shut() {
-            if self.upload_done(client) {
-                client.fin_with_close();
-            } else {
-                client.shutdown_write();
-            }
+            self.finish_answer(client);
             moved = true;
         }
         Ok(moved)
+    }
+
+    /// Passes the upstream's FIN on to the client.
+    pub(super) fn finish_answer(&self, client: &mut Peer) {
+        if self.upload_done(client) {
+            client.fin_with_close();
+        } else {
+            client.shutdown_write();
+        }
     }
 
     /// The upload direction is over: the whole upload went upstream (or

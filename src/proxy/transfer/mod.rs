@@ -46,26 +46,33 @@ mod answer;
 mod failure;
 mod hold;
 mod opening;
+mod policy;
 pub mod spool;
 mod timers;
+mod toxic;
 mod upload;
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::event::Event;
 use mio::net::TcpStream;
 
 use crate::answer::Answer;
 use crate::event_loop::disk::{Disk, Done};
-use crate::event_loop::{Context, MinRate, Peer, RateWindow, Reply, ReplyStep, TimerId, Who};
+use crate::event_loop::{Context, Peer, RateWindow, Reply, ReplyStep, TimerId, Who};
 
 use super::Timer;
+use crate::toxics::pipe::End;
+use crate::toxics::Toxic;
 use spool::Spool;
+use toxic::Toxics;
 use upload::Link;
 
+pub use policy::{OnDiskError, Policy};
+pub use toxic::ToxicFigures;
 pub use upload::LAG_LIMIT;
 
 /// Which socket of a transfer an event is for.
@@ -110,37 +117,6 @@ pub enum Next {
         outcome: Outcome,
         clean: bool,
     },
-}
-
-/// The per-transfer rules, from the command line.
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    /// The server every upload goes to.
-    pub upstream: SocketAddr,
-    /// Hold mode (`--hold`): how long to hold a complete upload.
-    pub hold: Option<Duration>,
-    /// Largest upload accepted (`--max-bytes`).
-    pub max_bytes: Option<u64>,
-    /// Slowest upload accepted (`--min-rate`).
-    pub min_rate: Option<MinRate>,
-    /// Longest an upstream connect may take (`--connect-timeout`).
-    pub connect_timeout: Duration,
-    /// What a full or failing spool disk does to a transfer
-    /// (`--on-disk-error`; hold mode always refuses).
-    pub on_disk_error: OnDiskError,
-}
-
-/// `--on-disk-error`: what happens to a transfer whose recording cannot be
-/// written (a full disk, a failing one, no file to write to).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnDiskError {
-    /// Keep relaying; give up that transfer's recording (what landed is
-    /// kept as `.incomplete`), count it and warn. A load test goes on.
-    #[default]
-    Relay,
-    /// Refuse the upload (`ERR proxy cannot store upload`): for users who
-    /// need every relayed byte recorded.
-    Refuse,
 }
 
 /// Where a transfer is in its life. See the module docs for the diagram.
@@ -259,6 +235,8 @@ enum Happened {
     /// Our own reply is over: `delivered` (and the client finished), or
     /// the client gave up on it.
     ReplyEnded { delivered: bool },
+    /// A toxic ends the connection (`timeout`, `reset_peer`, `limit_*`).
+    ToxicEnd(End),
 }
 
 /// A step of the I/O code: `Ok(moved)` (did any byte move?), or `Err` with
@@ -283,13 +261,22 @@ pub struct Transfer {
     /// (for the metrics: the spool and the link go with their states).
     received: u64,
     forwarded: u64,
+    /// The route (listen -> upstream pair) it came through.
+    pub route: usize,
+    /// The toxics drawn at the start, until the upstream link takes them.
+    drawn: Option<Box<Toxics>>,
+    /// The one toxic timer, and when it is due (see `toxic`).
+    toxic_timer: Option<(TimerId, Instant)>,
+    toxic_figures: ToxicFigures,
     state: State,
 }
 
 impl Transfer {
     /// A new transfer for an accepted (and registered) client: in hold
     /// mode it starts `Receiving`; otherwise it starts connecting upstream
-    /// at once, so the upload can stream.
+    /// at once, so the upload can stream. It draws its toxics from `chain`
+    /// now.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         key: usize,
         id: u64,
@@ -298,8 +285,13 @@ impl Transfer {
         spool: Spool,
         cx: &mut Context<Timer>,
         policy: &Policy,
+        chain: &[Toxic],
     ) -> Transfer {
         let now = Instant::now();
+        let drawn = Toxics::draw(chain, id, now);
+        if let Some(t) = &drawn {
+            log::debug!("proxy: #{key} {client_addr} drew toxics: {}", t.describe());
+        }
         let who = Who {
             role: "proxy",
             key,
@@ -319,6 +311,10 @@ impl Transfer {
                 .map(|r| cx.timers.schedule(now + r.window, Timer::Rate { key, id })),
             received: 0,
             forwarded: 0,
+            route: 0,
+            drawn,
+            toxic_timer: None,
+            toxic_figures: ToxicFigures::default(),
             state: State::aborted(),
         };
         let must_record = policy.hold.is_some() || policy.on_disk_error == OnDiskError::Refuse;
@@ -377,7 +373,10 @@ impl Transfer {
                 return Next::Close { outcome, clean };
             }
             match self.step(&mut cx.scratch, &mut cx.disk, policy) {
-                Ok(false) => return Next::Keep,
+                Ok(false) => {
+                    self.arm_toxic_timer(cx);
+                    return Next::Keep;
+                }
                 Ok(true) => self.last_active = Instant::now(),
                 Err(what) => {
                     self.last_active = Instant::now();
@@ -411,6 +410,9 @@ impl Transfer {
                 // upstream that refuses mid-way).
                 let deliver = !client.eof() || spool.is_finished();
                 moved |= link.relay_answer(client, scratch, deliver, policy)?;
+                if let Some(how) = link.toxic_end() {
+                    return Err(Happened::ToxicEnd(how));
+                }
                 if link.is_done(client) {
                     return Err(Happened::Relayed);
                 }
@@ -462,6 +464,10 @@ impl Transfer {
                 State::Connecting { spool, link, .. } | State::Streaming { spool, link },
                 Happened::UpstreamFailed(reason),
             ) => self.upstream_failed(spool, link, reason, policy),
+            (
+                State::Connecting { spool, link, .. } | State::Streaming { spool, link },
+                Happened::ToxicEnd(how),
+            ) => self.toxic_ended(spool, link, how, cx),
             (State::Streaming { spool, link }, Happened::HeldFileFailed(e)) => {
                 self.held_file_failed(spool, link, e)
             }
@@ -515,7 +521,7 @@ impl Transfer {
                 let (key, id) = (self.key, self.id);
                 State::Connecting {
                     spool,
-                    link: Link::new(Peer::connecting(sock, who), source),
+                    link: Link::new(Peer::connecting(sock, who), source, self.drawn.take()),
                     timer: cx.timers.schedule(at, Timer::ConnectTimeout { key, id }),
                 }
             }
@@ -539,6 +545,7 @@ impl Transfer {
             State::Connecting { spool, link, .. } | State::Streaming { spool, link } => {
                 self.received = self.received.max(spool.bytes());
                 self.forwarded = self.forwarded.max(link.forwarded);
+                self.toxic_figures.note(link);
             }
             State::Replying(_) | State::Done { .. } => {}
         }
@@ -565,9 +572,14 @@ impl Transfer {
     /// The timers this transfer may have pending, for the loop to cancel
     /// when the transfer ends.
     pub fn timers(&self) -> impl Iterator<Item = TimerId> {
-        [self.state.timer(), self.idle_timer, self.rate_timer]
-            .into_iter()
-            .flatten()
+        [
+            self.state.timer(),
+            self.idle_timer,
+            self.rate_timer,
+            self.toxic_timer.map(|(id, _)| id),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// Records the transfer's (re-armed) idle timer.

@@ -37,6 +37,7 @@ use crate::event_loop::{Io, Peer};
 
 use super::hold::Held;
 use super::spool::Spool;
+use super::toxic::Toxics;
 use super::{Happened, Policy, Step};
 
 /// How far (in bytes) the client may run ahead of the upstream before we
@@ -64,16 +65,20 @@ pub(super) struct Link {
     pub answer: Vec<u8>,
     /// Answer bytes read from the upstream in total.
     pub answer_bytes: u64,
+    /// The toxics this transfer drew (`None`: the proxy has none; see
+    /// `toxic`).
+    pub toxics: Option<Box<Toxics>>,
 }
 
 impl Link {
-    pub fn new(up: Peer, source: Source) -> Link {
+    pub fn new(up: Peer, source: Source, toxics: Option<Box<Toxics>>) -> Link {
         Link {
             up,
             source,
             forwarded: 0,
             answer: Vec::new(),
             answer_bytes: 0,
+            toxics,
         }
     }
 
@@ -126,6 +131,11 @@ impl Link {
     /// the spool's chunks, until it has them all or would block; then lets
     /// the spool release what is no longer needed.
     fn forward_spool(&mut self, spool: &mut Spool, disk: &mut Disk) -> Step {
+        if self.up_pipe().is_some() {
+            let moved = self.forward_spool_toxic(spool);
+            spool.release(self.released_upto(spool), disk);
+            return moved;
+        }
         let mut moved = false;
         while self.forwarding() && self.lag(spool) > 0 && self.up.is_writable() {
             let data = spool.bytes_at(self.forwarded);
@@ -165,18 +175,31 @@ impl Link {
     /// chunk (`pread` at the forwarded offset, so a slow upstream costs no
     /// memory) and computing the CRC-32C of exactly what is sent.
     fn forward_held(&mut self, scratch: &mut [u8]) -> Step {
-        let mut moved = false;
+        // Through the upload's toxics, the bytes go into the pipe while it
+        // has room, and the pipe's due bytes upstream.
+        let toxic = self.held_room().is_some();
+        let mut moved = toxic && self.drain_up();
         let Link {
             up,
             source: Source::Held(held),
             forwarded,
+            toxics,
             ..
         } = self
         else {
             return Ok(false);
         };
-        while !up.broken() && !up.shut() && *forwarded < held.len && up.is_writable() {
-            let want = (held.len - *forwarded).min(scratch.len() as u64) as usize;
+        let mut pipe = toxics.as_deref_mut().map(|t| &mut t.up).filter(|_| toxic);
+        while !up.broken() && !up.shut() && *forwarded < held.len {
+            let room = match &pipe {
+                Some(p) => p.room(),
+                None if up.is_writable() => scratch.len(),
+                None => 0,
+            };
+            if room == 0 {
+                break;
+            }
+            let want = (held.len - *forwarded).min(room.min(scratch.len()) as u64) as usize;
             let n = match held.file.read_at(&mut scratch[..want], *forwarded) {
                 Ok(0) => {
                     let e =
@@ -187,7 +210,13 @@ impl Link {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Happened::HeldFileFailed(e)),
             };
-            let (sent, failed) = up.write_ready(&scratch[..n]);
+            let (sent, failed) = match pipe.as_deref_mut() {
+                Some(p) => {
+                    p.push(std::time::Instant::now(), &scratch[..n]);
+                    (n, None)
+                }
+                None => up.write_ready(&scratch[..n]),
+            };
             held.crc = crc32c::crc32c_append(held.crc, &scratch[..sent]);
             *forwarded += sent as u64;
             moved |= sent > 0;
@@ -199,12 +228,15 @@ impl Link {
                 break; // the upstream is full; WRITABLE brings us back
             }
         }
+        if toxic {
+            moved |= self.drain_up();
+        }
         Ok(moved)
     }
 
     /// The upstream will take nothing more. It may have said why (an early
     /// `ERR` answer), so look for an answer before deciding it failed.
-    fn upstream_broke(&mut self, e: &io::Error) {
+    pub(super) fn upstream_broke(&mut self, e: &io::Error) {
         log::debug!("proxy: #{} upstream write failed: {e}", self.up.who().key);
         self.up.mark_readable();
     }
@@ -214,7 +246,13 @@ impl Link {
     /// upload is whole only when our record of it is, so a spool that fails
     /// at its last write still resets the upstream (see `failure`).
     pub fn pass_eof(&mut self, client: &Peer, spool: &Spool) -> bool {
-        if client.eof() && self.lag(spool) == 0 && self.forwarding() && spool.is_finished() {
+        let ready =
+            client.eof() && self.lag(spool) == 0 && self.forwarding() && spool.is_finished();
+        if self.up_pipe().is_some() {
+            // After the pipe's bytes, when `slow_close` lets it.
+            return self.forwarding() && self.pass_eof_toxic(ready);
+        }
+        if ready {
             self.up.shutdown_write();
             return true;
         }
