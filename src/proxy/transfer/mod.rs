@@ -500,42 +500,6 @@ impl Transfer {
         self.state = next;
     }
 
-    /// Starts the upstream connect for `spool`'s bytes (from `source`):
-    /// `Connecting` with its time limit armed, or, if the connect cannot
-    /// even start, the upstream is unavailable.
-    fn connect(
-        &mut self,
-        spool: Spool,
-        source: upload::Source,
-        cx: &mut Context<Timer>,
-        policy: &Policy,
-    ) -> State {
-        match super::connect_upstream(&cx.registry, self.key, policy.upstream) {
-            Ok(sock) => {
-                let who = Who {
-                    role: "proxy",
-                    key: self.key,
-                    side: Side::Upstream.name(),
-                };
-                let at = Instant::now() + policy.connect_timeout;
-                let (key, id) = (self.key, self.id);
-                State::Connecting {
-                    spool,
-                    link: Link::new(Peer::connecting(sock, who), source, self.drawn.take()),
-                    timer: cx.timers.schedule(at, Timer::ConnectTimeout { key, id }),
-                }
-            }
-            Err(e) => self.upstream_unavailable(
-                spool,
-                &format!(
-                    "connecting to {}: {}",
-                    policy.upstream,
-                    crate::error::brief(&e)
-                ),
-            ),
-        }
-    }
-
     /// Remembers how far `state` got, before it is handed on.
     fn note_bytes(&mut self, state: &State) {
         match state {

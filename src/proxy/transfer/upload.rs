@@ -30,15 +30,16 @@
 
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::time::Instant;
 
 use crate::error::brief;
 use crate::event_loop::disk::{Disk, CHUNK};
-use crate::event_loop::{Io, Peer};
+use crate::event_loop::{Context, Io, Peer, Who};
 
 use super::hold::Held;
 use super::spool::Spool;
 use super::toxic::Toxics;
-use super::{Happened, Policy, Step};
+use super::{Happened, Policy, Side, State, Step, Timer, Transfer};
 
 /// How far (in bytes) the client may run ahead of the upstream before we
 /// stop reading it: memory a transfer may hold for a slow upstream, beyond
@@ -344,6 +345,44 @@ pub(super) fn read_client(
                 link.forward_spool(spool, disk)?;
             }
             None => spool.release(spool.bytes(), disk),
+        }
+    }
+}
+
+impl Transfer {
+    /// Starts the upstream connect for `spool`'s bytes (from `source`):
+    /// `Connecting` with its time limit armed, or, if the connect cannot
+    /// even start, the upstream is unavailable.
+    pub(super) fn connect(
+        &mut self,
+        spool: Spool,
+        source: Source,
+        cx: &mut Context<Timer>,
+        policy: &Policy,
+    ) -> State {
+        match super::super::connect_upstream(&cx.registry, self.key, policy.upstream) {
+            Ok(sock) => {
+                let who = Who {
+                    role: "proxy",
+                    key: self.key,
+                    side: Side::Upstream.name(),
+                };
+                let at = Instant::now() + policy.connect_timeout;
+                let (key, id) = (self.key, self.id);
+                State::Connecting {
+                    spool,
+                    link: Link::new(Peer::connecting(sock, who), source, self.drawn.take()),
+                    timer: cx.timers.schedule(at, Timer::ConnectTimeout { key, id }),
+                }
+            }
+            Err(e) => self.upstream_unavailable(
+                spool,
+                &format!(
+                    "connecting to {}: {}",
+                    policy.upstream,
+                    crate::error::brief(&e)
+                ),
+            ),
         }
     }
 }
