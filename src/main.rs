@@ -185,7 +185,11 @@ fn run(command: Command) -> Result<ExitCode, String> {
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "stopover", &mut std::io::stdout());
+            // Into memory first: `generate` panics on a failed write, and a
+            // closed stdout (`| head -0`) must cost the output, not a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "stopover", &mut script);
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
             Ok(ExitCode::SUCCESS)
         }
         Command::Manpage { page, dir } => {

@@ -660,7 +660,7 @@ fn fake_upstream(answer: fn(&[u8]) -> Vec<u8>, stall: bool) -> std::net::SocketA
 }
 
 #[test]
-fn an_upstream_that_stalls_mid_answer_is_closed_without_a_second_line() {
+fn an_upstream_that_stalls_mid_answer_is_reset_without_a_second_line() {
     let up = fake_upstream(|_| b"OK bytes=".to_vec(), true);
     let dir = tempfile::tempdir().unwrap();
     let proxy = spawn_proxy(up, dir.path(), &["--idle-timeout", "1s"]);
@@ -671,8 +671,11 @@ fn an_upstream_that_stalls_mid_answer_is_closed_without_a_second_line() {
     let mut got = Vec::new();
     let read = sock.read_to_end(&mut got);
     let got = String::from_utf8_lossy(&got);
-    assert!(
-        read.is_ok(),
+    // The cut answer must not look whole: the connection is reset, as the
+    // upstream's failure would have reached the client directly.
+    assert_eq!(
+        read.as_ref().map_err(std::io::Error::kind).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
         "{read:?}: {got:?}; proxy log:\n{}",
         proxy.log_lines().join("\n")
     );
@@ -728,5 +731,41 @@ fn a_client_silent_mid_upload_is_closed_by_the_proxy_and_its_spool_kept() {
     assert!(
         kept.len() == 1 && kept[0].ends_with(".incomplete"),
         "{kept:?}"
+    );
+}
+
+/// TCP urgent data (`MSG_OOB`) makes a read come back short at its mark.
+/// An upload's EOF is never inferred from a short read (only an answer's
+/// is, see `Peer::read`), so the bytes after the mark are stored too: the
+/// upload is not cut at the mark and given a final name.
+#[test]
+fn urgent_data_does_not_cut_an_upload_short() {
+    use std::os::fd::AsRawFd;
+    let dirs = tempfile::tempdir().unwrap();
+    let server = spawn_server(&dirs.path().join("r"), &[]);
+    let proxy = spawn_proxy(server.addr, &dirs.path().join("s"), &[]);
+    let mut sock = TcpStream::connect(proxy.addr).unwrap();
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    sock.write_all(b"before the mark, ").unwrap();
+    // SAFETY: one byte from a live buffer on an open socket.
+    let sent = unsafe { libc::send(sock.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+    assert_eq!(sent, 1);
+    sock.write_all(b"after the mark").unwrap();
+    sock.shutdown(Shutdown::Write).unwrap();
+    let answer = read_all(&mut sock).unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    // The urgent byte is out of band: not part of the stream.
+    let stream = b"before the mark, after the mark";
+    assert!(
+        answer.starts_with(&format!("OK bytes={} ", stream.len())),
+        "{answer}"
+    );
+    wait_until("the proxy's recording is final", || {
+        final_files(&dirs.path().join("s")).len() == 1
+    });
+    let name = &final_files(&dirs.path().join("s"))[0];
+    assert_eq!(
+        std::fs::read(dirs.path().join("s").join(name)).unwrap(),
+        stream
     );
 }

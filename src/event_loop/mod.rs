@@ -89,6 +89,12 @@ pub struct Context<T> {
     /// Accepting stopped at [`ACCEPT_BATCH`] with clients still waiting:
     /// accept again on the next turn (no new event will say so).
     pub accept_more: bool,
+    /// Counts the batches of events `poll` has returned. A connection made
+    /// while a batch is handled can receive none of that batch's events:
+    /// any event in it for the connection's token was for the socket that
+    /// token named before (a slab key freed and reused within the batch),
+    /// and is stale (see `proxy`'s `connection_event`).
+    pub batch: u64,
 }
 
 impl<T> Context<T> {
@@ -132,6 +138,7 @@ impl<T> Context<T> {
             started: Instant::now(),
             health: health::Health::default(),
             accept_more: false,
+            batch: 0,
         })
     }
 }
@@ -340,6 +347,7 @@ pub fn run<H: Handler>(
             }
             return Err(e).context("poll");
         }
+        cx.batch += 1;
         // From here on, every event's handling is timed (see `health`).
         cx.health.start();
         if log::log_enabled!(log::Level::Trace) {

@@ -102,6 +102,9 @@ pub struct Peer {
     /// A read after that came back short: the receive queue is empty, so
     /// the next read is the EOF, and needs no system call.
     drained_to_fin: bool,
+    /// Whether a short read after the FIN may be taken for the EOF (see
+    /// [`Peer::read`]): only where an early EOF cannot end a recording.
+    infer_eof: bool,
     /// We have shut our write side (sent our FIN).
     shut: bool,
     /// A write failed: the peer will take nothing more.
@@ -133,7 +136,12 @@ impl Peer {
     /// nor writable until an event (WRITABLE is how the handshake reports
     /// its end, either way; see [`Peer::connect_finished`]).
     pub fn connecting(sock: TcpStream, who: Who) -> Peer {
-        Peer::new(sock, who, false, true)
+        Peer {
+            // What comes back on it is an answer: see `read` on which EOFs
+            // may be inferred.
+            infer_eof: true,
+            ..Peer::new(sock, who, false, true)
+        }
     }
 
     fn new(sock: TcpStream, who: Who, writable: bool, set_linger: bool) -> Peer {
@@ -157,6 +165,7 @@ impl Peer {
             eof: false,
             fin_arrived: false,
             drained_to_fin: false,
+            infer_eof: false,
             shut: false,
             broken: false,
             #[cfg(test)]
@@ -229,8 +238,13 @@ impl Peer {
     /// sent is already queued, because TCP delivers the FIN in order, after
     /// the data. A read that then comes back shorter than the buffer has
     /// emptied the queue, so the next read would only return 0: we say
-    /// `Eof` without making it. Most small transfers arrive with their FIN,
-    /// so this saves one `recvfrom` per connection and direction.
+    /// `Eof` without making it. Most small answers arrive with their FIN,
+    /// so this saves one `recvfrom` per transfer.
+    ///
+    /// Only on the upstream side (`Peer::connecting`), where what is read
+    /// is an answer that is relayed, never recorded: a read also comes back
+    /// short at TCP's urgent mark (`MSG_OOB` data), and there an inferred
+    /// EOF would cut an upload and give the cut part a final name.
     pub fn read(&mut self, buf: &mut [u8]) -> Io {
         if self.eof {
             return Io::Eof;
@@ -256,7 +270,7 @@ impl Peer {
                 }
                 Ok(n) => {
                     log::trace!("{} read {n}", self.who);
-                    self.drained_to_fin = self.fin_arrived && n < buf.len();
+                    self.drained_to_fin = self.infer_eof && self.fin_arrived && n < buf.len();
                     return Io::Data(n);
                 }
                 Err(e) => match self.failed(e, Call::Read) {
@@ -562,6 +576,7 @@ pub(crate) mod tests {
     #[test]
     fn a_fin_that_came_with_the_data_costs_no_second_read() {
         let (mut peer, mut other) = pair();
+        peer.infer_eof = true; // as on an upstream (`Peer::connecting`)
         other.write_all(b"hello").unwrap();
         other.shutdown(std::net::Shutdown::Write).unwrap();
         let (_poll, seen) = events_for(&mut peer);
@@ -576,6 +591,7 @@ pub(crate) mod tests {
     #[test]
     fn a_full_read_before_the_fin_reads_on() {
         let (mut peer, mut other) = pair();
+        peer.infer_eof = true;
         other.write_all(b"0123456789").unwrap();
         other.shutdown(std::net::Shutdown::Write).unwrap();
         let (_poll, _) = events_for(&mut peer);
@@ -598,6 +614,7 @@ pub(crate) mod tests {
     #[test]
     fn a_reset_after_the_data_is_not_taken_for_an_eof() {
         let (mut peer, mut other) = pair();
+        peer.infer_eof = true;
         other.write_all(b"part of an upload").unwrap();
         socket2::SockRef::from(&other)
             .set_linger(Some(Duration::ZERO))
@@ -622,6 +639,20 @@ pub(crate) mod tests {
             !verdicts.contains(&"eof"),
             "a reset must never read as a clean end: {verdicts:?}"
         );
+    }
+
+    #[test]
+    fn an_accepted_peer_reads_its_eof() {
+        // Uploads come in on accepted peers: their EOF is never inferred
+        // (an urgent mark also makes a read come back short).
+        let (mut peer, mut other) = pair();
+        other.write_all(b"hello").unwrap();
+        other.shutdown(std::net::Shutdown::Write).unwrap();
+        let (_poll, _) = events_for(&mut peer);
+        let mut buf = [0u8; 64];
+        assert!(matches!(peer.read(&mut buf), Io::Data(5)));
+        assert!(matches!(peer.read(&mut buf), Io::Eof));
+        assert_eq!(peer.reads, 2, "the EOF came from a read");
     }
 
     #[test]

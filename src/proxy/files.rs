@@ -72,7 +72,10 @@ impl Core {
                 let name = self.transfers[key].spool_name().to_string();
                 Ok(self.store_of(r).adopt(name, file))
             }
-            (Err(e), _) if e.kind() == io::ErrorKind::AlreadyExists => {
+            (Err(e), _)
+                if e.kind() == io::ErrorKind::AlreadyExists
+                    && self.transfers[key].spool_open_tries() < crate::store::MAX_NAME_TRIES =>
+            {
                 // Taken: the next name, through the ring again.
                 let store = self.store_of(r);
                 let name = store.next_name();
@@ -93,6 +96,9 @@ impl Core {
                 }
             }
             Err(e) => {
+                // Out of descriptors: stop accepting for a moment (asked
+                // before the error is reworded, which drops its errno).
+                let out_of_fds = accept::is_out_of_descriptors(&e);
                 let e = io::Error::new(e.kind(), format!("creating {}: {e}", t.spool_name()));
                 self.stats.recordings_failed += 1;
                 let addr = t.client_addr();
@@ -103,7 +109,7 @@ impl Core {
                         "proxy: relaying {addr} without recording: {e}"
                     ));
                 }
-                if accept::is_out_of_descriptors(&e) {
+                if out_of_fds {
                     let open = self.transfers.len();
                     cx.acceptor.out_of_descriptors(&e, open);
                 }

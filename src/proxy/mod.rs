@@ -273,9 +273,10 @@ impl Proxy {
         let accept = AcceptConfig {
             role: "proxy",
             listen: config.listen,
-            // Descriptors per transfer: client, upstream, spool file,
-            // and in hold mode the held file, reopened when the hold ends.
-            per_conn: if config.hold.is_some() { 4 } else { 3 },
+            // Descriptors per transfer: client, upstream, spool file and
+            // its O_DIRECT twin, and in hold mode the held file, reopened
+            // when the hold ends.
+            per_conn: if config.hold.is_some() { 5 } else { 4 },
             max_conns: config.max_conns,
             grace: config.grace,
             stats_listen: config.stats_addr,
@@ -434,9 +435,16 @@ impl event_loop::Handler for Core {
         let (key, side) = token_owner(event.token());
         log::trace!("proxy: #{key} {side} event{}", event_loop::flags(event));
         // A stale event (for a transfer closed earlier in this batch) finds
-        // no transfer, or a new one whose flags it merely sets: at worst a
-        // read that returns WouldBlock.
-        if let Some(t) = self.transfers.get_mut(key) {
+        // no transfer, or a new one made in this batch that took its key:
+        // that one's events all come in later batches, so this is dropped.
+        // (Merely setting its flags would cost a read that says WouldBlock,
+        // but a stale "FIN arrived" would end its upstream's answer early,
+        // see `Peer::read`.)
+        if let Some(t) = self
+            .transfers
+            .get_mut(key)
+            .filter(|t| !t.is_newer_than(cx.batch))
+        {
             t.on_event(side, event);
             self.drive(cx, key);
             self.adopt_closing(cx);

@@ -102,17 +102,17 @@ impl Link {
                 }
                 Io::Blocked => break,
                 Io::Failed(e) => {
+                    // Before any answer byte: the upstream failed, and we
+                    // answer ERR ourselves; after some: the client's
+                    // connection is reset (see `failure::upstream_failed`).
                     self.up.end_reads();
-                    moved = true;
-                    if self.answer_bytes == 0 {
-                        return Err(Happened::UpstreamFailed(brief(&e)));
-                    }
-                    log::warn!(
+                    log::debug!(
                         "proxy: #{} upstream {} failed after {} answer bytes: {e}",
                         self.up.who().key,
                         policy.upstream,
                         self.answer_bytes
                     );
+                    return Err(Happened::UpstreamFailed(brief(&e)));
                 }
             }
         }

@@ -72,10 +72,12 @@ impl Transfer {
         );
         if link.answer_bytes > 0 {
             // Part of the server's answer is with the client already: a line
-            // of ours after it would make two answers in one. Relay or close,
-            // never add: close, and let the client judge what it got.
+            // of ours after it would make two answers in one. Relay or cut,
+            // never add: reset the client's connection, as the upstream's
+            // failure would have reached it directly, so that a cut answer
+            // (an HTTP body that ends at the close) never looks whole.
             log::warn!(
-                "proxy: upstream {} failed after {} answer bytes ({reason}); closing the client's connection; upload {}",
+                "proxy: upstream {} failed after {} answer bytes ({reason}); resetting the client's connection; upload {}",
                 policy.upstream,
                 link.answer_bytes,
                 spool.kept_as()
@@ -85,7 +87,7 @@ impl Transfer {
             // or kept as `.incomplete`, by the loop once its writes land.
             return State::Done {
                 outcome: Outcome::Aborted,
-                clean: true,
+                clean: false,
             };
         }
         // If it does not have our FIN, it holds part of an upload that will

@@ -268,6 +268,9 @@ pub struct Transfer {
     /// The one toxic timer, and when it is due (see `toxic`).
     toxic_timer: Option<(TimerId, Instant)>,
     toxic_figures: ToxicFigures,
+    /// The batch of events it was made in (see `Context::batch`): events of
+    /// that batch for its tokens are stale.
+    born: u64,
     state: State,
 }
 
@@ -315,6 +318,7 @@ impl Transfer {
             drawn,
             toxic_timer: None,
             toxic_figures: ToxicFigures::default(),
+            born: cx.batch,
             state: State::aborted(),
         };
         let must_record = policy.hold.is_some() || policy.on_disk_error == OnDiskError::Refuse;
@@ -332,6 +336,13 @@ impl Transfer {
     /// This transfer's identity (slab keys are reused; ids are not).
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// True if an event of batch `batch` cannot be this transfer's: it was
+    /// made while that batch was handled, so the event was for the socket
+    /// its slab key named before (see `Context::batch`).
+    pub fn is_newer_than(&self, batch: u64) -> bool {
+        self.born == batch
     }
 
     /// Records what an event says about one of our sockets.

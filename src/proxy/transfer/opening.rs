@@ -38,6 +38,11 @@ impl Transfer {
         }
     }
 
+    /// Names tried for the spool file so far.
+    pub fn spool_open_tries(&self) -> u32 {
+        self.state.spool().map_or(0, |s| s.open_tries())
+    }
+
     /// The file exists: the spool records into it from now on, and the
     /// client may be read. Gives `part` back if the transfer has no spool
     /// any more (the caller removes it).

@@ -93,6 +93,8 @@ pub struct Spool {
     /// The file is being created through the ring (see [`Spool::opening`]):
     /// the client is not read until it exists.
     opening: bool,
+    /// Names tried that were taken (`EEXIST`).
+    open_tries: u32,
 }
 
 impl Spool {
@@ -124,6 +126,7 @@ impl Spool {
             tail_written: false,
             waiting: false,
             opening: false,
+            open_tries: 0,
         }
     }
 
@@ -149,6 +152,13 @@ impl Spool {
     /// The name being created (a collision moved it to the next one).
     pub fn set_name(&mut self, name: String) {
         self.name = Some(name);
+        self.open_tries += 1;
+    }
+
+    /// Names taken by someone else so far (bounded by
+    /// `store::MAX_NAME_TRIES`).
+    pub fn open_tries(&self) -> u32 {
+        self.open_tries
     }
 
     /// The file exists: record into it from the first byte.
@@ -340,14 +350,9 @@ impl Spool {
             return;
         }
         self.ended = true;
-        if let Some(rec) = self.rec.as_mut() {
-            rec.goal = Goal::Finish;
-            if rec.direct_opening() && self.staging.is_some() {
-                // Its blocks go direct once the descriptor is open
-                // (`on_done`); `try_finish` waits for that.
-                return;
-            }
-        }
+        // Written now, whatever the O_DIRECT descriptor is doing (a chunk
+        // that is not full goes through the page cache until it is open):
+        // a spool let go of after its end must not hold the last bytes.
         self.write_end(disk);
     }
 
@@ -422,11 +427,7 @@ impl Spool {
         if !was_opening || rec.direct_opening() {
             return;
         }
-        if self.ended {
-            if self.staging.is_some() {
-                self.write_end(disk);
-            }
-        } else if self.staging.as_ref().is_some_and(|(_, c)| c.is_full()) {
+        if !self.ended && self.staging.as_ref().is_some_and(|(_, c)| c.is_full()) {
             self.hand_full(disk);
         }
     }

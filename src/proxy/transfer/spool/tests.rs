@@ -241,6 +241,29 @@ fn a_disk_that_is_behind_overflows_through_the_page_cache_and_loses_nothing() {
 }
 
 #[test]
+fn an_upload_that_ends_while_its_direct_descriptor_opens_is_whole_or_incomplete() {
+    // 200 KiB and its FIN in one burst: past DIRECT_AFTER the O_DIRECT
+    // descriptor is asked for, and the end comes before it is open. The
+    // spool is then let go of (a stop, a client lost after its FIN) before
+    // any completion is delivered: the closing table must still produce
+    // the whole upload, never a shorter file under its final name.
+    let (_dir, mut store, mut poll, mut disk) = setup();
+    let closing = Closing::default();
+    let data: Vec<u8> = (0..200 * 1024).map(|i| (i % 233) as u8).collect();
+    let mut spool = new_spool(&mut store, &closing);
+    fill(&mut spool, &mut disk, &mut poll, &data, usize::MAX, false);
+    spool.end(&mut disk);
+    spool.keep_incomplete(&mut disk);
+    let ended = close(&closing, &mut disk, &mut poll);
+    match &ended[..] {
+        [Ended::Finished(path)] | [Ended::Kept(path, _)] => {
+            assert_eq!(std::fs::read(path).unwrap(), data, "{ended:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn an_abandoned_spool_keeps_every_byte_received_and_no_padding() {
     let (dir, mut store, mut poll, mut disk) = setup();
     let closing = Closing::default();
