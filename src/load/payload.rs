@@ -8,6 +8,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use crate::client::Source;
+use crate::rng::Rng;
 
 /// An inclusive range of payload sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,10 +125,10 @@ impl Gate {
 /// Random bytes for payloads: up to 8 MiB, reused by all transfers.
 pub(super) fn random_pool(max_size: u64) -> Vec<u8> {
     let len = max_size.clamp(64 * 1024, 8 * 1024 * 1024) as usize;
-    let mut rng = SplitMix(seed_for(usize::MAX));
+    let mut rng = Rng::new(seed_for(usize::MAX));
     let mut pool = Vec::with_capacity(len + 8);
     while pool.len() < len {
-        pool.extend_from_slice(&rng.next().to_le_bytes());
+        pool.extend_from_slice(&rng.next_u64().to_le_bytes());
     }
     pool.truncate(len);
     pool
@@ -138,24 +139,6 @@ pub(super) fn seed_for(index: usize) -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     now ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-/// SplitMix64: tiny, fast, good enough to pick sizes and offsets.
-pub(super) struct SplitMix(pub u64);
-
-impl SplitMix {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform-enough value in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 #[cfg(test)]

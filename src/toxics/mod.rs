@@ -31,12 +31,11 @@
 
 pub mod json;
 pub mod pipe;
-mod rng;
 
 use std::fmt;
 use std::str::FromStr;
 
-pub use rng::Rng;
+pub use crate::rng::Rng;
 
 /// A direction of a connection, in toxiproxy's words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,11 +1,12 @@
-//! A small pseudo-random generator (SplitMix64) for toxicity draws, jitter
-//! and slice sizes: fault injection needs variety, not cryptography, and
-//! one `u64` of state per connection.
+//! A small pseudo-random generator (SplitMix64), shared by the load
+//! generator (upload sizes, offsets into its random pool) and the toxics
+//! (toxicity draws, jitter, slice sizes): both need variety, not
+//! cryptography, and one `u64` of state.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// SplitMix64: fast, and good enough to draw "does this connection get
-/// the toxic" and "how much jitter on this chunk".
+/// SplitMix64: fast, and good enough to pick a size, or to draw "does
+/// this connection get the toxic".
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 
