@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Which calls on the proxy's loop thread wait, under load: strace -f -T of
+# a proxy relaying 1,000 clients x 4 MiB (N, S to change), then the worst
+# duration of each traced call on the loop thread (the proxy's main pid),
+# every call over 5 ms, and the counts. Needs strace; writes under a temp
+# dir that it removes. Usage: scripts/loop-strace.sh path/to/stopover
+set -euo pipefail
+BIN=${1:?usage: loop-strace.sh path/to/stopover}
+W=$(mktemp -d "${TMPDIR:-/tmp}/stopover-strace.XXXXXX")
+trap 'kill $PP $SP 2>/dev/null || true; rm -rf "$W"' EXIT
+mkdir -p "$W/recv" "$W/spool"
+ulimit -n 20000 || true
+"$BIN" server --listen 127.0.0.1:0 --dir "$W/recv" 2> "$W/server.log" & SP=$!
+sleep 0.5; SADDR=$(grep -o 'listening on [0-9.:]*' "$W/server.log" | awk '{print $3}')
+"$BIN" proxy --listen 127.0.0.1:0 --upstream "$SADDR" --dir "$W/spool" 2> "$W/proxy.log" & PP=$!
+sleep 0.5; PADDR=$(grep -o 'listening on [0-9.:]*' "$W/proxy.log" | awk '{print $3}')
+strace -f -T -e trace=fallocate,ftruncate,pwrite64,write,io_uring_enter,sync_file_range,fadvise64,fsync,fdatasync,openat,unlinkat,renameat2,close \
+    -p "$PP" -o "$W/strace.txt" 2>/dev/null & STP=$!
+sleep 1
+"$BIN" load --to "$PADDR" -c 1000 -n "${N:-1000}" -s "${S:-4MiB}" --no-progress 2>&1 | head -6
+kill $STP; sleep 0.5
+echo "worst per call on the loop thread ($PP):"
+grep "^$PP " "$W/strace.txt" | sed -E 's/^[0-9]+ +([a-z0-9_]+)\(.*<([0-9.]+)>$/\1 \2/' \
+    | grep -E "^[a-z0-9_]+ [0-9.]+$" | sort -k1,1 -k2,2gr | awk '{ if ($1 != p) { print; p = $1 } }'
+echo "calls over 5 ms on the loop thread:"
+grep "^$PP " "$W/strace.txt" | awk -F'<' '{ d = $NF; sub(/>.*/, "", d); if (d + 0 > 0.005) print }' | head -20
+echo "counts:"
+grep "^$PP " "$W/strace.txt" | awk '{ split($2, a, "("); print a[1] }' | sort | uniq -c | sort -rn | head
