@@ -194,11 +194,7 @@ pub fn drop_cached(file: &File) -> io::Result<()> {
 /// filesystems without the flag answer `ENOSYS` or `EINVAL`; the caller
 /// chooses the fallback.
 pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let cstr = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
-    };
-    let (c_from, c_to) = (cstr(from)?, cstr(to)?);
+    let (c_from, c_to) = (cpath(from)?, cpath(to)?);
     // SAFETY: both arguments are valid NUL-terminated strings that outlive
     // the call; renameat2 does not keep the pointers.
     let rc = unsafe {
@@ -214,6 +210,26 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// `path` as a C string, for a system call or the ring.
+pub fn cpath(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+/// `rename` that fails with `AlreadyExists` instead of replacing `to`:
+/// [`rename_noreplace`], or, on a kernel or filesystem without
+/// `RENAME_NOREPLACE`, `link` + `unlink`, which gives the same no-clobber
+/// guarantee (`link` fails if `to` exists).
+pub fn rename_no_clobber(from: &Path, to: &Path) -> io::Result<()> {
+    match rename_noreplace(from, to) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        r => r,
     }
 }
 

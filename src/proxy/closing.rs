@@ -13,7 +13,13 @@ impl Core {
     /// call, and moves each on at once (one with nothing in flight may be
     /// done already).
     pub(super) fn adopt_closing(&mut self, cx: &mut Context<Timer>) {
-        for rec in self.closing_inbox.take_new() {
+        for mut rec in self.closing_inbox.take_new() {
+            if rec.is_finished() {
+                // Its transfer is done with a finished file: only its
+                // descriptors are left to close.
+                rec.close_files(&mut cx.disk);
+                continue;
+            }
             let id = rec.owner().id;
             self.closing.insert(id, rec);
             self.advance_closing(cx, id);
@@ -42,9 +48,10 @@ impl Core {
                 Ended::Removed
             }
         };
-        let Some(rec) = self.closing.remove(&id) else {
+        let Some(mut rec) = self.closing.remove(&id) else {
             return;
         };
+        rec.close_files(&mut cx.disk);
         let what = match &ended {
             Ended::Finished(path) => format!("finished as {}", path.display()),
             Ended::Kept(path, bytes) => format!("{bytes} bytes kept as {}", path.display()),

@@ -17,11 +17,13 @@
 //! that has already ended is removed. (Recordings whose transfers end with
 //! writes in flight are finished by `closing`.)
 
+use std::ffi::OsStr;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 
 use super::transfer::spool::Spool;
 use super::{Core, OnDiskError, Timer};
-use crate::event_loop::disk::{Done, Owner};
+use crate::event_loop::disk::{Disk, Done, Owner};
 use crate::event_loop::{accept, Context};
 use crate::store::Store;
 
@@ -63,7 +65,7 @@ impl Core {
             .filter(|t| t.id() == id && t.spool_opening())
             .map(|t| t.route)
         else {
-            self.remove_orphan(&done);
+            self.remove_orphan(cx, done);
             return;
         };
         let policy = self.routes.get(r).map_or(self.policy, |route| route.policy);
@@ -92,7 +94,11 @@ impl Core {
             Ok(part) => {
                 log::trace!("proxy: #{key} disk created {}.part", part.name());
                 if let Some(part) = t.spool_opened(part, &self.closing_inbox) {
-                    part.discard(); // the transfer has no spool any more
+                    // The transfer has no spool any more.
+                    if let Ok(path) = crate::sys::cpath(part.path()) {
+                        cx.disk.unlink(path, None);
+                    }
+                    cx.disk.release(part.into_file());
                 }
             }
             Err(e) => {
@@ -122,19 +128,19 @@ impl Core {
 
     /// A file created for a transfer that has ended meanwhile (a client
     /// that reset, a stop, a route deleted): nobody will write it, so it
-    /// goes. Names are unique to this process, so it is looked for in every
-    /// route's store.
-    fn remove_orphan(&self, done: &Done) {
+    /// goes, through the ring. Names are unique to this process, so it is
+    /// looked for in every route's store.
+    fn remove_orphan(&self, cx: &mut Context<Timer>, done: Done) {
         let stores = std::iter::once(&self.store)
             .chain(self.routes.iter().filter_map(|(_, r)| r.store.as_ref()));
-        remove_orphan_in(stores, done);
+        remove_orphan_in(stores, done, &mut cx.disk);
     }
 }
 
 /// Removes the file an open made (if it made one) from whichever of
-/// `stores` holds it.
-fn remove_orphan_in<'a>(stores: impl Iterator<Item = &'a Store>, done: &Done) {
-    let (Some(_), Some(name)) = (&done.opened, &done.name) else {
+/// `stores` holds it, and closes it, both through `disk`'s ring.
+fn remove_orphan_in<'a>(stores: impl Iterator<Item = &'a Store>, done: Done, disk: &mut Disk) {
+    let (Some(file), Some(name)) = (done.opened, done.name) else {
         return;
     };
     log::debug!(
@@ -142,8 +148,12 @@ fn remove_orphan_in<'a>(stores: impl Iterator<Item = &'a Store>, done: &Done) {
         done.owner.key
     );
     for store in stores {
-        store.remove_part(name);
+        let path = store.dir().join(OsStr::from_bytes(name.to_bytes()));
+        if let Ok(path) = crate::sys::cpath(&path) {
+            disk.unlink(path, None);
+        }
     }
+    disk.release(std::sync::Arc::new(file));
 }
 
 /// What went wrong, without where (the spool's path is none of the
@@ -159,7 +169,6 @@ pub(super) fn cause(e: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event_loop::disk::Disk;
 
     #[test]
     fn a_file_made_for_a_transfer_that_has_ended_is_removed() {
@@ -177,7 +186,7 @@ mod tests {
         assert!(done.opened.is_some(), "{done:?}");
         let part = dir.path().join("a").join(format!("{name}.part"));
         assert!(part.exists());
-        remove_orphan_in([&other, &store].into_iter(), &done);
+        remove_orphan_in([&other, &store].into_iter(), done, &mut disk);
         assert!(!part.exists(), "no .part outlives its transfer");
     }
 }

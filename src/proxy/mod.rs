@@ -485,7 +485,12 @@ impl event_loop::Handler for Core {
             return;
         }
         let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) else {
-            return; // its file was removed
+            // Its file was removed; a descriptor opened for it meanwhile
+            // is closed through the ring too.
+            if let Some(file) = done.opened {
+                cx.disk.release(std::sync::Arc::new(file));
+            }
+            return;
         };
         t.on_done(done, &mut cx.disk);
         self.drive(cx, key);

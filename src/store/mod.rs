@@ -261,19 +261,6 @@ impl Store {
         )
     }
 
-    /// Removes `<name>.part`, created for an upload that is gone before
-    /// it could be written (the proxy's creation through the ring finished
-    /// after its transfer ended).
-    pub fn remove_part(&self, name: &std::ffi::CStr) {
-        let path = self.dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                log::debug!("removing {}: {e}", path.display())
-            }
-            _ => {}
-        }
-    }
-
     /// The error when every name tried was taken.
     pub fn no_free_name(&self) -> io::Error {
         io::Error::new(

@@ -225,7 +225,7 @@ impl PartFile {
             return Ok(());
         }
         self.release_reserve()?;
-        rename_noreplace(&self.part_path, &self.final_path)
+        sys::rename_no_clobber(&self.part_path, &self.final_path)
             .with_context(|| format!("renaming {} to its final name", self.part_path.display()))?;
         self.finished = true;
         if let Some(ticket) = &mut self.ticket {
@@ -269,6 +269,44 @@ impl PartFile {
         Ok(())
     }
 
+    /// The `.part` path and the final path: the rename that
+    /// [`PartFile::finish`] does, for a caller that does it itself (the
+    /// proxy, through the ring) and then says so with
+    /// [`PartFile::named_final`].
+    pub fn part_and_final_paths(&self) -> (&Path, &Path) {
+        (&self.part_path, &self.final_path)
+    }
+
+    /// The caller has renamed the `.part` file to its final name (trimmed
+    /// first, if anything was reserved past its data).
+    pub fn named_final(&mut self) {
+        self.reserved = 0;
+        self.finished = true;
+        if let Some(ticket) = &mut self.ticket {
+            ticket.finished(&self.name, self.bytes);
+        }
+    }
+
+    /// Where [`PartFile::keep_incomplete`] puts an unfinished file.
+    pub fn incomplete_path(&self) -> PathBuf {
+        self.final_path
+            .with_file_name(format!("{}{INCOMPLETE_SUFFIX}", self.name))
+    }
+
+    /// The caller has renamed the `.part` file to
+    /// [`PartFile::incomplete_path`], `bytes` long.
+    pub fn named_incomplete(&mut self, bytes: u64) {
+        if let Some(ticket) = &mut self.ticket {
+            ticket.kept(&format!("{}{INCOMPLETE_SUFFIX}", self.name), bytes);
+        }
+    }
+
+    /// Lets go of the bookkeeping and hands over the descriptor, for a
+    /// caller that closes it itself (the proxy, through the ring).
+    pub fn into_file(self) -> Arc<File> {
+        self.file
+    }
+
     /// Removes an unfinished file (the server's way with aborted uploads).
     pub fn discard(self) {
         if !self.finished {
@@ -288,29 +326,13 @@ impl PartFile {
         if let Err(e) = self.release_reserve() {
             log::warn!("{e}"); // the bytes matter more than the spare space
         }
-        let to = self
-            .final_path
-            .with_file_name(format!("{}{INCOMPLETE_SUFFIX}", self.name));
-        rename_noreplace(&self.part_path, &to).with_context(|| {
+        let to = self.incomplete_path();
+        sys::rename_no_clobber(&self.part_path, &to).with_context(|| {
             format!("renaming {} to {}", self.part_path.display(), to.display())
         })?;
         if let Some(ticket) = &mut self.ticket {
             ticket.kept(&format!("{}{INCOMPLETE_SUFFIX}", self.name), self.bytes);
         }
         Ok(to)
-    }
-}
-
-/// `rename` that fails with `AlreadyExists` instead of replacing `to`.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    match sys::rename_noreplace(from, to) {
-        Ok(()) => Ok(()),
-        // Old kernel or a filesystem without RENAME_NOREPLACE: link + unlink
-        // gives the same no-clobber guarantee (link fails if `to` exists).
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) => {
-            fs::hard_link(from, to)?;
-            fs::remove_file(from)
-        }
-        Err(e) => Err(e),
     }
 }

@@ -37,6 +37,9 @@ pub struct Ring {
     backlog: VecDeque<squeue::Entry>,
     /// The kernel has `IORING_OP_FTRUNCATE` (Linux 6.9).
     pub can_truncate: bool,
+    /// The kernel has `IORING_OP_RENAMEAT`, `_UNLINKAT` and `_CLOSE`
+    /// (Linux 5.11).
+    pub can_name: bool,
 }
 
 impl Ring {
@@ -50,12 +53,21 @@ impl Ring {
             .build(RING_ENTRIES)
             .map_err(|e| e.to_string())?;
         let mut probe = Probe::new();
-        let can_truncate = ring.submitter().register_probe(&mut probe).is_ok()
-            && probe.is_supported(opcode::Ftruncate::CODE);
+        let probed = ring.submitter().register_probe(&mut probe).is_ok();
+        let can_truncate = probed && probe.is_supported(opcode::Ftruncate::CODE);
+        let can_name = probed
+            && [
+                opcode::RenameAt::CODE,
+                opcode::UnlinkAt::CODE,
+                opcode::Close::CODE,
+            ]
+            .iter()
+            .all(|&code| probe.is_supported(code));
         Ok(Ring {
             ring,
             backlog: VecDeque::new(),
             can_truncate,
+            can_name,
         })
     }
 

@@ -240,3 +240,80 @@ fn files_are_created_through_the_ring_and_a_taken_name_is_refused() {
         );
     }
 }
+
+#[test]
+fn renames_never_replace_and_removals_and_fsyncs_complete_through_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name);
+    let c = |name: &str| crate::sys::cpath(&at(name)).unwrap();
+    for ring in [true, false] {
+        let (mut poll, mut disk) = disk();
+        if !ring {
+            disk.ring = None; // the fallback: done at once, reported at the reap
+        }
+        std::fs::write(at("a.part"), b"upload").unwrap();
+        std::fs::write(at("taken"), b"someone else's").unwrap();
+        std::fs::write(at("b.part"), b"mine").unwrap();
+        std::fs::write(at("gone"), b"x").unwrap();
+        let owner = Owner { key: 1, id: 2 };
+        let file = Arc::new(File::open(at("a.part")).unwrap());
+        disk.fsync(&file, owner);
+        disk.rename(c("a.part"), c("a"), owner);
+        disk.rename(c("b.part"), c("taken"), owner);
+        disk.unlink(c("gone"), Some(owner));
+        let done = wait_for(&mut disk, &mut poll, 4);
+        assert_eq!(done.len(), 4, "ring {ring}: {done:?}");
+        let of = |op: Op| done.iter().filter(move |d| d.op == op);
+        assert!(of(Op::Fsync).all(|d| d.result.is_ok()));
+        assert!(of(Op::Unlink).all(|d| d.result.is_ok()));
+        assert!(!at("gone").exists());
+        let renames: Vec<_> = of(Op::Rename).collect();
+        assert_eq!(renames.len(), 2);
+        assert_eq!(renames.iter().filter(|d| d.result.is_ok()).count(), 1);
+        let refused = renames.iter().find(|d| d.result.is_err()).unwrap();
+        assert_eq!(
+            refused.result.as_ref().unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists,
+            "RENAME_NOREPLACE: an existing name is never replaced"
+        );
+        assert_eq!(std::fs::read(at("a")).unwrap(), b"upload");
+        assert_eq!(std::fs::read(at("taken")).unwrap(), b"someone else's");
+        assert_eq!(std::fs::read(at("b.part")).unwrap(), b"mine");
+        for name in ["a", "taken", "b.part"] {
+            std::fs::remove_file(at(name)).unwrap();
+        }
+    }
+}
+
+/// The path a descriptor of this process refers to, if it is open.
+fn fd_path(fd: i32) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
+}
+
+#[test]
+fn the_last_release_closes_the_file_through_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("closed-through-the-ring");
+    let file = Arc::new(File::create(&path).unwrap());
+    let fd = file.as_raw_fd();
+    let (mut poll, mut disk) = disk();
+    let owner = Owner { key: 0, id: 1 };
+    // A write in flight holds the file too: releasing ours does not close it.
+    disk.write(&file, None, 0, Buf::Bytes(b"abc".to_vec().into()), 3, owner);
+    disk.release(file);
+    assert_eq!(fd_path(fd).as_deref(), Some(path.as_path()), "still open");
+    let done = wait_for(&mut disk, &mut poll, 1);
+    assert!(done[0].result.is_ok(), "{done:?}");
+    // The write's completion let go of the last reference: the close is
+    // queued on the ring (not done on this thread), and done by the kernel.
+    assert_eq!(disk.in_flight(), 1, "a close is queued");
+    assert_eq!(fd_path(fd).as_deref(), Some(path.as_path()), "still open");
+    let _ = disk.drain(Instant::now() + Duration::from_secs(10));
+    assert_eq!(disk.in_flight(), 0);
+    assert_ne!(
+        fd_path(fd).as_deref(),
+        Some(path.as_path()),
+        "the descriptor is closed"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"abc");
+}

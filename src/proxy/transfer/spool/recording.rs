@@ -20,7 +20,11 @@
 //! - `Discard`: removed at once (writes in flight land in the unlinked file).
 //!
 //! Trimming is an `ftruncate` through the ring, issued only when nothing
-//! else of the file is in flight (the ring keeps no order between entries).
+//! else of the file is in flight (the ring keeps no order between entries);
+//! the rename (and a removal) goes through the ring too, and so does the
+//! `close` of each descriptor once the recording is let go of
+//! ([`Recording::close_files`]): nothing that touches the directory or
+//! the file's blocks runs on the loop.
 //!
 //! **No `.part` outlives its transfer.** A recording dropped before it has
 //! ended (its transfer closed, failed, or gave up recording) hands itself
@@ -29,7 +33,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -64,6 +67,15 @@ pub enum Ended {
     Kept(PathBuf, u64),
     /// Nothing kept.
     Removed,
+}
+
+/// Where the rename that ends a recording stands (it goes through the ring:
+/// a rename waits for its directory's lock).
+#[derive(Debug)]
+enum Naming {
+    NotAsked,
+    Asked,
+    Done(io::Result<()>),
 }
 
 /// Whether the recording writes with `O_DIRECT`.
@@ -125,6 +137,8 @@ pub struct Recording {
     pub overflowed: u64,
     /// Trimmed to this length (through the ring), or asked to be.
     trimmed_to: Option<u64>,
+    /// The final rename (to the final name or `.incomplete`).
+    naming: Naming,
     /// What to do when it ends.
     pub goal: Goal,
     /// Why recording was given up, if it was (for the log and the metric).
@@ -145,6 +159,7 @@ impl Recording {
             failure_taken: false,
             overflowed: 0,
             trimmed_to: None,
+            naming: Naming::NotAsked,
             goal: Goal::Keep,
             given_up: None,
             closing,
@@ -165,6 +180,7 @@ impl Recording {
             failure_taken: self.failure_taken,
             overflowed: self.overflowed,
             trimmed_to: self.trimmed_to,
+            naming: std::mem::replace(&mut self.naming, Naming::NotAsked),
             goal: self.goal,
             given_up: self.given_up.take(),
             closing: self.closing.clone(),
@@ -304,7 +320,7 @@ impl Recording {
         if !disk.is_async() {
             return Direct::Off;
         }
-        let Ok(path) = std::ffi::CString::new(part.path().as_os_str().as_bytes()) else {
+        let Ok(path) = sys::cpath(part.path()) else {
             return Direct::Off;
         };
         disk.reopen(
@@ -414,9 +430,11 @@ impl Recording {
                 }
             }
             Op::Reopen => self.direct_opened(done.opened, done.result),
+            Op::Rename => self.naming = Naming::Done(done.result),
             // Opens are the proxy's (see `Spool::opening`), never a
-            // recording's: a recording exists once its file does.
-            Op::Writeback | Op::DropCached | Op::Open => {}
+            // recording's: a recording exists once its file does. Nobody
+            // hears of closes and removals.
+            Op::Writeback | Op::DropCached | Op::Open | Op::Unlink | Op::Fsync | Op::Close => {}
         }
     }
 
@@ -444,13 +462,17 @@ impl Recording {
 
     /// Moves the recording on towards its goal (see the module docs):
     /// `None` while something is still in flight, then how it ended. For a
-    /// live upload (`Finish`), `Err` when it cannot take its final name.
+    /// live upload (`Finish`), `Err` when it cannot take its final name
+    /// (the caller may then ask for `Keep`).
     pub fn advance_to_end(&mut self, disk: &mut Disk) -> Option<io::Result<Ended>> {
         let Some(part) = self.part.as_mut() else {
             return Some(Ok(Ended::Removed));
         };
         if part.is_finished() {
             return Some(Ok(Ended::Finished(part.path().to_path_buf())));
+        }
+        if matches!(self.naming, Naming::Asked) {
+            return None; // whatever the goal is now, the rename decides
         }
         let valid = match &self.failed {
             Some((at, _, _)) => part.bytes().min(*at),
@@ -462,7 +484,7 @@ impl Recording {
         };
         if goal == Goal::Discard || (goal == Goal::Keep && valid == 0) {
             // Writes in flight land in the unlinked file.
-            self.part.take().expect("checked above").discard();
+            self.remove(disk);
             return Some(Ok(Ended::Removed));
         }
         if self.in_flight > 0 {
@@ -484,39 +506,90 @@ impl Recording {
             }
             part.trimmed();
         }
-        if goal == Goal::Finish {
-            if let Err(e) = part.finish() {
-                return Some(Err(e));
+        // Then the rename, through the ring.
+        let (from, to) = match goal {
+            Goal::Finish => {
+                let (from, to) = part.part_and_final_paths();
+                (from.to_path_buf(), to.to_path_buf())
             }
-            log::trace!("proxy: #{} disk renamed {}", self.owner.key, part.name());
-            let path = part.path().to_path_buf();
-            if self.overflowed > 0 {
-                // What overflowed through the page cache leaves it (pages
-                // still being written back stay until they are clean).
-                disk.drop_cached(part.shared_file());
+            _ => (part.path().to_path_buf(), part.incomplete_path()),
+        };
+        match std::mem::replace(&mut self.naming, Naming::NotAsked) {
+            Naming::NotAsked | Naming::Asked => {
+                match (sys::cpath(&from), sys::cpath(&to)) {
+                    (Ok(from), Ok(to)) => disk.rename(from, to, self.owner),
+                    (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
+                }
+                self.naming = Naming::Asked;
+                self.in_flight += 1;
+                None
             }
-            return Some(Ok(Ended::Finished(path)));
-        }
-        let part = self.part.take().expect("checked above");
-        let part_path = part.path().to_path_buf();
-        match part.keep_incomplete() {
-            Ok(path) => Some(Ok(Ended::Kept(path, valid))),
-            Err(e) => {
+            Naming::Done(Ok(())) if goal == Goal::Finish => {
+                part.named_final();
+                log::trace!("proxy: #{} disk renamed {}", self.owner.key, part.name());
+                if self.overflowed > 0 {
+                    // What overflowed through the page cache leaves it (pages
+                    // still being written back stay until they are clean).
+                    disk.drop_cached(part.shared_file());
+                }
+                Some(Ok(Ended::Finished(to)))
+            }
+            Naming::Done(Ok(())) => {
+                part.named_incomplete(valid);
+                self.close_files(disk);
+                Some(Ok(Ended::Kept(to, valid)))
+            }
+            Naming::Done(Err(e)) if goal == Goal::Finish => Some(Err(io::Error::new(
+                e.kind(),
+                format!("renaming {} to its final name: {e}", from.display()),
+            ))),
+            Naming::Done(Err(e)) => {
                 // Not even a rename fits (a full directory on a full disk):
                 // the bytes go, but no `.part` outlives its transfer.
-                let removed = std::fs::remove_file(&part_path);
+                self.remove(disk);
                 Some(Err(io::Error::new(
                     e.kind(),
-                    format!("{e}; removed it ({removed:?})"),
+                    format!(
+                        "renaming {} to {}: {e}; removing it",
+                        from.display(),
+                        to.display()
+                    ),
                 )))
             }
+        }
+    }
+
+    /// Removes the unfinished file and lets go of its descriptors, both
+    /// through the ring.
+    fn remove(&mut self, disk: &mut Disk) {
+        if let Some(part) = self.part.as_ref() {
+            match sys::cpath(part.path()) {
+                Ok(path) => disk.unlink(path, None),
+                Err(e) => log::warn!("removing {}: {e}", part.path().display()),
+            }
+        }
+        self.close_files(disk);
+    }
+
+    /// Hands the file's descriptors to the disk, which closes each once no
+    /// operation in flight holds it (through the ring: see
+    /// `Disk::release`). A finished file's bookkeeping goes with them.
+    pub fn close_files(&mut self, disk: &mut Disk) {
+        if let Direct::On(file) = std::mem::replace(&mut self.direct, Direct::Off) {
+            disk.release(file);
+        }
+        if let Some(part) = self.part.take() {
+            disk.release(part.into_file());
         }
     }
 }
 
 impl Drop for Recording {
+    /// A recording let go of goes to the loop's closing table: to be ended
+    /// if it has not, and to have its descriptors closed through the ring
+    /// in any case.
     fn drop(&mut self) {
-        if self.part.as_ref().is_some_and(|p| !p.is_finished()) {
+        if self.part.is_some() || matches!(self.direct, Direct::On(_)) {
             let closing = self.closing.clone();
             closing.retire(self.take());
         }
