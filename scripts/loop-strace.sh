@@ -17,7 +17,7 @@ sleep 0.5; PADDR=$(grep -o 'listening on [0-9.:]*' "$W/proxy.log" | awk '{print 
 strace -f -T -e trace=fallocate,ftruncate,pwrite64,write,io_uring_enter,sync_file_range,fadvise64,fsync,fdatasync,openat,unlinkat,renameat2,close \
     -p "$PP" -o "$W/strace.txt" 2>/dev/null & STP=$!
 sleep 1
-"$BIN" load --to "$PADDR" -c 1000 -n "${N:-1000}" -s "${S:-4MiB}" --no-progress 2>&1 | head -6
+${LOAD_NICE:+nice -n $LOAD_NICE} "$BIN" load --to "$PADDR" -c 1000 -n "${N:-1000}" -s "${S:-4MiB}" --no-progress 2>&1 | head -8
 kill $STP; sleep 0.5
 echo "worst per call on the loop thread ($PP):"
 grep "^$PP " "$W/strace.txt" | sed -E 's/^[0-9]+ +([a-z0-9_]+)\(.*<([0-9.]+)>$/\1 \2/' \
@@ -26,3 +26,5 @@ echo "calls over 5 ms on the loop thread:"
 grep "^$PP " "$W/strace.txt" | awk -F'<' '{ d = $NF; sub(/>.*/, "", d); if (d + 0 > 0.005) print }' | head -20
 echo "counts:"
 grep "^$PP " "$W/strace.txt" | awk '{ split($2, a, "("); print a[1] }' | sort | uniq -c | sort -rn | head
+echo "warnings: proxy $(grep -c WARN "$W/proxy.log" || true), server $(grep -c WARN "$W/server.log" || true)"
+grep -h WARN "$W/proxy.log" "$W/server.log" | head -3 || true

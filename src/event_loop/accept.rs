@@ -426,6 +426,9 @@ impl AcceptGate {
     /// Descriptors kept free for everything that is not a connection
     /// (stdio, the poll instance, the waker, the listener, log files...).
     const RESERVED: u64 = 16;
+    /// The descriptor table is grown at startup up to this many entries
+    /// (8 bytes each) at most.
+    const PRESIZE_MAX: u64 = 65536;
 
     fn new(role: &'static str, per_conn: u64, max_conns: Option<usize>) -> AcceptGate {
         let limit = match sys::raise_nofile_limit() {
@@ -440,6 +443,12 @@ impl AcceptGate {
         let budget =
             (limit.saturating_sub(in_use + Self::RESERVED) / per_conn.max(1)).max(1) as usize;
         let capacity = max_conns.map_or(budget, |m| m.min(budget));
+        // The descriptor table, grown now rather than under load (see
+        // `sys::grow_descriptor_table`), up to a size that costs little.
+        let needed = (in_use + Self::RESERVED + capacity as u64 * per_conn).min(limit);
+        if let Err(e) = sys::grow_descriptor_table(needed.min(Self::PRESIZE_MAX)) {
+            log::debug!("{role}: growing the descriptor table: {e}");
+        }
         let note = format!(
             "{role}: up to {capacity} concurrent connections (open-files limit {limit}, {per_conn} descriptors per connection{})",
             max_conns.map_or(String::new(), |m| format!(", --max-conns {m}"))
