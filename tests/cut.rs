@@ -169,6 +169,36 @@ fn a_client_that_never_reads_a_cut_answer_is_reset_after_the_idle_timeout() {
     assert_aborted_once(cut.stats);
 }
 
+/// The idle timeout counts from the client's last progress, not from the
+/// cut: a client that takes a little at a time, each step well within the
+/// timeout, gets it all however long that takes in total.
+#[test]
+fn a_client_that_reads_a_little_at_a_time_outlasts_the_idle_timeout() {
+    let mut cut = cut_answer(&["--idle-timeout", "1s"], 26);
+    cut.proxy.wait_for_log("failed after");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    let started = Instant::now();
+    let end = loop {
+        // Pacing a slow reader (a fifth of the timeout), not synchronising.
+        std::thread::sleep(Duration::from_millis(200));
+        match cut.client.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break Some(e),
+        }
+    };
+    eprintln!(
+        "{} bytes in {:.1} s with a 1 s idle timeout",
+        got.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(got == cut.answer, "{} of {ANSWER} bytes", got.len());
+    let e = end.expect("a reset, not a clean EOF");
+    assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+    assert_aborted_once(cut.stats);
+}
+
 #[test]
 fn a_client_that_resets_during_a_cut_answer_ends_it_at_once() {
     // An idle timeout longer than the test's patience: only the client's

@@ -88,8 +88,11 @@ pub(super) struct Cut {
 
 impl Cut {
     /// One round: the bytes we hold to the client, then a look at what it
-    /// has not acknowledged. `Err(CutDelivered)` once it has them all.
-    pub(super) fn step(&mut self, client: &mut Peer) -> Step {
+    /// has not acknowledged. `Err(CutDelivered)` once it has them all. A
+    /// shorter queue is progress for the idle clock (`last_active`), but
+    /// not a move: nothing else waits for it, so the drive need not go
+    /// round again for it.
+    pub(super) fn step(&mut self, client: &mut Peer, last_active: &mut Instant) -> Step {
         let mut moved = false;
         if !self.rest.is_empty() {
             let (taken, failed) = client.write_ready(&self.rest);
@@ -114,7 +117,9 @@ impl Cut {
         match sys::unacked_bytes(client.sock()) {
             Ok(0) => Err(Happened::CutDelivered),
             Ok(n) => {
-                moved |= n < self.unacked; // progress: the idle clock restarts
+                if n < self.unacked {
+                    *last_active = Instant::now();
+                }
                 self.unacked = n;
                 Ok(moved)
             }

@@ -421,7 +421,7 @@ impl Transfer {
                 Ok(moved)
             }
             State::Holding { .. } => hold::watch_client(client, scratch),
-            State::Cutting(cut) => cut.step(client),
+            State::Cutting(cut) => cut.step(client, &mut self.last_active),
             // The client is not read until the upstream is up: its bytes
             // wait in the kernel, and the first ones we read go to the
             // upstream and the spool together (see `upload`).
