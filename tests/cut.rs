@@ -218,6 +218,43 @@ fn a_client_that_resets_during_a_cut_answer_ends_it_at_once() {
     assert_aborted_once(cut.stats);
 }
 
+/// An answer the client does not take is the client's idleness, not the
+/// upstream's: the upstream that sent it (and waits, its connection open)
+/// is not blamed and its answer is not cut; the client is dropped after
+/// one idle timeout.
+#[test]
+fn a_client_that_does_not_take_its_answer_is_the_one_idle() {
+    let listener = TcpListener::bind(loopback0()).unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (_hold_open, held) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let (mut sock, _) = listener.accept().unwrap();
+        read_all(&mut sock).expect("the upload, then EOF");
+        // More than the proxy and the client's kernel take while the
+        // client does not read: the proxy ends up holding answer bytes.
+        let _ = sock.write_all(&random_bytes(8 << 20, 27));
+        let _ = held.recv(); // no FIN: the connection stays open
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = spawn_proxy(upstream, dir.path(), &["--idle-timeout", "1s"]);
+    let _client = upload(proxy.addr);
+    wait_until("the proxy gives up on the transfer", || {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("before its answer") || l.contains("failed after"))
+    });
+    let log = proxy.log_lines().join("\n");
+    assert!(
+        !log.contains("failed after"),
+        "the upstream was blamed for the client's idleness:\n{log}"
+    );
+    assert!(
+        log.contains("went away before its answer (idle for 1s)"),
+        "{log}"
+    );
+}
+
 /// The proxy counted one transfer, aborted, and has none open.
 fn assert_aborted_once(stats: SocketAddr) {
     let body = scrape(stats);
