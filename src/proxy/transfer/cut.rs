@@ -60,15 +60,15 @@ use super::spool::Spool;
 use super::upload::Link;
 use super::{Happened, Outcome, Policy, State, Step, Timer, Transfer};
 
-/// The first look at the client's send queue after the cut. A client that
-/// reads as the bytes come has usually taken them within a millisecond on
-/// a LAN; one that is slower is looked at less and less often.
+/// The first look at the client's send queue after the cut: short, so a
+/// client that keeps up is reset soon after its last byte; one that is
+/// slower is looked at less and less often.
 pub(super) const FIRST_LOOK: Duration = Duration::from_millis(1);
 
 /// The longest time between two looks: the most a reset can come after
 /// the client has taken the last byte (the client sees it only after its
 /// last byte, so this costs it nothing but the wait), and at most 20
-/// `ioctl`s a second per transfer in this state.
+/// timed `ioctl`s a second per transfer in this state.
 pub(super) const LAST_LOOK: Duration = Duration::from_millis(50);
 
 /// What a transfer holds while its cut answer drains to the client.
