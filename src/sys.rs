@@ -12,6 +12,7 @@
 //! |---|---|---|
 //! | `getrlimit`/`setrlimit` | the accept gate, the load generator | no std API |
 //! | `setsockopt(SO_RCVLOWAT)` | the server | neither std nor socket2 |
+//! | `ioctl(SIOCOUTQ)` | the proxy's cut answer (has the client taken it all?), the tests | neither std nor socket2 |
 //! | `sync_file_range`, `posix_fadvise` | the disk's fallback without a ring | no std API |
 //! | `statx(STATX_DIOALIGN)` | the proxy's spool (may it use `O_DIRECT`?) | no std API |
 //! | `fallocate` | the store | no std API |
@@ -103,6 +104,22 @@ pub fn set_recv_low_water(sock: &impl AsRawFd, bytes: usize) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// `ioctl(SIOCOUTQ)`: the bytes in a TCP socket's send queue that the
+/// other end has not acknowledged yet (sent or not). Zero means every byte
+/// written is in the peer's kernel. Never waits.
+pub fn unacked_bytes(sock: &impl AsRawFd) -> io::Result<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: the descriptor is open for the duration of the call (the
+    // borrow of `sock` guarantees it); SIOCOUTQ (the same request number
+    // as TIOCOUTQ on Linux) writes one c_int through the pointer, which
+    // points at ours for the whole call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(queued).unwrap_or(0))
 }
 
 /// `openat(2)`: opens `name` in the directory `dir` with `flags` and

@@ -216,8 +216,7 @@ impl Acceptor {
             let listener = self.listener.as_ref()?;
             match listener.accept() {
                 Ok((sock, addr)) => {
-                    self.counters.accepted += 1;
-                    self.check_inherited(&sock);
+                    self.count_accepted(&sock);
                     return Some((sock, addr));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -239,10 +238,21 @@ impl Acceptor {
         }
     }
 
+    /// Counts a connection accepted by a listener of this loop that has
+    /// [`set_options`]'s options (ours, or one of the proxy's routes'), and
+    /// makes sure the socket has them: see [`Acceptor::check_inherited`].
+    pub fn count_accepted(&mut self, sock: &TcpStream) {
+        self.counters.accepted += 1;
+        self.check_inherited(sock);
+    }
+
     /// Makes sure `sock` has the options [`set_options`] put on the
     /// listener. Linux copies them to every accepted socket; this looks
     /// once, at the first connection (one `getsockopt`), and where they
-    /// were not copied sets them on every socket from then on.
+    /// were not copied sets them on every socket from then on. The verdict
+    /// is the kernel's, not one listener's: it serves every listener of
+    /// the loop given the same options (the proxy's routes use
+    /// `recv_low_water` `None`, as the proxy's own listener does).
     fn check_inherited(&mut self, sock: &TcpStream) {
         let inherits = *self.inherits.get_or_insert_with(|| {
             let linger = socket2::SockRef::from(sock).linger();
@@ -528,6 +538,42 @@ impl AcceptGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener of the loop whose sockets lack the options (a kernel
+    /// that does not copy them, or a listener nobody set them on): the
+    /// acceptor's check gives them their options itself, and from then on
+    /// to every socket of every listener it is shown.
+    #[test]
+    fn sockets_that_did_not_inherit_the_options_get_them() {
+        let poll = mio::Poll::new().unwrap();
+        let config = AcceptConfig {
+            role: "test",
+            listen: "127.0.0.1:0".parse().unwrap(),
+            per_conn: 2,
+            max_conns: None,
+            grace: Duration::ZERO,
+            stats_listen: None,
+            stats_interval: None,
+            recv_low_water: None,
+            api_listen: None,
+        };
+        let mut acceptor = Acceptor::bind(&config, poll.registry()).unwrap();
+        // A listener without set_options.
+        let bare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = bare.local_addr().unwrap();
+        for _ in 0..2 {
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let (sock, _) = bare.accept().unwrap();
+            let sock = TcpStream::from_std(sock);
+            let linger = || socket2::SockRef::from(&sock).linger().unwrap();
+            assert_eq!(linger(), None, "a bare listener's socket lingers normally");
+            acceptor.count_accepted(&sock);
+            assert_eq!(linger(), Some(Duration::ZERO), "SO_LINGER 0 set on it");
+            assert!(socket2::SockRef::from(&sock).nodelay().unwrap());
+        }
+        assert_eq!(acceptor.inherits, Some(false));
+        assert_eq!(acceptor.counters.accepted, 2);
+    }
 
     #[test]
     fn only_per_connection_accept_errors_are_retried_at_once() {

@@ -292,21 +292,36 @@ impl Peer {
     /// pending socket error (`SO_ERROR`), or as a read that fails. Looks
     /// only when an event has said something changed.
     pub fn gone_after_eof(&mut self, scratch: &mut [u8]) -> Option<io::Error> {
+        let looked = self.readable;
+        if let Some(e) = self.failed_since_event() {
+            return Some(e);
+        }
+        if !looked {
+            return None;
+        }
+        match self.sock.read(scratch) {
+            Err(e)
+                if e.kind() != io::ErrorKind::WouldBlock
+                    && e.kind() != io::ErrorKind::Interrupted =>
+            {
+                Some(e)
+            }
+            _ => None,
+        }
+    }
+
+    /// For a socket we no longer read: has the connection failed (a reset
+    /// arrived)? The pending socket error (`SO_ERROR`) says so; looks only
+    /// when an event has said something changed, once per event (the read
+    /// flag is the "an event came" mark, and is cleared here).
+    pub fn failed_since_event(&mut self) -> Option<io::Error> {
         if !self.readable {
             return None;
         }
         self.readable = false;
         match self.sock.take_error() {
             Ok(Some(e)) | Err(e) => Some(e),
-            Ok(None) => match self.sock.read(scratch) {
-                Err(e)
-                    if e.kind() != io::ErrorKind::WouldBlock
-                        && e.kind() != io::ErrorKind::Interrupted =>
-                {
-                    Some(e)
-                }
-                _ => None,
-            },
+            Ok(None) => None,
         }
     }
 

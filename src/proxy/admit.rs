@@ -23,7 +23,9 @@ impl Core {
     ) {
         let policy = self.routes[r].policy;
         // TCP_NODELAY and SO_LINGER 0 came from the listener (see
-        // `event_loop::accept`'s set_options).
+        // `event_loop::accept`'s set_options), or were set on the socket
+        // where they did not (`Acceptor::count_accepted`, for the routes'
+        // listeners too).
         let key = self.transfers.vacant_key();
         self.next_id += 1;
         let id = self.next_id;

@@ -207,6 +207,9 @@ pub enum Timer {
     Rate { key: usize, id: u64 },
     /// A toxic's delay queue has something due (see `transfer::toxic`).
     Toxic { key: usize, id: u64 },
+    /// Look again whether a cut answer has reached the client (see
+    /// `transfer::cut`).
+    Cut { key: usize, id: u64 },
 }
 
 /// Counters reported when the proxy stops.
@@ -503,7 +506,8 @@ impl event_loop::Handler for Core {
             | Timer::ConnectTimeout { key, id }
             | Timer::Idle { key, id }
             | Timer::Rate { key, id }
-            | Timer::Toxic { key, id } => (key, id),
+            | Timer::Toxic { key, id }
+            | Timer::Cut { key, id } => (key, id),
         };
         let Some(t) = self.transfers.get_mut(key).filter(|t| t.id() == id) else {
             return; // its transfer is gone
@@ -522,6 +526,7 @@ impl event_loop::Handler for Core {
             }
             Timer::Rate { .. } => t.check_rate(cx, policy),
             Timer::Toxic { .. } => t.toxic_fired(),
+            Timer::Cut { .. } => t.cut_look(cx),
         }
         self.drive(cx, key);
         self.adopt_closing(cx);

@@ -248,7 +248,9 @@ impl Core {
             };
             match accepted {
                 Ok((sock, addr)) => {
-                    cx.acceptor.counters.accepted += 1;
+                    // Its listener has the main one's options: checked the
+                    // same way, since `admit` relies on them.
+                    cx.acceptor.count_accepted(&sock);
                     self.admit(cx, r, sock, addr);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,

@@ -127,6 +127,12 @@ impl Link {
         Ok(moved)
     }
 
+    /// True while answer bytes wait for the client here (in our buffer, or
+    /// in the toxics' pipe).
+    pub fn answer_held(&self) -> bool {
+        !self.answer.is_empty() || self.toxics.as_ref().is_some_and(|t| t.down.queued() > 0)
+    }
+
     /// Passes the upstream's FIN on to the client.
     pub(super) fn finish_answer(&self, client: &mut Peer) {
         if self.upload_done(client) {

@@ -31,7 +31,7 @@ use crate::event_loop::disk::Disk;
 use crate::event_loop::{Context, Reply};
 
 use super::upload::Link;
-use super::{OnDiskError, Outcome, Policy, State, Timer, Transfer};
+use super::{OnDiskError, Policy, State, Timer, Transfer};
 
 impl State {
     /// The resources a state holds, for the failure paths to dispose of.
@@ -43,7 +43,7 @@ impl State {
             State::Connecting { spool, link, .. } | State::Streaming { spool, link } => {
                 (Some(spool), Some(link))
             }
-            State::Replying(_) | State::Done { .. } => (None, None),
+            State::Cutting(_) | State::Replying(_) | State::Done { .. } => (None, None),
         }
     }
 }
@@ -57,12 +57,14 @@ fn shown(spool: &Option<Spool>) -> String {
 }
 
 impl Transfer {
-    /// The upstream failed before it answered: drop it and salvage.
+    /// The upstream failed: before it answered, drop it and salvage; after
+    /// some answer bytes, cut the answer (see `cut`).
     pub(super) fn upstream_failed(
         &mut self,
         spool: Spool,
         link: Link,
         reason: String,
+        cx: &mut Context<Timer>,
         policy: &Policy,
     ) -> State {
         log::debug!(
@@ -73,22 +75,11 @@ impl Transfer {
         if link.answer_bytes > 0 {
             // Part of the server's answer is with the client already: a line
             // of ours after it would make two answers in one. Relay or cut,
-            // never add: reset the client's connection, as the upstream's
-            // failure would have reached it directly, so that a cut answer
-            // (an HTTP body that ends at the close) never looks whole.
-            log::warn!(
-                "proxy: upstream {} failed after {} answer bytes ({reason}); resetting the client's connection; upload {}",
-                policy.upstream,
-                link.answer_bytes,
-                spool.kept_as()
-            );
-            link.up.reset();
-            // The spool goes with this state: its recording is finished,
-            // or kept as `.incomplete`, by the loop once its writes land.
-            return State::Done {
-                outcome: Outcome::Aborted,
-                clean: false,
-            };
+            // never add: the client's connection ends in a reset, as the
+            // upstream's failure would have reached it directly, so that a
+            // cut answer (an HTTP body that ends at the close) never looks
+            // whole; but only once it has every answer byte we received.
+            return self.cut_answer(spool, link, &reason, cx, policy);
         }
         // If it does not have our FIN, it holds part of an upload that will
         // never be finished through it: a reset keeps it from mistaking

@@ -24,6 +24,10 @@
 //!   |             v                                  Replying --> Done(Refused)
 //!   |        Done(Relayed)                       our own line, then a clean close
 //!   |
+//!   |   Streaming -- upstream fails after answer bytes --> Cutting --> Done(Aborted)
+//!   |   the answer bytes held to the client; once it has acknowledged every
+//!   |   byte (or is idle too long), its connection is reset (see `cut`)
+//!   |
 //!   +-- too large, spool write fails, held file unreadable --> Replying
 //!   client resets before its FIN: upstream reset, spool kept as .incomplete, Done(Aborted)
 //!   client resets while Holding: timer cancelled, nothing sent upstream, Done(Aborted)
@@ -40,9 +44,11 @@
 //!
 //! The code is split by concept: `upload` (client -> spool -> upstream,
 //! with back-pressure), `answer` (upstream -> client), `hold` (store and
-//! forward), `failure` (every way a transfer can go wrong, and what is kept).
+//! forward), `failure` (every way a transfer can go wrong, and what is kept),
+//! `cut` (an answer the upstream cut short).
 
 mod answer;
+mod cut;
 mod failure;
 mod hold;
 mod opening;
@@ -67,6 +73,7 @@ use crate::event_loop::{Context, Peer, RateWindow, Reply, ReplyStep, TimerId, Wh
 use super::Timer;
 use crate::toxics::pipe::End;
 use crate::toxics::Toxic;
+use cut::Cut;
 use spool::Spool;
 use toxic::Toxics;
 use upload::Link;
@@ -146,6 +153,9 @@ enum State {
     /// The upstream failed before answering. The rest of the upload goes to
     /// the spool only; at the client's EOF we answer `ERR` ourselves.
     Salvaging { spool: Spool, reason: String },
+    /// The upstream failed after answer bytes: the rest of them to the
+    /// client, then its reset once it has acknowledged them all (`cut`).
+    Cutting(Cut),
     /// Our own answer line to the client, then a clean close
     /// (`event_loop::reply`).
     Replying(Reply),
@@ -172,6 +182,7 @@ impl State {
             State::Connecting { .. } => "Connecting",
             State::Streaming { .. } => "Streaming",
             State::Salvaging { .. } => "Salvaging",
+            State::Cutting(_) => "Cutting",
             State::Replying(_) => "Replying",
             State::Done { .. } => "Done",
         }
@@ -181,6 +192,7 @@ impl State {
     fn timer(&self) -> Option<TimerId> {
         match self {
             State::Holding { timer, .. } | State::Connecting { timer, .. } => Some(*timer),
+            State::Cutting(cut) => Some(cut.timer),
             _ => None,
         }
     }
@@ -193,7 +205,7 @@ impl State {
             | State::Connecting { spool, .. }
             | State::Streaming { spool, .. }
             | State::Salvaging { spool, .. } => Some(spool),
-            State::Replying(_) | State::Done { .. } => None,
+            State::Cutting(_) | State::Replying(_) | State::Done { .. } => None,
         }
     }
 
@@ -204,7 +216,7 @@ impl State {
             | State::Connecting { spool, .. }
             | State::Streaming { spool, .. }
             | State::Salvaging { spool, .. } => Some(spool),
-            State::Replying(_) | State::Done { .. } => None,
+            State::Cutting(_) | State::Replying(_) | State::Done { .. } => None,
         }
     }
 }
@@ -232,6 +244,8 @@ enum Happened {
     ClientLost(io::Error),
     /// Both directions are done: the answer reached the client.
     Relayed,
+    /// The client has acknowledged every byte of a cut answer.
+    CutDelivered,
     /// Our own reply is over: `delivered` (and the client finished), or
     /// the client gave up on it.
     ReplyEnded { delivered: bool },
@@ -403,10 +417,11 @@ impl Transfer {
         match &mut self.state {
             State::Receiving { spool } | State::Salvaging { spool, .. } => {
                 let moved = upload::read_client(client, spool, None, disk, policy)?;
-                spool_finished(client, spool, disk)?;
+                upload::spool_finished(client, spool, disk)?;
                 Ok(moved)
             }
             State::Holding { .. } => hold::watch_client(client, scratch),
+            State::Cutting(cut) => cut.step(client, &mut self.last_active),
             // The client is not read until the upstream is up: its bytes
             // wait in the kernel, and the first ones we read go to the
             // upstream and the spool together (see `upload`).
@@ -414,7 +429,7 @@ impl Transfer {
             State::Streaming { spool, link } => {
                 let mut moved = link.forward(spool, disk, scratch)?;
                 moved |= upload::read_client(client, spool, Some(link), disk, policy)?;
-                spool_finished(client, spool, disk)?;
+                upload::spool_finished(client, spool, disk)?;
                 moved |= link.pass_eof(client, spool);
                 // The answer reaches the client only once the recording is
                 // final (or early, while the upload is still coming: an
@@ -474,7 +489,7 @@ impl Transfer {
             (
                 State::Connecting { spool, link, .. } | State::Streaming { spool, link },
                 Happened::UpstreamFailed(reason),
-            ) => self.upstream_failed(spool, link, reason, policy),
+            ) => self.upstream_failed(spool, link, reason, cx, policy),
             (
                 State::Connecting { spool, link, .. } | State::Streaming { spool, link },
                 Happened::ToxicEnd(how),
@@ -484,6 +499,8 @@ impl Transfer {
             }
             (old, Happened::TooLarge(limit)) => self.too_large(old, limit),
             (old, Happened::SpoolFailed(e)) => self.spool_failed(old, e, cx, policy),
+            (State::Cutting(cut), Happened::CutDelivered) => self.cut_delivered(cut),
+            (State::Cutting(cut), Happened::ClientLost(e)) => self.cut_lost(cut, e, cx),
             (old, Happened::ClientLost(e)) => self.client_lost(old, e, cx),
             (State::Streaming { spool, link }, Happened::Relayed) => {
                 self.log_relayed(&spool, &link, policy);
@@ -522,7 +539,7 @@ impl Transfer {
                 self.forwarded = self.forwarded.max(link.forwarded);
                 self.toxic_figures.note(link);
             }
-            State::Replying(_) | State::Done { .. } => {}
+            State::Cutting(_) | State::Replying(_) | State::Done { .. } => {}
         }
     }
 
@@ -560,21 +577,5 @@ impl Transfer {
     /// Records the transfer's (re-armed) idle timer.
     pub fn set_idle_timer(&mut self, id: TimerId) {
         self.idle_timer = Some(id);
-    }
-}
-
-/// Reports the end of the upload once, when the spool has it all on disk
-/// under its final name; reports a failed disk write as soon as it is known.
-fn spool_finished(client: &Peer, spool: &mut Spool, disk: &mut Disk) -> Result<(), Happened> {
-    if let Some(e) = spool.take_failure() {
-        return Err(Happened::SpoolFailed(e));
-    }
-    if !client.eof() || spool.is_finished() {
-        return Ok(());
-    }
-    match spool.try_finish(disk) {
-        Ok(true) => Err(Happened::UploadComplete),
-        Ok(false) => Ok(()),
-        Err(e) => Err(Happened::SpoolFailed(e)),
     }
 }

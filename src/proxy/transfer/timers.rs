@@ -82,9 +82,11 @@ impl Transfer {
     ///
     /// Nothing moved for `idle`: whose fault is it? If we are waiting on
     /// the upstream (it will not take the upload, or will not answer), the
-    /// upstream has failed: salvage the upload and answer `ERR`. Otherwise
-    /// the client has gone quiet mid-upload (or will not read our answer):
-    /// abort. A held transfer is idle on purpose and is left alone.
+    /// upstream has failed: salvage the upload and answer `ERR` (or, with
+    /// part of its answer relayed, cut it). Otherwise the client has gone
+    /// quiet mid-upload (or will not read the answer, ours or the
+    /// server's): abort. A held transfer is idle on purpose and is left
+    /// alone.
     pub fn check_idle(
         &mut self,
         cx: &mut Context<Timer>,
@@ -112,8 +114,12 @@ impl Transfer {
         log::trace!("proxy: #{} timer fired: idle", self.key);
         let waiting_on_upstream = match &self.state {
             State::Connecting { .. } => true,
+            // Answer bytes we hold that the client does not take: it is
+            // the client that is idle (were the upstream blamed, its
+            // answer would be cut, and the client given a second timeout).
             State::Streaming { spool, link } => {
-                self.client.eof() || (link.forwarding() && link.lag(spool) >= LAG_LIMIT)
+                !link.answer_held()
+                    && (self.client.eof() || (link.forwarding() && link.lag(spool) >= LAG_LIMIT))
             }
             _ => false,
         };

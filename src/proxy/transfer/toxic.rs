@@ -244,17 +244,24 @@ impl Link {
                     if self.answer_bytes == 0 {
                         return Err(Happened::UpstreamFailed(crate::error::brief(&e)));
                     }
-                    log::warn!(
-                        "proxy: #{} upstream failed after {} answer bytes: {e}",
+                    // The answer is cut: the bytes in the pipe go first, at
+                    // their time; then, instead of the FIN, the cut.
+                    log::debug!(
+                        "proxy: #{} upstream failed after {} answer bytes: {e}; the toxics' {} first",
                         self.up.who().key,
-                        self.answer_bytes
+                        self.answer_bytes,
+                        pipe.queued()
                     );
+                    self.cut = Some(crate::error::brief(&e));
                 }
             }
         }
         if self.up.eof() {
             pipe.push_eof(now);
             if deliver && !client.shut() && pipe.take_eof(now) {
+                if let Some(reason) = self.cut.take() {
+                    return Err(Happened::UpstreamFailed(reason));
+                }
                 self.finish_answer(client);
                 moved = true;
             }

@@ -69,6 +69,11 @@ pub(super) struct Link {
     /// The toxics this transfer drew (`None`: the proxy has none; see
     /// `toxic`).
     pub toxics: Option<Box<Toxics>>,
+    /// Through toxics only: the upstream failed after answering, and the
+    /// answer bytes still in the toxics' pipe go to the client first; why,
+    /// for the cut that follows them (see `cut`). Without toxics the cut
+    /// comes at once: there is no pipe to empty first.
+    pub cut: Option<String>,
 }
 
 impl Link {
@@ -80,6 +85,7 @@ impl Link {
             answer: Vec::new(),
             answer_bytes: 0,
             toxics,
+            cut: None,
         }
     }
 
@@ -346,6 +352,26 @@ pub(super) fn read_client(
             }
             None => spool.release(spool.bytes(), disk),
         }
+    }
+}
+
+/// Reports the end of the upload once, when the spool has it all on disk
+/// under its final name; reports a failed disk write as soon as it is known.
+pub(super) fn spool_finished(
+    client: &Peer,
+    spool: &mut Spool,
+    disk: &mut Disk,
+) -> Result<(), Happened> {
+    if let Some(e) = spool.take_failure() {
+        return Err(Happened::SpoolFailed(e));
+    }
+    if !client.eof() || spool.is_finished() {
+        return Ok(());
+    }
+    match spool.try_finish(disk) {
+        Ok(true) => Err(Happened::UploadComplete),
+        Ok(false) => Ok(()),
+        Err(e) => Err(Happened::SpoolFailed(e)),
     }
 }
 
