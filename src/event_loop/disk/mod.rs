@@ -215,6 +215,18 @@ pub struct Done {
     pub name: Option<CString>,
 }
 
+impl std::fmt::Display for Done {
+    /// `write done`, `fsync done (failed)`: for its owner's trace line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let failed = if self.result.is_err() {
+            " (failed)"
+        } else {
+            ""
+        };
+        write!(f, "{} done{failed}", self.op.name())
+    }
+}
+
 /// An operation the kernel has: what must outlive it.
 struct InFlight {
     buf: Option<Buf>,
