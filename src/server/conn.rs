@@ -94,8 +94,10 @@ pub(super) enum Closed {
     Done,
 }
 
-/// What the loop's disk and store lend a connection while it is driven.
+/// What the loop lends a connection while it is driven: its rules, the
+/// disk, the scratch buffer, the counters.
 pub(super) struct Lent<'a> {
+    pub policy: Policy,
     pub disk: &'a mut Disk,
     pub scratch: &'a mut [u8],
     pub stats: &'a mut Stats,
@@ -152,7 +154,7 @@ impl Conn {
     /// Moves to the state `step` makes of the current one, which it takes
     /// by value (so what each state owns is handed on or disposed of in
     /// one place), tracing the change. Every transition goes through here.
-    fn transition(&mut self, step: impl FnOnce(State) -> State) {
+    fn set_state(&mut self, step: impl FnOnce(State) -> State) {
         let old = std::mem::replace(&mut self.state, State::refusal(""));
         let from = old.name();
         self.state = step(old);
@@ -164,7 +166,7 @@ impl Conn {
     fn refuse(&mut self, reason: &str, stats: &mut Stats, disk: &mut Disk) {
         stats.refused += 1;
         let reply = Reply::new(&Answer::err(reason));
-        self.transition(|old| match old {
+        self.set_state(|old| match old {
             State::Receiving(Sink::File(mut upload)) | State::Finishing(mut upload) => {
                 upload.remove(disk);
                 State::Removing(upload, reply)
@@ -216,7 +218,7 @@ impl Conn {
     }
 
     /// Makes all the progress the socket's readiness and the file allow.
-    pub fn drive(&mut self, lent: &mut Lent<'_>, policy: Policy) -> Next {
+    pub fn drive(&mut self, lent: &mut Lent<'_>) -> Next {
         loop {
             match &mut self.state {
                 State::Receiving(sink) => {
@@ -244,7 +246,7 @@ impl Conn {
                         Io::Data(n) => {
                             self.last_active = Instant::now();
                             lent.stats.received += n as u64;
-                            if let Some(limit) = policy.max_bytes {
+                            if let Some(limit) = lent.policy.max_bytes {
                                 if sink.bytes() + n as u64 > limit {
                                     log::warn!(
                                         "server: upload from {} passed --max-bytes {limit}: refused",
@@ -266,13 +268,13 @@ impl Conn {
                             // The client's half-close: the upload is complete.
                             self.last_active = Instant::now();
                             let (addr, started) = (self.addr, self.started);
-                            self.transition(|old| match old {
+                            self.set_state(|old| match old {
                                 State::Receiving(Sink::File(mut upload)) => {
                                     upload.eof(lent.disk);
                                     State::Finishing(upload)
                                 }
                                 State::Receiving(discard) => {
-                                    let answer = stored(discard, addr, started, lent);
+                                    let answer = finish_upload(discard, addr, started, lent);
                                     State::Answering(Reply::new(&answer))
                                 }
                                 other => other,
@@ -315,9 +317,9 @@ impl Conn {
                     Some(Err(trouble)) => self.refuse_for(trouble, lent),
                     Some(Ok(())) => {
                         let (addr, started) = (self.addr, self.started);
-                        self.transition(|old| match old {
+                        self.set_state(|old| match old {
                             State::Finishing(upload) => {
-                                let answer = stored(Sink::File(upload), addr, started, lent);
+                                let answer = finish_upload(Sink::File(upload), addr, started, lent);
                                 State::Answering(Reply::new(&answer))
                             }
                             other => other,
@@ -328,7 +330,7 @@ impl Conn {
                     if !upload.settled() {
                         return Next::Keep;
                     }
-                    self.transition(|old| match old {
+                    self.set_state(|old| match old {
                         State::Removing(upload, reply) => {
                             upload.close(lent.disk);
                             State::Answering(reply)
@@ -387,17 +389,17 @@ impl Conn {
     }
 }
 
-/// The upload in `sink` is complete (a file named, or a discarded upload
+/// The upload in `part` is complete (a file named, or a discarded upload
 /// counted): counts and logs it, lets go of its file (through the ring),
 /// and returns the `OK` answer.
-fn stored(sink: Sink, addr: SocketAddr, started: Instant, lent: &mut Lent<'_>) -> Answer {
+fn finish_upload(part: Sink, addr: SocketAddr, started: Instant, lent: &mut Lent<'_>) -> Answer {
     let stats = &mut *lent.stats;
     let elapsed = started.elapsed();
-    let what = match sink {
+    let what = match part {
         Sink::File(_) => {
             stats.stored += 1;
-            stats.bytes += sink.bytes();
-            format!("stored {}", sink.name())
+            stats.bytes += part.bytes();
+            format!("stored {}", part.name())
         }
         Sink::Discard { .. } => {
             stats.discarded += 1;
@@ -407,17 +409,17 @@ fn stored(sink: Sink, addr: SocketAddr, started: Instant, lent: &mut Lent<'_>) -
     log::info!(
         "server: {what} from {}: {} bytes in {:.3}s ({:.1} MB/s) crc32c={:08x}",
         addr,
-        sink.bytes(),
+        part.bytes(),
         elapsed.as_secs_f64(),
-        mb_per_s(sink.bytes(), elapsed),
-        sink.crc32c()
+        mb_per_s(part.bytes(), elapsed),
+        part.crc32c()
     );
     let answer = Answer::Ok {
-        bytes: sink.bytes(),
-        crc32c: sink.crc32c(),
-        file: sink.name().to_string(),
+        bytes: part.bytes(),
+        crc32c: part.crc32c(),
+        file: part.name().to_string(),
     };
-    if let Sink::File(upload) = sink {
+    if let Sink::File(upload) = part {
         upload.close(lent.disk);
     }
     answer

@@ -450,12 +450,13 @@ impl Core {
     fn drive(&mut self, cx: &mut Context<Timer>, key: usize) {
         let conn = &mut self.conns[key];
         let mut lent = Lent {
+            policy: self.policy,
             disk: &mut cx.disk,
             scratch: &mut cx.scratch,
             stats: &mut self.stats,
             aborts: &mut cx.aborts,
         };
-        match conn.drive(&mut lent, self.policy) {
+        match conn.drive(&mut lent) {
             Next::Keep => {}
             Next::Close => self.close(cx, key, true),
             Next::Abort => self.close(cx, key, false),
