@@ -217,6 +217,16 @@ impl Conn {
         }
     }
 
+    /// True when a disk completion must drive this connection (see
+    /// `Upload::wants_drive`): finishing and refusals move on only so.
+    pub fn wants_drive(&self) -> bool {
+        match &self.state {
+            State::Receiving(Sink::File(upload)) => upload.wants_drive(),
+            State::Finishing(_) | State::Removing(..) => true,
+            State::Receiving(Sink::Discard { .. }) | State::Answering(_) => false,
+        }
+    }
+
     /// Makes all the progress the socket's readiness and the file allow.
     pub fn drive(&mut self, lent: &mut Lent<'_>) -> Next {
         loop {

@@ -20,7 +20,8 @@ use super::{Core, Timer};
 
 impl Core {
     /// A disk operation completed: it goes to its connection, which is
-    /// driven again (it may read on, finish, or refuse), or to a complete
+    /// driven again if it waits for it (to read on, finish, or refuse:
+    /// otherwise its socket's next event drives it), or to a complete
     /// upload whose connection was closed at a stop. A file created for a
     /// connection that is gone is removed; anything else of one is dropped
     /// (its file was removed when it went).
@@ -35,7 +36,9 @@ impl Core {
                     remove_orphan(store, done, &mut cx.disk);
                 }
             }
-            self.drive(cx, key);
+            if conn.wants_drive() {
+                self.drive(cx, key);
+            }
         } else if let Some(upload) = self.closing.get_mut(&id) {
             upload.on_done(done, store, &mut cx.disk);
             self.advance_closing(cx, id);

@@ -128,6 +128,10 @@ pub(super) struct Upload {
     held_back: bool,
     /// The file's removal has been asked for.
     removed: bool,
+    /// The last [`Upload::room`] found none: the connection stopped
+    /// reading with its socket's readiness left set, and a completion must
+    /// drive it again (see [`Upload::wants_drive`]).
+    stalled: bool,
     failed: Option<Trouble>,
 }
 
@@ -150,6 +154,7 @@ impl Upload {
             waiting: false,
             held_back: false,
             removed: false,
+            stalled: false,
             failed: None,
         }
     }
@@ -201,6 +206,7 @@ impl Upload {
     /// or it is over one of the memory bounds (then a completion, or the
     /// loop's wake-up for a chunk, drives the connection again).
     pub fn room(&mut self, disk: &mut Disk) -> Option<&mut [u8]> {
+        self.stalled = true;
         if self.part.is_none() || self.failed.is_some() {
             return None;
         }
@@ -221,7 +227,16 @@ impl Upload {
                 }
             }
         }
+        self.stalled = false;
         self.chunk.as_mut().map(Chunk::spare)
+    }
+
+    /// True when a completion must drive the connection: it stopped
+    /// reading for want of room (its file, memory, writes), or something
+    /// failed and the client must be told. Otherwise its socket's next
+    /// event will: a read on every completion would mostly find nothing.
+    pub fn wants_drive(&self) -> bool {
+        self.stalled || self.failed.is_some()
     }
 
     /// The loop's wake-up for a chunk came (see `Disk::wakeups`).
