@@ -180,6 +180,7 @@ impl Conn {
     fn refuse_for(&mut self, trouble: Trouble, lent: &mut Lent<'_>) {
         let fate = match &self.state {
             State::Receiving(sink) => sink.fate().to_string(),
+            State::Finishing(upload) => Sink::fate_of(upload),
             _ => String::new(),
         };
         let reason = match trouble {

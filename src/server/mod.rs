@@ -60,7 +60,7 @@
 //! [`Token`], and with its identity the owner of its disk operations (a
 //! completion for a connection that is gone is dropped; a file created for
 //! one is removed). An upload's bytes are read straight into chunks of the
-//! disk's budget ([`upload::WRITE_MEMORY`]), which the ring owns until the
+//! disk's budget (`upload::WRITE_MEMORY`), which the ring owns until the
 //! write completes; the loop's scratch buffer serves `--discard` and the
 //! drain after an answer.
 //! Listening, accepting, the accept gate and the graceful stop are the

@@ -77,16 +77,23 @@ impl Sink {
     }
 }
 
+impl Sink {
+    /// What abandoning `upload` does, for log lines.
+    pub fn fate_of(upload: &Upload) -> String {
+        match upload.path() {
+            Some(path) => format!("removed {}", path.display()),
+            None => "its file, being created, is removed".to_string(),
+        }
+    }
+}
+
 /// See [`Sink::fate`].
 pub(super) struct Fate<'a>(&'a Sink);
 
 impl fmt::Display for Fate<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            Sink::File(upload) => match upload.path() {
-                Some(path) => write!(f, "removed {}", path.display()),
-                None => f.write_str("its file, being created, is removed"),
-            },
+            Sink::File(upload) => f.write_str(&Sink::fate_of(upload)),
             Sink::Discard { .. } => f.write_str("nothing was stored (--discard)"),
         }
     }
