@@ -12,12 +12,12 @@ set -euo pipefail
 BIN=${1:?usage: loop-strace.sh path/to/stopover [proxy|server]}
 WHO=${2:-proxy}
 W=$(mktemp -d "${TMPDIR:-/tmp}/stopover-strace.XXXXXX")
-trap 'kill $PP $SP 2>/dev/null || true; rm -rf "$W"' EXIT
+trap 'kill $PROXY $SP 2>/dev/null || true; rm -rf "$W"' EXIT
 mkdir -p "$W/recv" "$W/spool"
 ulimit -n 20000 || true
 "$BIN" server --listen 127.0.0.1:0 --dir "$W/recv" ${SERVER_ARGS:-} 2> "$W/server.log" & SP=$!
 sleep 0.5; SADDR=$(grep -o 'listening on [0-9.:]*' "$W/server.log" | awk '{print $3}')
-"$BIN" proxy --listen 127.0.0.1:0 --upstream "$SADDR" --dir "$W/spool" 2> "$W/proxy.log" & PP=$!
+"$BIN" proxy --listen 127.0.0.1:0 --upstream "$SADDR" --dir "$W/spool" 2> "$W/proxy.log" & PROXY=$!; PP=$PROXY
 sleep 0.5; PADDR=$(grep -o 'listening on [0-9.:]*' "$W/proxy.log" | awk '{print $3}')
 if [ "$WHO" = server ]; then PP=$SP; PADDR=$SADDR; fi
 strace -f -T -y -e trace=fallocate,ftruncate,pwrite64,write,io_uring_enter,sync_file_range,fadvise64,fsync,fdatasync,openat,unlinkat,renameat2,rename,unlink,close \
