@@ -24,8 +24,8 @@
 //! | [`store`] | files on disk: unique names, `.part` then rename, O_EXCL, 0600 |
 //! | [`retention`] | deleting the oldest recordings, a little every turn (`--retain-*`, `--min-free`) |
 //! | [`rng`] | a small pseudo-random generator (SplitMix64) for the load generator and the toxics |
-//! | [`event_loop`] | poll plumbing both loops share: the loop, tokens, timers, the acceptor (gate, back-off, stop, signals), the peer and its one I/O verdict, our own reply line, asynchronous direct disk writes (`io_uring`) |
-//! | [`server`] | the server role; `server/conn.rs` is one connection, `server/sink.rs` where its upload goes (a file, or nowhere with `--discard`) |
+//! | [`event_loop`] | poll plumbing both loops share: the loop, tokens, timers, the acceptor (gate, back-off, stop, signals), the peer and its one I/O verdict, our own reply line, asynchronous disk operations (`io_uring`) |
+//! | [`server`] | the server role; `server/conn.rs` is one connection, `server/sink.rs` where its upload goes (a file, or nowhere with `--discard`), `server/upload.rs` its file through the ring |
 //! | [`proxy`] | the proxy role; [`proxy::transfer`] is one transfer's state machine; `proxy/routes.rs` and `proxy/api.rs` its toxiproxy-style proxies and API (`--api-addr`) |
 //! | [`toxics`] | faults on purpose, with toxiproxy's names and units: the model, the per-direction delay queue on a clock passed in, the JSON forms |
 //! | [`client`] | the blocking client, and the verification of an answer |

@@ -95,7 +95,9 @@ fn trace_shows_one_transfer_step_by_step() {
         "server: accept 127.0.0.1:",
         "#0 read 13",
         "#0 read EOF",
-        "#0 state Receiving -> Answering",
+        "#0 state Receiving -> Finishing", // the file's last write, then its name
+        "#0 disk rename done",
+        "#0 state Finishing -> Answering",
         "#0 write ",
         "#0 closed",
     ];

@@ -82,7 +82,8 @@ pub struct Context<T> {
     pub stats: Option<StatsServer>,
     /// When the loop was set up (for the uptime metric).
     pub started: Instant,
-    /// Asynchronous disk writes (the proxy's spool).
+    /// Asynchronous disk operations (the proxy's spool, the server's
+    /// uploads).
     pub disk: disk::Disk,
     /// How long each event's handling takes (see [`health`]).
     pub health: health::Health,

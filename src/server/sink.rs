@@ -1,5 +1,5 @@
-//! Where a server connection's upload goes: a `.part` file in the store,
-//! or, with `--discard`, nowhere.
+//! Where a server connection's upload goes: a `.part` file in the store
+//! (written through the ring, see `upload`), or, with `--discard`, nowhere.
 //!
 //! `--discard` is for load tests that measure the relay alone, as iperf3's
 //! server does: the bytes are counted and checksummed as they arrive, so
@@ -8,15 +8,16 @@
 //! created, written or renamed, and no directory is needed.
 
 use std::fmt;
-use std::io;
 
 use crate::answer::NOT_STORED;
-use crate::store::PartFile;
+use crate::event_loop::disk::Disk;
+
+use super::upload::Upload;
 
 /// The upload's destination while it streams in.
 pub(super) enum Sink {
     /// Stored: `<name>.part`, renamed to `<name>` when complete.
-    File(PartFile),
+    File(Box<Upload>),
     /// Counted and checksummed, then forgotten.
     Discard { bytes: u64, crc32c: u32 },
 }
@@ -30,15 +31,12 @@ impl Sink {
         }
     }
 
-    /// Takes the next bytes of the upload.
-    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        match self {
-            Sink::File(part) => part.write(data),
-            Sink::Discard { bytes, crc32c } => {
-                *crc32c = crc32c::crc32c_append(*crc32c, data);
-                *bytes += data.len() as u64;
-                Ok(())
-            }
+    /// Counts and checksums the next bytes of a discarded upload (a file's
+    /// are read straight into its chunks: see `Upload::room`).
+    pub fn discard_more(&mut self, data: &[u8]) {
+        if let Sink::Discard { bytes, crc32c } = self {
+            *crc32c = crc32c::crc32c_append(*crc32c, data);
+            *bytes += data.len() as u64;
         }
     }
 
@@ -66,20 +64,10 @@ impl Sink {
         }
     }
 
-    /// The upload is complete: give the file its final name (synced first
-    /// with `fsync`). Nothing to do for a discarding sink.
-    pub fn finish(&mut self, fsync: bool) -> io::Result<()> {
-        match self {
-            Sink::File(part) if fsync => part.finish_durable(),
-            Sink::File(part) => part.finish(),
-            Sink::Discard { .. } => Ok(()),
-        }
-    }
-
-    /// Gives up the upload: its partial file is removed.
-    pub fn abandon(self) {
-        if let Sink::File(part) = self {
-            part.discard();
+    /// Gives up the upload: its partial file is removed (through the ring).
+    pub fn abandon(self, disk: &mut Disk) {
+        if let Sink::File(upload) = self {
+            upload.abandon(disk);
         }
     }
 
@@ -89,13 +77,23 @@ impl Sink {
     }
 }
 
+impl Sink {
+    /// What abandoning `upload` does, for log lines.
+    pub fn fate_of(upload: &Upload) -> String {
+        match upload.path() {
+            Some(path) => format!("removed {}", path.display()),
+            None => "its file, being created, is removed".to_string(),
+        }
+    }
+}
+
 /// See [`Sink::fate`].
 pub(super) struct Fate<'a>(&'a Sink);
 
 impl fmt::Display for Fate<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            Sink::File(part) => write!(f, "removed {}", part.path().display()),
+            Sink::File(upload) => f.write_str(&Sink::fate_of(upload)),
             Sink::Discard { .. } => f.write_str("nothing was stored (--discard)"),
         }
     }
@@ -108,9 +106,8 @@ mod tests {
     #[test]
     fn a_discarding_sink_counts_and_checksums_what_it_keeps_nothing_of() {
         let mut sink = Sink::discard();
-        sink.write(b"hello, ").unwrap();
-        sink.write(b"world").unwrap();
-        sink.finish(true).unwrap();
+        sink.discard_more(b"hello, ");
+        sink.discard_more(b"world");
         assert_eq!(sink.bytes(), 12);
         assert_eq!(sink.crc32c(), crc32c::crc32c(b"hello, world"));
         assert_eq!(sink.name(), "-");

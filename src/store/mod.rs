@@ -27,11 +27,12 @@
 //! `fallocate(FALLOC_FL_KEEP_SIZE)`, in steps that double with the file
 //! (up to [`PREALLOCATE_STEP_MAX`]), and gives back what it did not use when
 //! it is finished. The file says *when* to reserve
-//! ([`PartFile::advance`]); who calls `fallocate` depends on the writer:
-//! the server in [`PartFile::write`] (ordinary writes, nothing in flight to
-//! wait for), the proxy's spool through `io_uring`, because on a file with
-//! `O_DIRECT` writes in flight `fallocate` and `ftruncate` wait for them to
-//! complete (8-90 ms measured), and the loop must not. Without it, ext4 does its delayed-allocation bookkeeping
+//! ([`PartFile::advance`]); the writer calls `fallocate`: both daemons
+//! through `io_uring` (`server::upload`, the proxy's spool), because a
+//! reservation can wait for the device (on a file with `O_DIRECT` writes
+//! in flight, `fallocate` and `ftruncate` wait for them to complete: 8-90 ms
+//! measured), and the loop must not; [`PartFile::write`] does it in line,
+//! for tools and tests. Without it, ext4 does its delayed-allocation bookkeeping
 //! (space and quota reservation, the extent-status tree) for every 4 KiB
 //! block of every `write`; over already-reserved space a `write` is little
 //! more than the copy into the page cache. Measured on this project's

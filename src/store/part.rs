@@ -72,10 +72,10 @@ impl PartFile {
         }
     }
 
-    /// Appends `data`, updating the byte count and running CRC-32C. (The
-    /// server's way: ordinary writes on the loop, into the page cache. With
-    /// no direct I/O in flight on the file, its `fallocate` does not wait
-    /// for the device either.)
+    /// Appends `data`, updating the byte count and running CRC-32C, with
+    /// ordinary writes that may wait for the disk: for tools and tests, not
+    /// for a loop (the daemons write through their ring, see
+    /// [`PartFile::advance`]).
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         if let Some(r) = self.reservation_due(data.len() as u64) {
             if let Err(e) = sys::fallocate(&self.file, r.mode, r.offset, r.len) {
@@ -252,11 +252,13 @@ impl PartFile {
         self.release_reserve()?;
         self.sync_data()?;
         self.finish()?;
-        let dir = self.final_path.parent().unwrap_or(Path::new("."));
-        if let Err(e) = sync_dir(dir) {
-            if let Some(ticket) = &mut self.ticket {
-                ticket.removed(self.bytes);
-            }
+        let dir = self
+            .final_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        if let Err(e) = sync_dir(&dir) {
+            self.final_removed();
             if let Err(rm) = fs::remove_file(&self.final_path) {
                 log::warn!(
                     "removing {} after a failed sync: {rm}",
@@ -287,6 +289,15 @@ impl PartFile {
         }
     }
 
+    /// The caller removes the finished file again (its directory could not
+    /// be synced: see [`PartFile::finish_durable`]): the retention keeper
+    /// forgets it.
+    pub fn final_removed(&mut self) {
+        if let Some(ticket) = &mut self.ticket {
+            ticket.removed(self.bytes);
+        }
+    }
+
     /// Where [`PartFile::keep_incomplete`] puts an unfinished file.
     pub fn incomplete_path(&self) -> PathBuf {
         self.final_path
@@ -307,7 +318,8 @@ impl PartFile {
         self.file
     }
 
-    /// Removes an unfinished file (the server's way with aborted uploads).
+    /// Removes an unfinished file, at once (the server removes its aborted
+    /// uploads this way, through its ring).
     pub fn discard(self) {
         if !self.finished {
             if let Err(e) = fs::remove_file(&self.part_path) {

@@ -150,8 +150,9 @@ impl Buf {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     /// `len` bytes at `offset`; `direct` if through an `O_DIRECT` file.
-    /// (A short write completes as a failed write of the part that was not
-    /// written.)
+    /// (A short write is written on from where it stopped; if the rest
+    /// fails, the write completes as a failed write of the part that was
+    /// not written, with the kernel's reason: `ENOSPC`, `EFBIG`...)
     Write {
         offset: u64,
         len: usize,
@@ -214,6 +215,18 @@ pub struct Done {
     pub name: Option<CString>,
 }
 
+impl std::fmt::Display for Done {
+    /// `write done`, `fsync done (failed)`: for its owner's trace line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let failed = if self.result.is_err() {
+            " (failed)"
+        } else {
+            ""
+        };
+        write!(f, "{} done{failed}", self.op.name())
+    }
+}
+
 /// An operation the kernel has: what must outlive it.
 struct InFlight {
     buf: Option<Buf>,
@@ -230,6 +243,9 @@ struct InFlight {
     name: Option<CString>,
     /// [`Op::Rename`]: the new path.
     to: Option<CString>,
+    /// [`Op::Write`]: bytes of the buffer already written (a short write
+    /// goes on from there).
+    skip: usize,
 }
 
 /// Counters for `/metrics`.
@@ -272,13 +288,13 @@ impl Disk {
                 match registry.register(&mut SourceFd(&fd), token, Interest::READABLE) {
                     Ok(()) => Some(ring),
                     Err(e) => {
-                        log::warn!("{role}: io_uring not usable ({e}): spool writes go through the page cache, on the loop");
+                        log::warn!("{role}: io_uring not usable ({e}): disk operations are done at once, on the loop");
                         None
                     }
                 }
             }
             Err(e) => {
-                log::info!("{role}: io_uring not available ({e}): spool writes go through the page cache, on the loop");
+                log::info!("{role}: io_uring not available ({e}): disk operations are done at once, on the loop");
                 None
             }
         };
@@ -320,6 +336,7 @@ impl Disk {
             refused_direct: false,
             name: None,
             to: None,
+            skip: 0,
         })
     }
 
@@ -360,7 +377,7 @@ impl Disk {
         } else {
             squeue::Flags::empty()
         };
-        let data = &w.buf.as_ref().expect("a write has a buffer").bytes()[..len];
+        let data = &w.buf.as_ref().expect("a write has a buffer").bytes()[w.skip..w.skip + len];
         let file = w.file.as_ref().expect("a write has a file");
         let Some(ring) = self.ring.as_mut() else {
             let result = file.write_all_at(data, offset);
@@ -497,16 +514,38 @@ impl Disk {
                 len,
                 direct,
             } if res as usize != len => {
-                // A short write: the disk is full, or the device refused
-                // the rest. What follows in the file cannot be trusted; the
-                // completion reports the part that was not written.
+                // A short write: the disk is full, a size limit was
+                // reached, or the device refused the rest. Written on from
+                // where it stopped, so that the kernel says which (or
+                // takes the rest after all); a write that moved nothing
+                // is taken as a full disk. If the rest fails, what follows
+                // in the file cannot be trusted; the completion reports
+                // the part that was not written.
                 let n = res as usize;
                 w.op = Op::Write {
                     offset: offset + n as u64,
                     len: len - n,
                     direct,
                 };
+                if n > 0 {
+                    w.skip += n;
+                    self.start(slot);
+                    return;
+                }
                 Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            Op::Write {
+                offset,
+                len,
+                direct,
+            } if w.skip > 0 => {
+                // The rest of a short write went: report the whole write.
+                w.op = Op::Write {
+                    offset: offset - w.skip as u64,
+                    len: len + w.skip,
+                    direct,
+                };
+                Ok(())
             }
             _ => Ok(()),
         };

@@ -51,6 +51,7 @@ impl Disk {
             refused_direct: false,
             name: None,
             to: None,
+            skip: 0,
         });
         self.start(slot);
     }

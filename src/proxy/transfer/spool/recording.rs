@@ -380,16 +380,7 @@ impl Recording {
     /// One of our operations has completed.
     pub fn on_done(&mut self, done: Done, disk: &mut Disk) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        log::trace!(
-            "proxy: #{} disk {} done{}",
-            self.owner.key,
-            done.op.name(),
-            if done.result.is_err() {
-                " (failed)"
-            } else {
-                ""
-            }
-        );
+        log::trace!("proxy: #{} disk {done}", self.owner.key);
         match done.op {
             Op::Write {
                 offset,
