@@ -420,6 +420,38 @@ fn shutdown_grace_runs_out_and_unfinished_uploads_are_kept_incomplete() {
 }
 
 #[test]
+fn without_io_uring_an_upload_cut_by_shutdown_is_kept_incomplete_too() {
+    // Without a ring, each disk operation completes at once and waits only
+    // to be reaped; keeping an upload takes several (its tail, the trim,
+    // the rename), and the stop must go round until all are done. A size
+    // past the O_DIRECT threshold and not block-aligned takes them all.
+    let dirs = tempfile::tempdir().unwrap();
+    let (recv, spool) = (dirs.path().join("r"), dirs.path().join("s"));
+    let server = spawn_server(&recv, &["--grace", "200ms"]);
+    let mut cmd = proxy_command(server.addr, &spool, &["--grace", "200ms"]);
+    cmd.env(stopover::event_loop::disk::NO_RING_ENV, "1");
+    let mut proxy = spawn_with(&mut cmd);
+    proxy.wait_for_log("io_uring not available");
+    let data = random_bytes(100_000, 77);
+    let mut stuck = TcpStream::connect(proxy.addr).unwrap();
+    stuck.write_all(&data).unwrap();
+    wait_until("the server has it all", || {
+        file_names(&recv)
+            .iter()
+            .any(|f| std::fs::metadata(recv.join(f)).is_ok_and(|m| m.len() == data.len() as u64))
+    });
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
+    assert_eq!(proxy.child.wait().unwrap().code(), Some(0));
+    let kept = file_names(&spool);
+    assert!(
+        kept.len() == 1 && kept[0].ends_with(".incomplete"),
+        "no .part outlives its transfer: {kept:?}"
+    );
+    assert_eq!(std::fs::read(spool.join(&kept[0])).unwrap(), data);
+    drop(stuck);
+}
+
+#[test]
 fn leftover_part_files_are_reported_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let leftover = dir.path().join("20200101T000000.000000Z-1-000001.part");

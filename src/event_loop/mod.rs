@@ -294,9 +294,20 @@ impl<H: Handler> Daemon<H> {
         // Operations still in flight belong to files the role is finishing:
         // let them land (bounded), and let the role take each file on to
         // its end (which may take one more operation, a trim).
+        // Without a ring, operations complete at once and wait only to be
+        // reaped: each may lead to the next (write, trim, rename), so go
+        // round until nothing is in flight and nothing is left to hand out.
         let deadline = Instant::now() + disk::DROP_WAIT;
-        while self.cx.disk.in_flight() > 0 && Instant::now() < deadline {
-            for done in self.cx.disk.drain(deadline) {
+        while Instant::now() < deadline {
+            let done = if self.cx.disk.in_flight() > 0 {
+                self.cx.disk.drain(deadline)
+            } else {
+                self.cx.disk.reap()
+            };
+            if done.is_empty() && self.cx.disk.in_flight() == 0 {
+                break;
+            }
+            for done in done {
                 self.handler.written(&mut self.cx, done);
             }
             self.cx.disk.submit();

@@ -37,7 +37,8 @@
 //!
 //! **Bounded.** Each look that finds the queue shorter counts as progress;
 //! a client that takes nothing for `--idle-timeout` is reset then with what
-//! it has not taken (the idle timer, as in every state). A client that
+//! it has not taken (the idle timer, as in every state; with no idle
+//! timeout, after [`NO_PROGRESS_MAX`] of no progress, as the looks go on). A client that
 //! resets first simply ends the transfer. Shutting down resets it like
 //! every transfer still open after the grace period.
 //!
@@ -71,6 +72,11 @@ pub(super) const FIRST_LOOK: Duration = Duration::from_millis(1);
 /// timed `ioctl`s a second per transfer in this state.
 pub(super) const LAST_LOOK: Duration = Duration::from_millis(50);
 
+/// With no `--idle-timeout` (`0s`), how long a client may take nothing of
+/// a cut answer before it is reset with what it has not taken: this state
+/// looks at it on a timer, so it must end even where nothing else ends it.
+pub(super) const NO_PROGRESS_MAX: Duration = Duration::from_secs(60);
+
 /// What a transfer holds while its cut answer drains to the client.
 #[derive(Debug)]
 pub(super) struct Cut {
@@ -84,6 +90,8 @@ pub(super) struct Cut {
     /// The next look, and how long after the previous one it comes.
     pub timer: TimerId,
     every: Duration,
+    /// [`NO_PROGRESS_MAX`] when there is no idle timeout to end the wait.
+    limit: Option<Duration>,
 }
 
 impl Cut {
@@ -107,6 +115,16 @@ impl Cut {
                 return Ok(moved); // WRITABLE brings us back
             }
             self.rest = Vec::new(); // give the memory back
+        }
+        if let Some(limit) = self.limit.filter(|&l| last_active.elapsed() > l) {
+            let e = io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "took nothing for {} (no --idle-timeout)",
+                    humantime::format_duration(limit)
+                ),
+            );
+            return Err(Happened::ClientLost(e));
         }
         // A client that reset while we wait would keep its unacknowledged
         // bytes counted in the queue forever: its reset is the socket's
@@ -173,6 +191,7 @@ impl Transfer {
                 .timers
                 .schedule(Instant::now() + FIRST_LOOK, Timer::Cut { key, id }),
             every: FIRST_LOOK,
+            limit: self.idle_timer.is_none().then_some(NO_PROGRESS_MAX),
         })
     }
 

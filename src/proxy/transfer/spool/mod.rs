@@ -418,8 +418,13 @@ impl Spool {
 
     /// An operation of ours has completed. If it opened the `O_DIRECT`
     /// descriptor, what waited for it goes to the disk now.
-    pub fn on_done(&mut self, done: Done, disk: &mut Disk) {
+    pub fn on_done(&mut self, mut done: Done, disk: &mut Disk) {
         let Some(rec) = self.rec.as_mut() else {
+            // Recording given up meanwhile: a descriptor opened for it is
+            // closed through the ring too.
+            if let Some(file) = done.opened.take() {
+                disk.release(Arc::new(file));
+            }
             return;
         };
         let was_opening = rec.direct_opening();

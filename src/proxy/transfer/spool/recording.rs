@@ -74,8 +74,14 @@ pub enum Ended {
 #[derive(Debug)]
 enum Naming {
     NotAsked,
-    Asked,
-    Done(io::Result<()>),
+    /// Asked for, to the final name (`finish`) or to `.incomplete`.
+    Asked {
+        finish: bool,
+    },
+    Done {
+        result: io::Result<()>,
+        finish: bool,
+    },
 }
 
 /// Whether the recording writes with `O_DIRECT`.
@@ -421,7 +427,14 @@ impl Recording {
                 }
             }
             Op::Reopen => self.direct_opened(done.opened, done.result),
-            Op::Rename => self.naming = Naming::Done(done.result),
+            Op::Rename => {
+                if let Naming::Asked { finish } = self.naming {
+                    self.naming = Naming::Done {
+                        result: done.result,
+                        finish,
+                    };
+                }
+            }
             // Opens are the proxy's (see `Spool::opening`), never a
             // recording's: a recording exists once its file does. Nobody
             // hears of closes and removals.
@@ -462,7 +475,7 @@ impl Recording {
         if part.is_finished() {
             return Some(Ok(Ended::Finished(part.path().to_path_buf())));
         }
-        if matches!(self.naming, Naming::Asked) {
+        if matches!(self.naming, Naming::Asked { .. }) {
             return None; // whatever the goal is now, the rename decides
         }
         let valid = match &self.failed {
@@ -473,7 +486,8 @@ impl Recording {
             Goal::Finish if self.failed.is_some() => Goal::Keep,
             g => g,
         };
-        if goal == Goal::Discard || (goal == Goal::Keep && valid == 0) {
+        let renamed = matches!(self.naming, Naming::Done { result: Ok(()), .. });
+        if !renamed && (goal == Goal::Discard || (goal == Goal::Keep && valid == 0)) {
             // Writes in flight land in the unlinked file.
             self.remove(disk);
             return Some(Ok(Ended::Removed));
@@ -497,25 +511,30 @@ impl Recording {
             }
             part.trimmed();
         }
-        // Then the rename, through the ring.
-        let (from, to) = match goal {
-            Goal::Finish => {
-                let (from, to) = part.part_and_final_paths();
-                (from.to_path_buf(), to.to_path_buf())
-            }
-            _ => (part.path().to_path_buf(), part.incomplete_path()),
+        // Then the rename, through the ring. Its outcome is read against
+        // the name it was asked for, whatever the goal is by then.
+        let naming = std::mem::replace(&mut self.naming, Naming::NotAsked);
+        let finish = match naming {
+            Naming::Done { finish, .. } => finish,
+            _ => goal == Goal::Finish,
         };
-        match std::mem::replace(&mut self.naming, Naming::NotAsked) {
-            Naming::NotAsked | Naming::Asked => {
+        let (from, to) = if finish {
+            let (from, to) = part.part_and_final_paths();
+            (from.to_path_buf(), to.to_path_buf())
+        } else {
+            (part.path().to_path_buf(), part.incomplete_path())
+        };
+        match naming {
+            Naming::NotAsked | Naming::Asked { .. } => {
                 match (sys::cpath(&from), sys::cpath(&to)) {
                     (Ok(from), Ok(to)) => disk.rename(from, to, self.owner),
                     (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
                 }
-                self.naming = Naming::Asked;
+                self.naming = Naming::Asked { finish };
                 self.in_flight += 1;
                 None
             }
-            Naming::Done(Ok(())) if goal == Goal::Finish => {
+            Naming::Done { result: Ok(()), .. } if finish => {
                 part.named_final();
                 log::trace!("proxy: #{} disk renamed {}", self.owner.key, part.name());
                 if self.overflowed > 0 {
@@ -525,16 +544,16 @@ impl Recording {
                 }
                 Some(Ok(Ended::Finished(to)))
             }
-            Naming::Done(Ok(())) => {
+            Naming::Done { result: Ok(()), .. } => {
                 part.named_incomplete(valid);
                 self.close_files(disk);
                 Some(Ok(Ended::Kept(to, valid)))
             }
-            Naming::Done(Err(e)) if goal == Goal::Finish => Some(Err(io::Error::new(
+            Naming::Done { result: Err(e), .. } if finish => Some(Err(io::Error::new(
                 e.kind(),
                 format!("renaming {} to its final name: {e}", from.display()),
             ))),
-            Naming::Done(Err(e)) => {
+            Naming::Done { result: Err(e), .. } => {
                 // Not even a rename fits (a full directory on a full disk):
                 // the bytes go, but no `.part` outlives its transfer.
                 self.remove(disk);
