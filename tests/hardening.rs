@@ -5,27 +5,9 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc;
-use std::time::Duration;
 
 use common::*;
 use stopover::client::Verdict;
-
-fn reset(sock: TcpStream) {
-    socket2::SockRef::from(&sock)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(sock);
-}
-
-fn finish_and_read(sock: &mut TcpStream, rest: &[u8]) -> String {
-    if let Err(e) = sock.write_all(rest) {
-        return format!("write failed: {e}");
-    }
-    sock.shutdown(Shutdown::Write).unwrap();
-    let mut answer = String::new();
-    sock.read_to_string(&mut answer).unwrap();
-    answer
-}
 
 #[test]
 fn server_killed_mid_transfer_gets_err_keeps_the_spool_and_the_next_client_is_served() {

@@ -12,23 +12,6 @@ use std::time::Duration;
 use common::*;
 use stopover::client::Verdict;
 
-fn reset(sock: TcpStream) {
-    socket2::SockRef::from(&sock)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(sock);
-}
-
-fn finish_and_read(sock: &mut TcpStream, rest: &[u8]) -> String {
-    if let Err(e) = sock.write_all(rest) {
-        return format!("write failed: {e}");
-    }
-    sock.shutdown(Shutdown::Write).unwrap();
-    let mut answer = String::new();
-    sock.read_to_string(&mut answer).unwrap();
-    answer
-}
-
 #[test]
 fn slowloris_peers_at_capacity_are_cut_and_a_good_client_is_served() {
     // Every slot taken by a peer trickling one byte every 50 ms: just

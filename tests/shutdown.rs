@@ -2,21 +2,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io::Write;
+use std::net::TcpStream;
 
 use common::*;
 use stopover::client::Verdict;
-
-fn finish_and_read(sock: &mut TcpStream, rest: &[u8]) -> String {
-    if let Err(e) = sock.write_all(rest) {
-        return format!("write failed: {e}");
-    }
-    sock.shutdown(Shutdown::Write).unwrap();
-    let mut answer = String::new();
-    sock.read_to_string(&mut answer).unwrap();
-    answer
-}
 
 #[test]
 fn sigterm_lets_transfers_in_flight_finish_then_exits_0() {

@@ -472,3 +472,23 @@ pub fn echo_server() -> SocketAddr {
     });
     addr
 }
+
+/// Closes `sock` with a reset (`SO_LINGER` 0), as a crashed client would.
+pub fn reset(sock: TcpStream) {
+    socket2::SockRef::from(&sock)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
+    drop(sock);
+}
+
+/// Sends `rest`, half-closes, and reads the answer to the end (or says
+/// why the write failed).
+pub fn finish_and_read(sock: &mut TcpStream, rest: &[u8]) -> String {
+    if let Err(e) = std::io::Write::write_all(sock, rest) {
+        return format!("write failed: {e}");
+    }
+    sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(sock, &mut answer).unwrap();
+    answer
+}
