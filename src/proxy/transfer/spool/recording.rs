@@ -411,7 +411,13 @@ impl Recording {
             }
             Op::Truncate => {
                 if let Err(e) = done.result {
-                    log::warn!("trimming {}: {e}", self.path().display());
+                    // Not trimmed: past the data may lie zeros from a
+                    // reservation, or bytes past a failed write, so the
+                    // file can be neither named nor kept: no valid prefix
+                    // is known to end where the file does.
+                    log::debug!("trimming {}: {e}", self.path().display());
+                    let what = format!("trimming the file: {}", crate::error::brief(&e));
+                    self.failed = Some((0, e.raw_os_error(), what));
                 }
             }
             Op::Reopen => self.direct_opened(done.opened, done.result),

@@ -354,3 +354,45 @@ fn a_spool_that_records_nothing_still_passes_every_byte() {
     assert_eq!(disk.in_flight(), 0, "nothing went to the disk");
     assert!(closing.take_new().is_empty());
 }
+
+#[test]
+fn a_file_that_cannot_be_trimmed_is_neither_named_nor_kept() {
+    let (dir, mut store, mut poll, mut disk) = setup();
+    let closing = Closing::default();
+    // Large enough to reserve space past its data (so a trim is due).
+    let data: Vec<u8> = (0..3 * CHUNK + 100).map(|i| (i % 241) as u8).collect();
+    let mut spool = new_spool(&mut store, &closing);
+    fill(&mut spool, &mut disk, &mut poll, &data, usize::MAX, false);
+    spool.end(&mut disk);
+    settle_all(&mut spool, &mut disk, &mut poll);
+    // Every write has landed: the recording asks for its trim first.
+    assert!(
+        !spool.try_finish(&mut disk).unwrap(),
+        "not named before its trim"
+    );
+    assert_eq!(disk.in_flight(), 1, "the trim is in flight");
+    // The trim "fails" (as on an I/O error).
+    let failed = Done {
+        owner: Owner { key: 0, id: 1 },
+        op: crate::event_loop::disk::Op::Truncate,
+        result: Err(io::Error::from_raw_os_error(libc::EIO)),
+        refused_direct: false,
+        opened: None,
+        name: None,
+    };
+    spool.on_done(failed, &mut disk);
+    let e = spool.take_failure().expect("the failure is reported");
+    assert!(e.to_string().contains("Input/output"), "{e}");
+    spool.give_up(&e, &mut disk);
+    let ended = close(&closing, &mut disk, &mut poll);
+    assert!(matches!(ended[..], [Ended::Removed]), "{ended:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while disk.in_flight() > 0 && std::time::Instant::now() < deadline {
+        pump(&mut disk, &mut poll, |_, _| {});
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "no final name, no .part: {left:?}");
+}
